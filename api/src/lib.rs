@@ -1,0 +1,1 @@
+//! Castellan wire types and typed mTLS client.

@@ -1,0 +1,1 @@
+//! Castellan policy engine: pure, no I/O, no clock.

@@ -1,0 +1,1 @@
+//! PKCS#11 key backend (being written).

@@ -1,0 +1,1 @@
+//! Ethereum payloads signed through a key backend (being written).

@@ -1,0 +1,7 @@
+//! Castellan signer: HSM key backends, signing pipeline, store, audit, mTLS API.
+//!
+//! The signer is the only Castellan process that can produce a signature, and it holds no key
+//! material itself: every signature is made by a [`backend::KeyBackend`].
+
+pub mod backend;
+pub mod eth;

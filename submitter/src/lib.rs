@@ -1,0 +1,1 @@
+//! Castellan submitter: relay adapters, fan-out, resubmission, inclusion tracking.

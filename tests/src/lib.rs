@@ -1,0 +1,1 @@
+//! Castellan end-to-end tests over the real binaries.
