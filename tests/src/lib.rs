@@ -1,1 +1,4 @@
 //! Castellan end-to-end tests over the real binaries.
+
+pub mod anvil;
+pub mod python;
