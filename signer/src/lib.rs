@@ -5,3 +5,5 @@
 
 pub mod backend;
 pub mod eth;
+pub mod audit;
+pub mod store;

@@ -1,0 +1,1701 @@
+//! SQLite implementation of [`Store`]: WAL, `synchronous=FULL`, one writer thread with group
+//! commit, one reader connection. See the module docs of [`crate::store`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use alloy::primitives::{Address, B256, U256};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    Approval, ApprovalTally, AuditCursor, Change, DecisionReceipt, DecisionTx, Freeze, Grant,
+    GrantRecord, KeyControl, KeyName, KeyStatus, KeyVersion, KeyVersionRecord, NewKeyVersion,
+    Outcome, OutcomeTx, PendingRequest, PendingStatus, Refusal, RequestId, RequestState,
+    Reservation, Store, StoreError, StoredRequest, WindowKey, WindowQuery, schema,
+};
+use crate::audit::{
+    AuditEntry, AuditKind, AuditRecord, CheckpointPayload, UnixMillis, canonical_json, hex32,
+};
+use crate::backend::KeyRef;
+
+/// Tuning for [`SqliteStore`].
+#[derive(Clone, Debug)]
+pub struct SqliteConfig {
+    /// Most write jobs committed in one transaction (one fsync).
+    pub max_batch: usize,
+    /// Capacity of the writer's queue; callers wait (asynchronously) when it is full.
+    pub queue_depth: usize,
+    /// How long to wait for the database lock held by another process (another replica on the
+    /// same file, or `keyctl` working on the store directly).
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 512,
+            queue_depth: 4096,
+            busy_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The embedded store: one SQLite database file (plus its `-wal` and `-shm`).
+///
+/// Dropping it stops the writer thread after it has committed and answered every queued job
+/// (briefly blocking the dropping thread).
+pub struct SqliteStore {
+    sender: Option<mpsc::Sender<Box<dyn Job>>>,
+    writer: Option<JoinHandle<()>>,
+    reader: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the database at `path` with default tuning.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(path, SqliteConfig::default())
+    }
+
+    /// Opens the database at `path`.
+    pub fn open_with(path: impl AsRef<Path>, config: SqliteConfig) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let mut writer_conn = open_connection(&path, config.busy_timeout)?;
+        schema::migrate(&mut writer_conn)?;
+        let reader = open_connection(&path, config.busy_timeout)?;
+        let (sender, receiver) = mpsc::channel(config.queue_depth.max(1));
+        let max_batch = config.max_batch.max(1);
+        let writer = std::thread::Builder::new()
+            .name("castellan-store-writer".into())
+            .spawn(move || writer_loop(writer_conn, receiver, max_batch))
+            .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            sender: Some(sender),
+            writer: Some(writer),
+            reader: Arc::new(Mutex::new(reader)),
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let sender = self.sender.as_ref().ok_or(StoreError::Closed)?;
+        let (tx, rx) = oneshot::channel();
+        sender
+            .send(Box::new(ClosureJob { f, tx }))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let reader = Arc::clone(&self.reader);
+        tokio::task::spawn_blocking(move || {
+            let conn = reader
+                .lock()
+                .map_err(|_| StoreError::Database("reader connection lock poisoned".into()))?;
+            // One read transaction, so multi-statement reads see one snapshot.
+            let tx = conn.unchecked_transaction()?;
+            f(&tx)
+        })
+        .await
+        .map_err(|e| StoreError::Database(format!("reader task failed: {e}")))?
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.sender.take();
+        if let Some(writer) = self.writer.take() {
+            // The writer drains the queue and exits once every sender is gone. A panic inside it
+            // already answered its callers with `Closed`; nothing more to do here.
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    async fn commit_decision(&self, d: DecisionTx) -> Result<DecisionReceipt, StoreError> {
+        validate_decision(&d)?;
+        self.write(move |ctx| decide(ctx, &d))
+            .await?
+            .map_err(StoreError::Refused)
+    }
+
+    async fn record_outcome(&self, o: OutcomeTx) -> Result<DecisionReceipt, StoreError> {
+        if let Outcome::Signed { details } = &o.outcome {
+            check_object(details)?;
+        }
+        ms(o.at)?;
+        self.write(move |ctx| outcome(ctx, o)).await
+    }
+
+    async fn request(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError> {
+        self.read(move |c| load_request(c, &id)).await
+    }
+
+    async fn window_sums(
+        &self,
+        windows: Vec<WindowQuery>,
+        now: UnixMillis,
+    ) -> Result<Vec<(WindowKey, U256)>, StoreError> {
+        let now = ms(now)?;
+        self.read(move |c| {
+            windows
+                .into_iter()
+                .map(|w| {
+                    let sum = window_sum(c, &w.window, since(now, w.duration_ms))?;
+                    Ok((w.window, sum))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn prune_reservations(&self, now: UnixMillis) -> Result<u64, StoreError> {
+        let now = ms(now)?;
+        self.write(move |ctx| {
+            let n = ctx
+                .conn
+                .execute("DELETE FROM reservations WHERE expires_at <= ?1", [now])?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn register_key_version(
+        &self,
+        new: NewKeyVersion,
+        change: Change,
+    ) -> Result<KeyVersionRecord, StoreError> {
+        let vk = k256::ecdsa::VerifyingKey::from_sec1_bytes(&new.public_key)
+            .map_err(|e| StoreError::Invalid(format!("public key is not SEC1 secp256k1: {e}")))?;
+        let derived = Address::from_public_key(&vk);
+        if derived != new.address {
+            return Err(StoreError::Invalid(format!(
+                "address {:#x} does not belong to the public key (which gives {derived:#x})",
+                new.address
+            )));
+        }
+        let key_ref = serde_json::to_string(&new.key_ref)
+            .map_err(|e| StoreError::Invalid(format!("backend reference: {e}")))?;
+        let at = ms(change.at)?;
+        let rotate = opt_ms(new.rotate_every_ms)?;
+        self.write(move |ctx| {
+            let c = ctx.conn;
+            if let Some((name, version)) = c
+                .query_row(
+                    "SELECT name, version FROM key_versions WHERE address = ?1",
+                    [new.address.as_slice()],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+                )
+                .optional()?
+            {
+                return Err(StoreError::Conflict(format!(
+                    "address {:#x} is already registered as {name}@{version}",
+                    new.address
+                )));
+            }
+            c.execute(
+                "INSERT INTO keys (name, created_at, rotate_every_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO NOTHING",
+                params![new.name.as_str(), at, rotate],
+            )?;
+            if rotate.is_some() {
+                c.execute(
+                    "UPDATE keys SET rotate_every_ms = ?2 WHERE name = ?1",
+                    params![new.name.as_str(), rotate],
+                )?;
+            }
+            let version: i64 = c.query_row(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM key_versions WHERE name = ?1",
+                [new.name.as_str()],
+                |r| r.get(0),
+            )?;
+            let version = u32::try_from(version)
+                .map_err(|_| StoreError::Conflict("too many versions".into()))?;
+            let status = KeyStatus::Pending;
+            c.execute(
+                "INSERT INTO key_versions
+                   (name, version, backend_ref, address, public_key, state, status, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    new.name.as_str(),
+                    version,
+                    key_ref,
+                    new.address.as_slice(),
+                    new.public_key,
+                    status.state(),
+                    status_json(&status)?,
+                    at
+                ],
+            )?;
+            let kv = KeyVersion::new(new.name.clone(), version);
+            ctx.append_change(
+                AuditKind::KeyChange,
+                &change,
+                json!({
+                    "op": "register",
+                    "key": kv.to_string(),
+                    "address": format!("{:#x}", new.address),
+                    "public_key": format!("0x{}", hex::encode(&new.public_key)),
+                    "backend_ref": new.key_ref.to_string(),
+                    "rotate_every_ms": new.rotate_every_ms,
+                }),
+            )?;
+            load_version(c, &kv)?.ok_or_else(|| StoreError::NotFound(kv.to_string()))
+        })
+        .await
+    }
+
+    async fn activate_version(
+        &self,
+        version: KeyVersion,
+        retire_grace_ms: Option<u64>,
+        change: Change,
+    ) -> Result<KeyVersionRecord, StoreError> {
+        let at = ms(change.at)?;
+        self.write(move |ctx| {
+            let c = ctx.conn;
+            let target = load_version(c, &version)?
+                .ok_or_else(|| StoreError::NotFound(version.to_string()))?;
+            if target.status != KeyStatus::Pending {
+                return Err(StoreError::Conflict(format!(
+                    "{version} is {}, only a pending version can be activated",
+                    target.status.state()
+                )));
+            }
+            let previous: Option<i64> = c
+                .query_row(
+                    "SELECT version FROM key_versions WHERE name = ?1 AND state = 'active'",
+                    [version.name.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let mut previous_json = Value::Null;
+            if let Some(prev) = previous {
+                let prev = KeyVersion::new(
+                    version.name.clone(),
+                    u32::try_from(prev).map_err(|_| corrupt("version"))?,
+                );
+                let status = match retire_grace_ms {
+                    Some(g) if g > 0 => KeyStatus::Retiring {
+                        until: change.at.plus_ms(g),
+                        successor: version.version,
+                    },
+                    _ => KeyStatus::Retired,
+                };
+                update_status(c, &prev, &status)?;
+                previous_json = json!({"key": prev.to_string(), "status": status_value(&status)?});
+            }
+            update_status(c, &version, &KeyStatus::Active)?;
+            c.execute(
+                "UPDATE key_versions SET activated_at = ?3 WHERE name = ?1 AND version = ?2",
+                params![version.name.as_str(), version.version, at],
+            )?;
+            ctx.append_change(
+                AuditKind::KeyChange,
+                &change,
+                json!({"op": "activate", "key": version.to_string(), "previous": previous_json}),
+            )?;
+            load_version(c, &version)?.ok_or_else(|| StoreError::NotFound(version.to_string()))
+        })
+        .await
+    }
+
+    async fn set_key_status(
+        &self,
+        version: KeyVersion,
+        status: KeyStatus,
+        change: Change,
+    ) -> Result<(), StoreError> {
+        self.write(move |ctx| {
+            let c = ctx.conn;
+            let current = load_version(c, &version)?
+                .ok_or_else(|| StoreError::NotFound(version.to_string()))?;
+            if !current.status.may_become(&status) {
+                return Err(StoreError::Conflict(format!(
+                    "{version} cannot go from {} to {}",
+                    current.status.state(),
+                    status.state()
+                )));
+            }
+            update_status(c, &version, &status)?;
+            ctx.append_change(
+                AuditKind::KeyChange,
+                &change,
+                json!({
+                    "op": "set_status",
+                    "key": version.to_string(),
+                    "from": status_value(&current.status)?,
+                    "to": status_value(&status)?,
+                }),
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn revoke(
+        &self,
+        name: KeyName,
+        version: Option<u32>,
+        reason: String,
+        change: Change,
+    ) -> Result<Vec<KeyVersion>, StoreError> {
+        self.write(move |ctx| {
+            let c = ctx.conn;
+            let versions = load_versions(c, Some(&name))?;
+            if versions.is_empty() {
+                return Err(StoreError::NotFound(name.to_string()));
+            }
+            if let Some(v) = version
+                && !versions.iter().any(|r| r.version.version == v)
+            {
+                return Err(StoreError::NotFound(format!("{name}@{v}")));
+            }
+            let status = KeyStatus::Revoked {
+                reason: reason.clone(),
+                at: change.at,
+            };
+            let mut revoked = Vec::new();
+            for r in versions {
+                if version.is_some_and(|v| v != r.version.version) {
+                    continue;
+                }
+                if matches!(r.status, KeyStatus::Destroyed | KeyStatus::Revoked { .. }) {
+                    continue;
+                }
+                update_status(c, &r.version, &status)?;
+                revoked.push(r.version);
+            }
+            let names: Vec<String> = revoked.iter().map(ToString::to_string).collect();
+            ctx.append_change(
+                AuditKind::KeyChange,
+                &change,
+                json!({"op": "revoke", "name": name.as_str(), "versions": names, "reason": reason}),
+            )?;
+            Ok(revoked)
+        })
+        .await
+    }
+
+    async fn set_rotate_every(
+        &self,
+        name: KeyName,
+        rotate_every_ms: Option<u64>,
+        change: Change,
+    ) -> Result<(), StoreError> {
+        let rotate = opt_ms(rotate_every_ms)?;
+        self.write(move |ctx| {
+            let n = ctx.conn.execute(
+                "UPDATE keys SET rotate_every_ms = ?2 WHERE name = ?1",
+                params![name.as_str(), rotate],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(name.to_string()));
+            }
+            ctx.append_change(
+                AuditKind::KeyChange,
+                &change,
+                json!({"op": "rotate_every", "name": name.as_str(), "rotate_every_ms": rotate_every_ms}),
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_keys(&self, name: Option<KeyName>) -> Result<Vec<KeyVersionRecord>, StoreError> {
+        self.read(move |c| load_versions(c, name.as_ref())).await
+    }
+
+    async fn active_version(&self, name: KeyName) -> Result<Option<KeyVersionRecord>, StoreError> {
+        self.read(move |c| {
+            Ok(load_versions(c, Some(&name))?
+                .into_iter()
+                .find(|r| r.status == KeyStatus::Active))
+        })
+        .await
+    }
+
+    async fn keys_due_for_rotation(
+        &self,
+        now: UnixMillis,
+    ) -> Result<Vec<KeyVersionRecord>, StoreError> {
+        self.read(move |c| {
+            Ok(load_versions(c, None)?
+                .into_iter()
+                .filter(|r| {
+                    r.status == KeyStatus::Active
+                        && r.rotate_every_ms.is_some_and(|every| {
+                            let since = r.activated_at.unwrap_or(r.created_at);
+                            since.plus_ms(every) <= now
+                        })
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn freeze(&self, reason: String, change: Change) -> Result<(), StoreError> {
+        let at = ms(change.at)?;
+        self.write(move |ctx| {
+            ctx.conn.execute(
+                "UPDATE freeze SET frozen = 1, reason = ?1, by_identity = ?2, at = ?3 WHERE id = 1",
+                params![reason, change.identity, at],
+            )?;
+            ctx.append_change(
+                AuditKind::Freeze,
+                &change,
+                json!({"op": "freeze", "reason": reason}),
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn unfreeze(&self, change: Change) -> Result<(), StoreError> {
+        let at = ms(change.at)?;
+        self.write(move |ctx| {
+            let previous = load_freeze(ctx.conn)?;
+            let Some(previous) = previous else {
+                return Ok(());
+            };
+            ctx.conn.execute(
+                "UPDATE freeze SET frozen = 0, reason = NULL, by_identity = ?1, at = ?2 WHERE id = 1",
+                params![change.identity, at],
+            )?;
+            ctx.append_change(
+                AuditKind::Freeze,
+                &change,
+                json!({"op": "unfreeze", "frozen_by": previous.by, "frozen_reason": previous.reason}),
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn freeze_state(&self) -> Result<Option<Freeze>, StoreError> {
+        self.read(load_freeze).await
+    }
+
+    async fn pause_key(
+        &self,
+        name: KeyName,
+        until: UnixMillis,
+        reason: String,
+        change: Change,
+    ) -> Result<(), StoreError> {
+        let until_ms = ms(until)?;
+        self.write(move |ctx| {
+            let n = ctx.conn.execute(
+                "UPDATE keys SET paused_until = ?2, pause_reason = ?3 WHERE name = ?1",
+                params![name.as_str(), until_ms, reason],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(name.to_string()));
+            }
+            ctx.append_change(
+                AuditKind::Freeze,
+                &change,
+                json!({"op": "pause", "name": name.as_str(), "until": until.0, "reason": reason}),
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn unpause_key(&self, name: KeyName, change: Change) -> Result<(), StoreError> {
+        self.write(move |ctx| {
+            let n = ctx.conn.execute(
+                "UPDATE keys SET paused_until = NULL, pause_reason = NULL WHERE name = ?1",
+                [name.as_str()],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(name.to_string()));
+            }
+            ctx.append_change(
+                AuditKind::Freeze,
+                &change,
+                json!({"op": "unpause", "name": name.as_str()}),
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn record_key_result(
+        &self,
+        name: KeyName,
+        success: bool,
+        change: Change,
+    ) -> Result<u32, StoreError> {
+        self.write(move |ctx| {
+            let failures: Option<i64> = ctx
+                .conn
+                .query_row(
+                    "UPDATE keys SET consecutive_failures =
+                       CASE WHEN ?2 THEN 0 ELSE consecutive_failures + 1 END
+                     WHERE name = ?1 RETURNING consecutive_failures",
+                    params![name.as_str(), success],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let failures = failures.ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+            let failures = u32::try_from(failures).unwrap_or(u32::MAX);
+            ctx.append_change(
+                AuditKind::Event,
+                &change,
+                json!({
+                    "op": "key_result",
+                    "name": name.as_str(),
+                    "success": success,
+                    "consecutive_failures": failures,
+                }),
+            )?;
+            Ok(failures)
+        })
+        .await
+    }
+
+    async fn key_control(&self, name: KeyName) -> Result<KeyControl, StoreError> {
+        self.read(move |c| {
+            c.query_row(
+                "SELECT paused_until, pause_reason, consecutive_failures FROM keys WHERE name = ?1",
+                [name.as_str()],
+                |r| {
+                    Ok(KeyControl {
+                        paused_until: r.get::<_, Option<i64>>(0)?.map(from_ms),
+                        pause_reason: r.get(1)?,
+                        consecutive_failures: u32::try_from(r.get::<_, i64>(2)?)
+                            .unwrap_or(u32::MAX),
+                    })
+                },
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))
+        })
+        .await
+    }
+
+    async fn create_pending(&self, p: PendingRequest, change: Change) -> Result<(), StoreError> {
+        let created = ms(p.created_at)?;
+        let expires = ms(p.expires_at)?;
+        let request = json_text(&p.request)?;
+        let approvals = json_text(&p.approvals_required)?;
+        self.write(move |ctx| {
+            let exists: Option<i64> = ctx
+                .conn
+                .query_row("SELECT 1 FROM pending WHERE id = ?1", [p.id.as_str()], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if exists.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "pending request {} exists",
+                    p.id
+                )));
+            }
+            ctx.conn.execute(
+                "INSERT INTO pending
+                   (id, key_name, identity, request, digest, approvals, created_at, expires_at, status)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    p.id.as_str(),
+                    p.key.as_str(),
+                    p.identity,
+                    request,
+                    p.digest.as_slice(),
+                    approvals,
+                    created,
+                    expires,
+                    p.status.as_str()
+                ],
+            )?;
+            ctx.append_change(
+                AuditKind::Pending,
+                &Change {
+                    request_id: Some(p.id.to_string()),
+                    ..change
+                },
+                json!({
+                    "op": "create",
+                    "key": p.key.as_str(),
+                    "requested_by": p.identity,
+                    "digest": hex32(&p.digest),
+                    "expires_at": p.expires_at.0,
+                    "approvals_required": p.approvals_required,
+                    "status": p.status.as_str(),
+                }),
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn add_approval(&self, a: Approval, change: Change) -> Result<ApprovalTally, StoreError> {
+        let at = ms(a.at)?;
+        let expires = ms(a.expires_at)?;
+        self.write(move |ctx| {
+            let c = ctx.conn;
+            let row: Option<(String, i64)> = c
+                .query_row(
+                    "SELECT status, expires_at FROM pending WHERE id = ?1",
+                    [a.pending_id.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let (status, pending_expires) =
+                row.ok_or_else(|| StoreError::NotFound(format!("pending {}", a.pending_id)))?;
+            if status != PendingStatus::Pending.as_str() {
+                return Err(StoreError::Conflict(format!(
+                    "pending request {} is {status}",
+                    a.pending_id
+                )));
+            }
+            if pending_expires <= at {
+                return Err(StoreError::Conflict(format!(
+                    "pending request {} has expired",
+                    a.pending_id
+                )));
+            }
+            if expires <= at {
+                return Err(StoreError::Invalid("the approval has expired".into()));
+            }
+            let counted = c.execute(
+                "INSERT INTO approvals (pending_id, approver, signature, expires_at, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (pending_id, approver) DO NOTHING",
+                params![
+                    a.pending_id.as_str(),
+                    a.approver.as_slice(),
+                    a.signature,
+                    expires,
+                    at
+                ],
+            )? == 1;
+            let approvers = {
+                let mut stmt = c.prepare_cached(
+                    "SELECT approver FROM approvals WHERE pending_id = ?1 AND expires_at > ?2
+                     ORDER BY approver",
+                )?;
+                let rows = stmt.query_map(params![a.pending_id.as_str(), at], |r| {
+                    r.get::<_, Vec<u8>>(0)
+                })?;
+                let mut out = Vec::new();
+                for r in rows {
+                    out.push(address(&r?)?);
+                }
+                out
+            };
+            if counted {
+                ctx.append_change(
+                    AuditKind::Approval,
+                    &Change {
+                        request_id: Some(a.pending_id.to_string()),
+                        ..change
+                    },
+                    json!({
+                        "approver": format!("{:#x}", a.approver),
+                        "signature": format!("0x{}", hex::encode(&a.signature)),
+                        "expires_at": a.expires_at.0,
+                        "approvals": approvers.len(),
+                    }),
+                )?;
+            }
+            Ok(ApprovalTally { counted, approvers })
+        })
+        .await
+    }
+
+    async fn pending(
+        &self,
+        id: RequestId,
+    ) -> Result<Option<(PendingRequest, Vec<Approval>)>, StoreError> {
+        self.read(move |c| {
+            let p = c
+                .query_row(
+                    "SELECT key_name, identity, request, digest, approvals, created_at, expires_at,
+                            status
+                     FROM pending WHERE id = ?1",
+                    [id.as_str()],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, Vec<u8>>(3)?,
+                            r.get::<_, String>(4)?,
+                            r.get::<_, i64>(5)?,
+                            r.get::<_, i64>(6)?,
+                            r.get::<_, String>(7)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let Some((key, identity, request, digest, approvals, created, expires, status)) = p
+            else {
+                return Ok(None);
+            };
+            let pending = PendingRequest {
+                id: id.clone(),
+                key: KeyName::new(key)?,
+                identity,
+                request: parse_json(&request)?,
+                digest: b256(&digest)?,
+                approvals_required: parse_json(&approvals)?,
+                created_at: from_ms(created),
+                expires_at: from_ms(expires),
+                status: PendingStatus::parse(&status).ok_or_else(|| corrupt("pending status"))?,
+            };
+            let mut stmt = c.prepare_cached(
+                "SELECT approver, signature, expires_at, at FROM approvals WHERE pending_id = ?1
+                 ORDER BY at, approver",
+            )?;
+            let rows = stmt.query_map([id.as_str()], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            let mut list = Vec::new();
+            for row in rows {
+                let (approver, signature, expires, at) = row?;
+                list.push(Approval {
+                    pending_id: id.clone(),
+                    approver: address(&approver)?,
+                    signature,
+                    expires_at: from_ms(expires),
+                    at: from_ms(at),
+                });
+            }
+            Ok(Some((pending, list)))
+        })
+        .await
+    }
+
+    async fn set_pending_status(
+        &self,
+        id: RequestId,
+        status: PendingStatus,
+        change: Change,
+    ) -> Result<(), StoreError> {
+        self.write(move |ctx| {
+            let current: Option<String> = ctx
+                .conn
+                .query_row(
+                    "SELECT status FROM pending WHERE id = ?1",
+                    [id.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let current = current.ok_or_else(|| StoreError::NotFound(format!("pending {id}")))?;
+            let current =
+                PendingStatus::parse(&current).ok_or_else(|| corrupt("pending status"))?;
+            let allowed = matches!(
+                (current, status),
+                (PendingStatus::Pending, _)
+                    | (PendingStatus::Approved, PendingStatus::Executed)
+                    | (PendingStatus::Approved, PendingStatus::Expired)
+                    | (PendingStatus::Approved, PendingStatus::Rejected)
+            ) && current != status;
+            if !allowed {
+                return Err(StoreError::Conflict(format!(
+                    "pending request {id} cannot go from {} to {}",
+                    current.as_str(),
+                    status.as_str()
+                )));
+            }
+            ctx.conn.execute(
+                "UPDATE pending SET status = ?2 WHERE id = ?1",
+                params![id.as_str(), status.as_str()],
+            )?;
+            ctx.append_change(
+                AuditKind::Pending,
+                &Change {
+                    request_id: Some(id.to_string()),
+                    ..change
+                },
+                json!({"op": "status", "from": current.as_str(), "to": status.as_str()}),
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn insert_grant(&self, g: Grant, change: Change) -> Result<(), StoreError> {
+        WindowKey::grant(&g.id)?;
+        let created = ms(g.created_at)?;
+        let expires = ms(g.expires_at)?;
+        let grant = json_text(&g.grant)?;
+        let signatures = json_text(&g.signatures)?;
+        self.write(move |ctx| {
+            let exists: Option<i64> = ctx
+                .conn
+                .query_row("SELECT 1 FROM grants WHERE id = ?1", [g.id.as_str()], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if exists.is_some() {
+                return Err(StoreError::Conflict(format!("grant {} exists", g.id)));
+            }
+            ctx.conn.execute(
+                "INSERT INTO grants (id, grant_json, signatures, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![g.id, grant, signatures, created, expires],
+            )?;
+            ctx.append_change(
+                AuditKind::Grant,
+                &change,
+                json!({
+                    "op": "create",
+                    "id": g.id,
+                    "grant": g.grant,
+                    "signatures": g.signatures,
+                    "expires_at": g.expires_at.0,
+                }),
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn grant(&self, id: String) -> Result<Option<GrantRecord>, StoreError> {
+        self.read(move |c| {
+            let row = c
+                .query_row(
+                    "SELECT grant_json, signatures, created_at, expires_at FROM grants WHERE id = ?1",
+                    [id.as_str()],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let Some((grant, signatures, created, expires)) = row else {
+                return Ok(None);
+            };
+            let spent = window_sum(c, &WindowKey::grant(&id)?, i64::MIN)?;
+            Ok(Some(GrantRecord {
+                grant: Grant {
+                    id,
+                    grant: parse_json(&grant)?,
+                    signatures: parse_json(&signatures)?,
+                    created_at: from_ms(created),
+                    expires_at: from_ms(expires),
+                },
+                spent,
+            }))
+        })
+        .await
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord, StoreError> {
+        if entry.kind == AuditKind::Checkpoint {
+            return Err(StoreError::Invalid(
+                "checkpoints are appended with append_checkpoint".into(),
+            ));
+        }
+        entry.validate()?;
+        ms(entry.at)?;
+        self.write(move |ctx| ctx.append(entry)).await
+    }
+
+    async fn append_checkpoint(
+        &self,
+        cp: CheckpointPayload,
+        at: UnixMillis,
+    ) -> Result<AuditRecord, StoreError> {
+        cp.verify_signature(cp.signer)
+            .map_err(|e| StoreError::Invalid(format!("checkpoint: {e}")))?;
+        ms(at)?;
+        self.write(move |ctx| {
+            let seq = i64::try_from(cp.seq).map_err(|_| StoreError::Invalid("seq".into()))?;
+            let hash: Option<Vec<u8>> = ctx
+                .conn
+                .query_row("SELECT hash FROM audit WHERE seq = ?1", [seq], |r| r.get(0))
+                .optional()?;
+            match hash {
+                Some(h) if h.as_slice() == cp.hash.as_slice() => {}
+                Some(_) => {
+                    return Err(StoreError::Invalid(format!(
+                        "checkpoint hash does not match record {}",
+                        cp.seq
+                    )));
+                }
+                None => return Err(StoreError::NotFound(format!("audit record {}", cp.seq))),
+            }
+            ctx.append(AuditEntry {
+                at,
+                kind: AuditKind::Checkpoint,
+                request_id: None,
+                identity: None,
+                payload: cp.to_json(),
+            })
+        })
+        .await
+    }
+
+    async fn audit_head(&self) -> Result<Option<(u64, B256)>, StoreError> {
+        self.read(read_head).await
+    }
+
+    async fn last_checkpoint_seq(&self) -> Result<Option<u64>, StoreError> {
+        self.read(|c| {
+            let s: Option<i64> = c.query_row(
+                "SELECT MAX(seq) FROM audit WHERE kind = 'checkpoint'",
+                [],
+                |r| r.get(0),
+            )?;
+            s.map(seq_u64).transpose()
+        })
+        .await
+    }
+
+    async fn audit_records(
+        &self,
+        from: AuditCursor,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            let start: Option<i64> = match from {
+                AuditCursor::Seq(s) => Some(i64::try_from(s).unwrap_or(i64::MAX)),
+                AuditCursor::Time(t) => c.query_row(
+                    "SELECT MIN(seq) FROM audit WHERE at >= ?1",
+                    [i64::try_from(t.0).unwrap_or(i64::MAX)],
+                    |r| r.get(0),
+                )?,
+            };
+            let Some(start) = start else {
+                return Ok(Vec::new());
+            };
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, prev_hash, at, kind, request_id, identity, payload, hash
+                 FROM audit WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let mut rows = stmt.query(params![start, limit])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(audit_row(row)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer thread and its jobs.
+
+/// One queued write: runs inside the batch transaction, answers after the commit.
+trait Job: Send {
+    fn run(self: Box<Self>, ctx: &mut WriteCtx<'_>) -> Box<dyn Reply>;
+    fn abort(self: Box<Self>, error: StoreError);
+}
+
+/// A job's answer, held until its batch commits (or fails to).
+trait Reply: Send {
+    fn send(self: Box<Self>, commit: Result<(), String>);
+}
+
+struct ClosureJob<T, F> {
+    f: F,
+    tx: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Job for ClosureJob<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
+{
+    fn run(self: Box<Self>, ctx: &mut WriteCtx<'_>) -> Box<dyn Reply> {
+        let Self { f, tx } = *self;
+        let result = ctx.in_savepoint("job", f);
+        Box::new(HeldReply { result, tx })
+    }
+
+    fn abort(self: Box<Self>, error: StoreError) {
+        let _ = self.tx.send(Err(error));
+    }
+}
+
+struct HeldReply<T> {
+    result: Result<T, StoreError>,
+    tx: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T: Send> Reply for HeldReply<T> {
+    fn send(self: Box<Self>, commit: Result<(), String>) {
+        let out = match (self.result, commit) {
+            (Err(e), _) => Err(e),
+            (Ok(v), Ok(())) => Ok(v),
+            (Ok(_), Err(e)) => Err(StoreError::Commit(e)),
+        };
+        // The caller may have gone away (cancelled); the change is committed regardless.
+        let _ = self.tx.send(out);
+    }
+}
+
+/// The writer connection inside a batch transaction, with the chain head as of this point.
+struct WriteCtx<'c> {
+    conn: &'c Connection,
+    head: Option<(u64, B256)>,
+    /// Set when a savepoint could not be rolled back: the batch must not commit.
+    broken: Option<String>,
+}
+
+impl WriteCtx<'_> {
+    /// Runs `f` inside a savepoint; on `Err` everything it wrote (and its audit records) is
+    /// rolled back.
+    fn in_savepoint<T>(
+        &mut self,
+        name: &str,
+        f: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.conn.execute_batch(&format!("SAVEPOINT {name}"))?;
+        let head = self.head;
+        match f(self) {
+            Ok(v) => match self.conn.execute_batch(&format!("RELEASE {name}")) {
+                Ok(()) => Ok(v),
+                Err(e) => {
+                    self.broken = Some(e.to_string());
+                    Err(e.into())
+                }
+            },
+            Err(err) => {
+                self.head = head;
+                if let Err(e) = self
+                    .conn
+                    .execute_batch(&format!("ROLLBACK TO {name}; RELEASE {name}"))
+                {
+                    self.broken = Some(format!("rollback failed: {e}"));
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Appends an audit record after the current head.
+    fn append(&mut self, entry: AuditEntry) -> Result<AuditRecord, StoreError> {
+        let record = entry.seal(self.head)?;
+        let payload = String::from_utf8(canonical_json(&record.payload))
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO audit (seq, prev_hash, at, kind, request_id, identity, payload, hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                i64::try_from(record.seq).map_err(|_| StoreError::Invalid("seq".into()))?,
+                record.prev_hash.as_slice(),
+                ms(record.at)?,
+                record.kind.as_str(),
+                record.request_id,
+                record.identity,
+                payload,
+                record.hash.as_slice(),
+            ])?;
+        self.head = Some((record.seq, record.hash));
+        Ok(record)
+    }
+
+    fn append_change(
+        &mut self,
+        kind: AuditKind,
+        change: &Change,
+        payload: Value,
+    ) -> Result<AuditRecord, StoreError> {
+        self.append(AuditEntry {
+            at: change.at,
+            kind,
+            request_id: change.request_id.clone(),
+            identity: Some(change.identity.clone()),
+            payload,
+        })
+    }
+}
+
+fn writer_loop(conn: Connection, mut receiver: mpsc::Receiver<Box<dyn Job>>, max_batch: usize) {
+    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
+    while let Some(job) = receiver.blocking_recv() {
+        batch.push(job);
+        while batch.len() < max_batch {
+            match receiver.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        run_batch(&conn, batch.drain(..));
+    }
+}
+
+/// One transaction, one fsync, for every job in the batch; answers after the commit.
+fn run_batch(conn: &Connection, jobs: impl Iterator<Item = Box<dyn Job>>) {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let msg = format!("cannot begin a write transaction: {e}");
+        for job in jobs {
+            job.abort(StoreError::Database(msg.clone()));
+        }
+        return;
+    }
+    // Re-read the head inside the write lock: another store instance may have appended.
+    let head = match read_head(conn) {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            for job in jobs {
+                job.abort(StoreError::Database(format!(
+                    "cannot read the audit head: {e}"
+                )));
+            }
+            return;
+        }
+    };
+    let mut ctx = WriteCtx {
+        conn,
+        head,
+        broken: None,
+    };
+    let mut replies = Vec::new();
+    for job in jobs {
+        if let Some(why) = &ctx.broken {
+            job.abort(StoreError::Commit(why.clone()));
+        } else {
+            replies.push(job.run(&mut ctx));
+        }
+    }
+    let commit = match ctx.broken {
+        Some(why) => Err(why),
+        None => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
+    };
+    if commit.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    for reply in replies {
+        reply.send(commit.clone());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The decision and outcome transactions.
+
+fn validate_decision(d: &DecisionTx) -> Result<(), StoreError> {
+    ms(d.at)?;
+    check_object(&d.details)?;
+    let mut seen = std::collections::HashSet::new();
+    for r in &d.reservations {
+        if !seen.insert(r.window.as_str()) {
+            return Err(StoreError::Invalid(format!(
+                "window {} appears twice in one decision",
+                r.window
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `Ok(Err(refusal))` keeps the refusal's audit record; `Err` rolls the whole job back.
+fn decide(
+    ctx: &mut WriteCtx<'_>,
+    d: &DecisionTx,
+) -> Result<Result<DecisionReceipt, Refusal>, StoreError> {
+    if let Some(stored) = load_request(ctx.conn, &d.request_id)? {
+        return Ok(Err(Refusal::DuplicateRequest(Box::new(stored))));
+    }
+    match ctx.in_savepoint("decision", |ctx| decide_inner(ctx, d)) {
+        Ok(receipt) => Ok(Ok(receipt)),
+        Err(StoreError::Refused(refusal)) => {
+            let mut payload = json!({
+                "code": refusal.code(),
+                "reason": refusal.to_string(),
+                "key": d.key.to_string(),
+                "digest": hex32(&d.digest),
+                "details": d.details,
+            });
+            if let Refusal::LimitExceeded {
+                window,
+                spent,
+                amount,
+                limit,
+            } = &refusal
+            {
+                payload["window"] = json!(window.as_str());
+                payload["spent"] = json!(spent.to_string());
+                payload["amount"] = json!(amount.to_string());
+                payload["limit"] = json!(limit.to_string());
+            }
+            ctx.append(AuditEntry {
+                at: d.at,
+                kind: AuditKind::Refusal,
+                request_id: Some(d.request_id.to_string()),
+                identity: Some(d.identity.clone()),
+                payload,
+            })?;
+            Ok(Err(refusal))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn decide_inner(ctx: &mut WriteCtx<'_>, d: &DecisionTx) -> Result<DecisionReceipt, StoreError> {
+    let c = ctx.conn;
+    let at = ms(d.at)?;
+    if let Some(freeze) = load_freeze(c)? {
+        return Err(StoreError::Refused(Refusal::Frozen(freeze)));
+    }
+    let status: Option<String> = c
+        .prepare_cached("SELECT status FROM key_versions WHERE name = ?1 AND version = ?2")?
+        .query_row(params![d.key.name.as_str(), d.key.version], |r| r.get(0))
+        .optional()?;
+    let status = status.ok_or_else(|| StoreError::Refused(Refusal::UnknownKey(d.key.clone())))?;
+    let status = parse_status(&status)?;
+    if !status.signable(d.at, d.allow_retiring) {
+        return Err(StoreError::Refused(Refusal::KeyNotSignable {
+            key: d.key.clone(),
+            status,
+        }));
+    }
+    let paused: Option<i64> = c
+        .prepare_cached("SELECT paused_until FROM keys WHERE name = ?1")?
+        .query_row([d.key.name.as_str()], |r| r.get(0))?;
+    if let Some(until) = paused
+        && until > at
+    {
+        return Err(StoreError::Refused(Refusal::KeyPaused {
+            name: d.key.name.clone(),
+            until: from_ms(until),
+        }));
+    }
+    let next_seq = ctx.head.map_or(1, |(s, _)| s.saturating_add(1));
+    c.prepare_cached(
+        "INSERT INTO requests
+           (request_id, key_name, key_version, identity, digest, decided_at, state, decision_seq)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7)",
+    )?
+    .execute(params![
+        d.request_id.as_str(),
+        d.key.name.as_str(),
+        d.key.version,
+        d.identity,
+        d.digest.as_slice(),
+        at,
+        i64::try_from(next_seq).map_err(|_| StoreError::Invalid("seq".into()))?,
+    ])?;
+    let mut reserved = Vec::with_capacity(d.reservations.len());
+    for r in &d.reservations {
+        reserve(c, &d.request_id, at, r)?;
+        reserved.push(json!({
+            "window": r.window.as_str(),
+            "duration_ms": r.duration_ms,
+            "amount": r.amount.to_string(),
+            "limit": r.limit.to_string(),
+        }));
+    }
+    let record = ctx.append(AuditEntry {
+        at: d.at,
+        kind: AuditKind::Decision,
+        request_id: Some(d.request_id.to_string()),
+        identity: Some(d.identity.clone()),
+        payload: json!({
+            "key": d.key.to_string(),
+            "digest": hex32(&d.digest),
+            "allow_retiring": d.allow_retiring,
+            "reservations": reserved,
+            "details": d.details,
+        }),
+    })?;
+    if record.seq != next_seq {
+        return Err(StoreError::Database(format!(
+            "audit head moved inside the transaction ({next_seq} expected, {} written)",
+            record.seq
+        )));
+    }
+    Ok(DecisionReceipt {
+        request_id: d.request_id.clone(),
+        seq: record.seq,
+        hash: record.hash,
+    })
+}
+
+/// Check-and-reserve, atomic because it runs inside the write transaction.
+fn reserve(c: &Connection, id: &RequestId, at: i64, r: &Reservation) -> Result<(), StoreError> {
+    let spent = window_sum(c, &r.window, since(at, r.duration_ms))?;
+    let total = spent.checked_add(r.amount);
+    if total.is_none_or(|t| t > r.limit) {
+        return Err(StoreError::Refused(Refusal::LimitExceeded {
+            window: r.window.clone(),
+            spent,
+            amount: r.amount,
+            limit: r.limit,
+        }));
+    }
+    let expires = i64::try_from(r.duration_ms)
+        .ok()
+        .and_then(|d| at.checked_add(d))
+        .unwrap_or(i64::MAX);
+    c.prepare_cached(
+        "INSERT INTO reservations (request_id, window_key, amount, at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        id.as_str(),
+        r.window.as_str(),
+        r.amount.to_be_bytes::<32>().as_slice(),
+        at,
+        expires
+    ])?;
+    Ok(())
+}
+
+fn outcome(ctx: &mut WriteCtx<'_>, o: OutcomeTx) -> Result<DecisionReceipt, StoreError> {
+    let c = ctx.conn;
+    let stored = load_request(c, &o.request_id)?
+        .ok_or_else(|| StoreError::NotFound(format!("request {}", o.request_id)))?;
+    if stored.state != RequestState::Reserved {
+        return Err(StoreError::Conflict(format!(
+            "request {} already has an outcome",
+            o.request_id
+        )));
+    }
+    let next_seq = ctx.head.map_or(1, |(s, _)| s.saturating_add(1));
+    let next_seq_i = i64::try_from(next_seq).map_err(|_| StoreError::Invalid("seq".into()))?;
+    let (kind, payload) = match o.outcome {
+        Outcome::Signed { details } => {
+            let text = json_text(&details)?;
+            c.execute(
+                "UPDATE requests SET state = 'signed', outcome = ?2, outcome_seq = ?3
+                 WHERE request_id = ?1",
+                params![o.request_id.as_str(), text, next_seq_i],
+            )?;
+            (
+                AuditKind::Signature,
+                json!({"key": stored.key.to_string(), "details": details}),
+            )
+        }
+        Outcome::Failed { reason, release } => {
+            let mut windows = Vec::new();
+            if release {
+                let mut stmt = c.prepare_cached(
+                    "SELECT window_key FROM reservations WHERE request_id = ?1 ORDER BY window_key",
+                )?;
+                let rows = stmt.query_map([o.request_id.as_str()], |r| r.get::<_, String>(0))?;
+                for r in rows {
+                    windows.push(r?);
+                }
+                c.execute(
+                    "DELETE FROM reservations WHERE request_id = ?1",
+                    [o.request_id.as_str()],
+                )?;
+            }
+            let text = json_text(&json!({"reason": reason}))?;
+            c.execute(
+                "UPDATE requests SET state = 'failed', outcome = ?2, released = ?3, outcome_seq = ?4
+                 WHERE request_id = ?1",
+                params![o.request_id.as_str(), text, release, next_seq_i],
+            )?;
+            (
+                AuditKind::Failure,
+                json!({
+                    "key": stored.key.to_string(),
+                    "reason": reason,
+                    "released": release,
+                    "windows": windows,
+                }),
+            )
+        }
+    };
+    let record = ctx.append(AuditEntry {
+        at: o.at,
+        kind,
+        request_id: Some(o.request_id.to_string()),
+        identity: Some(stored.identity),
+        payload,
+    })?;
+    if record.seq != next_seq {
+        return Err(StoreError::Database(
+            "audit head moved inside the transaction".into(),
+        ));
+    }
+    Ok(DecisionReceipt {
+        request_id: o.request_id,
+        seq: record.seq,
+        hash: record.hash,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading rows.
+
+fn open_connection(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(busy_timeout)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Schema(format!(
+            "cannot use WAL journal mode (got {mode})"
+        )));
+    }
+    // FULL: the WAL is fsynced at every commit, so an acknowledged commit survives power loss.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+    let fk: i64 = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0))?;
+    if sync != 2 || fk != 1 {
+        return Err(StoreError::Schema(format!(
+            "pragmas not applied (synchronous={sync}, foreign_keys={fk})"
+        )));
+    }
+    Ok(conn)
+}
+
+fn read_head(c: &Connection) -> Result<Option<(u64, B256)>, StoreError> {
+    let row: Option<(i64, Vec<u8>)> = c
+        .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    row.map(|(s, h)| Ok((seq_u64(s)?, b256(&h)?))).transpose()
+}
+
+fn load_freeze(c: &Connection) -> Result<Option<Freeze>, StoreError> {
+    let row: (i64, Option<String>, Option<String>, Option<i64>) = c
+        .prepare_cached("SELECT frozen, reason, by_identity, at FROM freeze WHERE id = 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    Ok((row.0 != 0).then(|| Freeze {
+        reason: row.1.unwrap_or_default(),
+        by: row.2.unwrap_or_default(),
+        at: from_ms(row.3.unwrap_or(0)),
+    }))
+}
+
+fn load_request(c: &Connection, id: &RequestId) -> Result<Option<StoredRequest>, StoreError> {
+    let mut stmt = c.prepare_cached(
+        "SELECT key_name, key_version, identity, digest, decided_at, state, decision_seq,
+                outcome, released, outcome_seq
+         FROM requests WHERE request_id = ?1",
+    )?;
+    let mut rows = stmt.query([id.as_str()])?;
+    let Some(r) = rows.next()? else {
+        return Ok(None);
+    };
+    let version = u32::try_from(r.get::<_, i64>(1)?).map_err(|_| corrupt("key_version"))?;
+    let state: String = r.get(5)?;
+    let outcome: Option<String> = r.get(7)?;
+    let outcome_seq = r.get::<_, Option<i64>>(9)?.map(seq_u64).transpose()?;
+    let state = match state.as_str() {
+        "reserved" => RequestState::Reserved,
+        "signed" => RequestState::Signed {
+            details: outcome.ok_or_else(|| corrupt("outcome"))?,
+            seq: outcome_seq.ok_or_else(|| corrupt("outcome_seq"))?,
+        },
+        "failed" => {
+            let v = parse_json(&outcome.ok_or_else(|| corrupt("outcome"))?)?;
+            RequestState::Failed {
+                reason: v
+                    .get("reason")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                released: r.get::<_, i64>(8)? != 0,
+                seq: outcome_seq.ok_or_else(|| corrupt("outcome_seq"))?,
+            }
+        }
+        _ => return Err(corrupt("request state")),
+    };
+    Ok(Some(StoredRequest {
+        request_id: id.clone(),
+        key: KeyVersion::new(KeyName::new(r.get::<_, String>(0)?)?, version),
+        identity: r.get(2)?,
+        digest: b256(&r.get::<_, Vec<u8>>(3)?)?,
+        decided_at: from_ms(r.get(4)?),
+        decision_seq: seq_u64(r.get(6)?)?,
+        state,
+    }))
+}
+
+fn load_version(c: &Connection, v: &KeyVersion) -> Result<Option<KeyVersionRecord>, StoreError> {
+    Ok(load_versions(c, Some(&v.name))?
+        .into_iter()
+        .find(|r| r.version == *v))
+}
+
+fn load_versions(
+    c: &Connection,
+    name: Option<&KeyName>,
+) -> Result<Vec<KeyVersionRecord>, StoreError> {
+    let mut stmt = c.prepare_cached(
+        "SELECT kv.name, kv.version, kv.backend_ref, kv.address, kv.public_key, kv.status,
+                kv.created_at, kv.activated_at, k.rotate_every_ms
+         FROM key_versions kv JOIN keys k ON k.name = kv.name
+         WHERE ?1 IS NULL OR kv.name = ?1
+         ORDER BY kv.name, kv.version",
+    )?;
+    let mut rows = stmt.query([name.map(KeyName::as_str)])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let key_ref: KeyRef = serde_json::from_str(&r.get::<_, String>(2)?)
+            .map_err(|e| corrupt(&format!("backend_ref: {e}")))?;
+        out.push(KeyVersionRecord {
+            version: KeyVersion::new(
+                KeyName::new(r.get::<_, String>(0)?)?,
+                u32::try_from(r.get::<_, i64>(1)?).map_err(|_| corrupt("version"))?,
+            ),
+            key_ref,
+            address: address(&r.get::<_, Vec<u8>>(3)?)?,
+            public_key: r.get(4)?,
+            status: parse_status(&r.get::<_, String>(5)?)?,
+            created_at: from_ms(r.get(6)?),
+            activated_at: r.get::<_, Option<i64>>(7)?.map(from_ms),
+            rotate_every_ms: r
+                .get::<_, Option<i64>>(8)?
+                .map(|v| u64::try_from(v).unwrap_or(0)),
+        });
+    }
+    Ok(out)
+}
+
+fn update_status(c: &Connection, v: &KeyVersion, status: &KeyStatus) -> Result<(), StoreError> {
+    let n = c.execute(
+        "UPDATE key_versions SET state = ?3, status = ?4 WHERE name = ?1 AND version = ?2",
+        params![
+            v.name.as_str(),
+            v.version,
+            status.state(),
+            status_json(status)?
+        ],
+    )?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::NotFound(v.to_string()))
+    }
+}
+
+fn window_sum(c: &Connection, window: &WindowKey, since: i64) -> Result<U256, StoreError> {
+    let mut stmt =
+        c.prepare_cached("SELECT amount FROM reservations WHERE window_key = ?1 AND at > ?2")?;
+    let mut rows = stmt.query(params![window.as_str(), since])?;
+    let mut sum = U256::ZERO;
+    while let Some(row) = rows.next()? {
+        let blob = row.get_ref(0)?.as_blob().map_err(|_| corrupt("amount"))?;
+        let amount = U256::try_from_be_slice(blob).ok_or_else(|| corrupt("amount"))?;
+        // A sum past 2^256 cannot be under any limit; saturating keeps it refusing.
+        sum = sum.saturating_add(amount);
+    }
+    Ok(sum)
+}
+
+fn audit_row(r: &Row<'_>) -> Result<AuditRecord, StoreError> {
+    let kind: String = r.get(3)?;
+    Ok(AuditRecord {
+        seq: seq_u64(r.get(0)?)?,
+        prev_hash: b256(&r.get::<_, Vec<u8>>(1)?)?,
+        at: from_ms(r.get(2)?),
+        kind: AuditKind::parse(&kind).ok_or_else(|| corrupt("audit kind"))?,
+        request_id: r.get(4)?,
+        identity: r.get(5)?,
+        payload: parse_json(&r.get::<_, String>(6)?)?,
+        hash: b256(&r.get::<_, Vec<u8>>(7)?)?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversions.
+
+/// The exclusive lower bound of a window: reservations with `at > since` count.
+fn since(now: i64, duration_ms: u64) -> i64 {
+    match i64::try_from(duration_ms) {
+        Ok(d) if d < now => now - d,
+        _ => i64::MIN,
+    }
+}
+
+fn ms(t: UnixMillis) -> Result<i64, StoreError> {
+    i64::try_from(t.0).map_err(|_| StoreError::Invalid(format!("time {} out of range", t.0)))
+}
+
+fn opt_ms(v: Option<u64>) -> Result<Option<i64>, StoreError> {
+    v.map(|v| i64::try_from(v).map_err(|_| StoreError::Invalid(format!("{v} out of range"))))
+        .transpose()
+}
+
+fn from_ms(v: i64) -> UnixMillis {
+    UnixMillis(u64::try_from(v).unwrap_or(0))
+}
+
+fn seq_u64(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| corrupt("seq"))
+}
+
+fn b256(bytes: &[u8]) -> Result<B256, StoreError> {
+    B256::try_from(bytes).map_err(|_| corrupt("32-byte hash"))
+}
+
+fn address(bytes: &[u8]) -> Result<Address, StoreError> {
+    Address::try_from(bytes).map_err(|_| corrupt("address"))
+}
+
+fn status_json(s: &KeyStatus) -> Result<String, StoreError> {
+    serde_json::to_string(s).map_err(|e| StoreError::Invalid(e.to_string()))
+}
+
+fn status_value(s: &KeyStatus) -> Result<Value, StoreError> {
+    serde_json::to_value(s).map_err(|e| StoreError::Invalid(e.to_string()))
+}
+
+fn parse_status(s: &str) -> Result<KeyStatus, StoreError> {
+    serde_json::from_str(s).map_err(|e| corrupt(&format!("key status: {e}")))
+}
+
+fn parse_json(s: &str) -> Result<Value, StoreError> {
+    serde_json::from_str(s).map_err(|e| corrupt(&format!("json: {e}")))
+}
+
+fn json_text(v: &Value) -> Result<String, StoreError> {
+    String::from_utf8(canonical_json(v)).map_err(|e| StoreError::Invalid(e.to_string()))
+}
+
+fn check_object(v: &Value) -> Result<(), StoreError> {
+    AuditEntry {
+        at: UnixMillis(0),
+        kind: AuditKind::Event,
+        request_id: None,
+        identity: None,
+        payload: v.clone(),
+    }
+    .validate()
+    .map_err(StoreError::from)
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Database(format!("corrupt row: {what}"))
+}
