@@ -1,1 +1,3 @@
 //! Castellan wire types and typed mTLS client.
+
+pub mod submitter;
