@@ -2,3 +2,4 @@
 
 pub mod anvil;
 pub mod python;
+pub mod softhsm;

@@ -17,6 +17,7 @@
 //! "destroy". Every [`EthSignature`] a backend returns is low-s, carries its y-parity, and has been
 //! checked to verify against the key's public key over the request's digest.
 
+pub mod ecdsa;
 pub mod pkcs11;
 
 use std::fmt;

@@ -1,1 +1,0 @@
-//! PKCS#11 key backend (being written).
