@@ -1,3 +1,8 @@
 //! Castellan wire types and typed mTLS client.
+//!
+//! Shared by the signer, the submitter, keyctl, the tests and strategy hosts.
 
+pub mod devpki;
+pub mod serve;
 pub mod submitter;
+pub mod tls;
