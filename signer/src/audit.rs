@@ -825,6 +825,8 @@ fn check_integers_only(v: &Value) -> Result<(), AuditError> {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
     use super::*;
     use crate::backend::{
         BackendError, EthSignature, Health, KeyBackend, KeyInfo, KeyRef, SignRequest,
