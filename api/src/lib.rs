@@ -4,5 +4,6 @@
 
 pub mod devpki;
 pub mod serve;
+pub mod signer;
 pub mod submitter;
 pub mod tls;
