@@ -6,7 +6,8 @@ use alloy::signers::SignerSync;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::{Eip712Domain, SolStruct};
 use castellan_policy::{
-    APPROVE, Approval, BudgetGrant, ClientId, Fee, KeyName, KeyStatus, Request, RequestKind, SignedApproval, TxFacts,
+    APPROVE, Approval, BudgetGrant, ClientId, Fee, KeyName, KeyStatus, Request, RequestKind,
+    SignedApproval, TxFacts,
 };
 
 pub const GWEI: u64 = 1_000_000_000;
@@ -38,7 +39,10 @@ pub fn tx(to: Address, value: U256) -> TxFacts {
         Some(to),
         value,
         21_000,
-        Fee::Eip1559 { max_fee_per_gas: U256::from(GWEI), max_priority_fee_per_gas: U256::from(1) },
+        Fee::Eip1559 {
+            max_fee_per_gas: U256::from(GWEI),
+            max_priority_fee_per_gas: U256::from(1),
+        },
         &[],
     )
 }
@@ -57,16 +61,35 @@ pub fn tx_request(key: &str, client: &str, t: TxFacts) -> Request {
     request(key, client, RequestKind::Transaction(t))
 }
 
-pub fn approve(signer: &PrivateKeySigner, digest: B256, expiry: u64, domain: &Eip712Domain) -> SignedApproval {
-    let approval = Approval { request: digest, decision: APPROVE.to_string(), expiry };
+pub fn approve(
+    signer: &PrivateKeySigner,
+    digest: B256,
+    expiry: u64,
+    domain: &Eip712Domain,
+) -> SignedApproval {
+    let approval = Approval {
+        request: digest,
+        decision: APPROVE.to_string(),
+        expiry,
+    };
     let hash = approval.eip712_signing_hash(domain);
     let signature = signer.sign_hash_sync(&hash).unwrap();
-    SignedApproval { approval, signature }
+    SignedApproval {
+        approval,
+        signature,
+    }
 }
 
-pub fn sign_grant(signers: &[&PrivateKeySigner], grant: &BudgetGrant, domain: &Eip712Domain) -> Vec<alloy::primitives::Signature> {
+pub fn sign_grant(
+    signers: &[&PrivateKeySigner],
+    grant: &BudgetGrant,
+    domain: &Eip712Domain,
+) -> Vec<alloy::primitives::Signature> {
     let hash = grant.eip712_signing_hash(domain);
-    signers.iter().map(|s| s.sign_hash_sync(&hash).unwrap()).collect()
+    signers
+        .iter()
+        .map(|s| s.sign_hash_sync(&hash).unwrap())
+        .collect()
 }
 
 /// A fixed signer from a small integer (deterministic test keys).
