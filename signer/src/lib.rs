@@ -4,6 +4,7 @@
 //! material itself: every signature is made by a [`backend::KeyBackend`].
 
 pub mod backend;
+pub mod config;
 pub mod eth;
 pub mod audit;
 pub mod store;
