@@ -384,6 +384,18 @@ pending_ttl = "10m"
     }
 
     #[test]
+    fn the_deploy_example_parses() {
+        let c = SignerConfig::parse(
+            include_str!("../../deploy/signer.toml"),
+            "deploy/signer.toml",
+        )
+        .unwrap();
+        assert_eq!(c.chain_id, 1);
+        assert_eq!(c.identities().len(), 4);
+        assert!(c.submitter.is_some() && c.upstream.is_some() && c.metrics.is_some());
+    }
+
+    #[test]
     fn unknown_fields_and_contradictions_are_refused() {
         let e = SignerConfig::parse(&MINIMAL.replace("chain_id", "chain_idd"), "t").unwrap_err();
         assert!(e.to_string().contains("chain_idd"), "{e}");
