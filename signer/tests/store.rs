@@ -319,12 +319,18 @@ async fn windows_roll_and_prune() {
         .commit_decision(decision("c", &key, HOUR, vec![reservation("w", 60, 100)]))
         .await
         .expect("room again after a expired");
+    // Pruning keeps 5 minutes of grace after expiry.
+    assert_eq!(store.prune_reservations(at(HOUR)).await.expect("prune"), 0);
     assert_eq!(
-        store.prune_reservations(at(HOUR)).await.expect("prune"),
+        store
+            .prune_reservations(at(HOUR + 5 * 60_000))
+            .await
+            .expect("prune"),
         1,
         "only a expired"
     );
     assert_eq!(sum(&store, "w", HOUR).await, U256::from(100));
+    assert_eq!(sum(&store, "w", HOUR + 10).await, U256::from(60));
 }
 
 #[tokio::test]
@@ -1031,4 +1037,87 @@ async fn export_from_seq_and_time_verifies() {
     let anchor = &records[part[0].seq as usize - 2];
     audit::verify_chain_from(&part, Some((anchor.seq, anchor.hash)), None)
         .expect("suffix verifies");
+}
+
+/// The bucketed window sums agree with a brute-force sum over the reservations the test made,
+/// across windows of different lengths, releases, pruning and many query times.
+#[tokio::test]
+async fn window_sums_match_a_brute_force_sum() {
+    let (_dir, path) = tempdb();
+    let store = SqliteStore::open(&path).expect("open");
+    let key = active_key(&store, "searcher-hot", 1).await;
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let windows = [("short", 90_000u64), ("long", 2 * HOUR)];
+    // (window index, at, amount, released)
+    let mut made: Vec<(usize, u64, u64, bool)> = Vec::new();
+    let mut when = 0u64;
+    for i in 0..400 {
+        when += next() % 40_000;
+        let w = (next() % 2) as usize;
+        let amount = 1 + next() % 1000;
+        let (name, duration) = windows[w];
+        store
+            .commit_decision(decision(
+                &format!("bf{i}"),
+                &key,
+                when,
+                vec![Reservation {
+                    window: window(name),
+                    duration_ms: duration,
+                    amount: U256::from(amount),
+                    limit: U256::MAX,
+                }],
+            ))
+            .await
+            .expect("commit");
+        let released = next() % 5 == 0;
+        if released {
+            store
+                .record_outcome(OutcomeTx {
+                    request_id: RequestId::new(format!("bf{i}")).expect("id"),
+                    at: at(when),
+                    outcome: Outcome::Failed {
+                        reason: "x".into(),
+                        release: true,
+                    },
+                })
+                .await
+                .expect("release");
+        }
+        made.push((w, when, amount, released));
+        if i % 100 == 99 {
+            store.prune_reservations(at(when)).await.expect("prune");
+        }
+        for _ in 0..3 {
+            let now = when.saturating_sub(next() % 60_000);
+            for (wi, (name, duration)) in windows.iter().enumerate() {
+                let expected: u64 = made
+                    .iter()
+                    .filter(|(w, t, _, rel)| {
+                        // Pruning keeps 5 minutes of grace, more than the 1 minute queries lag.
+                        *w == wi && !rel && *t + duration > now
+                    })
+                    .map(|(_, _, a, _)| *a)
+                    .sum();
+                let got = store
+                    .window_sums(
+                        vec![WindowQuery {
+                            window: window(name),
+                            duration_ms: *duration,
+                        }],
+                        at(now),
+                    )
+                    .await
+                    .expect("sums")[0]
+                    .1;
+                assert_eq!(got, U256::from(expected), "{name} at {now} after {i}");
+            }
+        }
+    }
 }

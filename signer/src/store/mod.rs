@@ -32,9 +32,14 @@
 //! # Limit windows
 //! A window is an opaque [`WindowKey`] (the policy crate names them, e.g.
 //! `key:searcher-hot:value:3600`) plus a duration. Amounts are `U256`, stored as 32-byte
-//! big-endian BLOBs and summed in the store process (SQLite cannot sum 256-bit integers); the index
-//! `(window_key, at, amount)` covers the sum. A budget grant is a window that never expires:
-//! [`Reservation::grant`]. Expired rows are deleted by [`Store::prune_reservations`].
+//! big-endian BLOBs and summed in the store process (SQLite cannot sum 256-bit integers). So that
+//! a 24-hour window at hundreds of requests per second does not mean summing millions of rows per
+//! decision, each window also keeps per-minute bucket totals (`window_buckets`), updated in the
+//! same transaction as the reservation rows: a window's total at `now` is the sum of the buckets
+//! after the one holding `now − duration`, plus the individual rows with `at > now − duration`
+//! inside that edge bucket — exact, in `duration / 1 min` bucket reads plus at most one minute of
+//! rows. A budget grant is a window that never expires: [`Reservation::grant`]. Expired rows and
+//! buckets are deleted by [`Store::prune_reservations`].
 //!
 //! # Group commit (SQLite)
 //! All writes go to one writer thread through a bounded channel. The thread takes every queued
@@ -57,6 +62,8 @@
 //!   reserved|signed|failed, decision_seq, outcome JSON, outcome_seq)`
 //! - `reservations(request_id → requests, window_key, amount BLOB(32), at, expires_at;
 //!   PK(request_id, window_key))`, indexes `(window_key, at, amount)` and `(expires_at)`
+//! - `window_buckets(window_key, bucket = at div 60 000, total BLOB(32), expires_at;
+//!   PK(window_key, bucket))`: the sum of the reservations in that minute
 //! - `pending(id PK, key, identity, request JSON, digest, approvals JSON, created_at, expires_at,
 //!   status)`; `approvals(pending_id → pending, approver BLOB(20), signature, expires_at, at;
 //!   PK(pending_id, approver))` so a duplicate approval does not count twice
@@ -803,7 +810,8 @@ pub trait Store: Send + Sync + 'static {
         now: UnixMillis,
     ) -> impl Future<Output = Result<Vec<(WindowKey, U256)>, StoreError>> + Send;
 
-    /// Deletes reservations that no longer count in their window at `now`. Returns how many.
+    /// Deletes reservations that stopped counting in their window more than a grace period
+    /// (5 minutes, for clock skew between replicas) before `now`. Returns how many.
     fn prune_reservations(
         &self,
         now: UnixMillis,
@@ -1084,3 +1092,6 @@ impl From<rusqlite::Error> for StoreError {
         Self::Database(e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests;

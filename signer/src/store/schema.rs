@@ -69,6 +69,16 @@ CREATE TABLE reservations (
 CREATE INDEX reservations_window ON reservations(window_key, at, amount);
 CREATE INDEX reservations_expiry ON reservations(expires_at);
 
+-- Per-minute totals of each window, kept in step with `reservations` in the same transaction.
+CREATE TABLE window_buckets (
+    window_key TEXT NOT NULL,
+    bucket     INTEGER NOT NULL,
+    total      BLOB NOT NULL CHECK (length(total) = 32),
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (window_key, bucket)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX window_buckets_expiry ON window_buckets(expires_at);
+
 CREATE TABLE pending (
     id         TEXT PRIMARY KEY,
     key_name   TEXT NOT NULL,

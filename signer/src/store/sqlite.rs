@@ -177,11 +177,16 @@ impl Store for SqliteStore {
     }
 
     async fn prune_reservations(&self, now: UnixMillis) -> Result<u64, StoreError> {
-        let now = ms(now)?;
+        // Keep rows for a grace period after they expire, so a caller whose clock lags the
+        // pruning one (another replica) still sums them exactly.
+        let now = ms(now)?.saturating_sub(PRUNE_GRACE_MS);
         self.write(move |ctx| {
             let n = ctx
                 .conn
                 .execute("DELETE FROM reservations WHERE expires_at <= ?1", [now])?;
+            // A bucket expires with the last of its rows (its expiry is their maximum).
+            ctx.conn
+                .execute("DELETE FROM window_buckets WHERE expires_at <= ?1", [now])?;
             Ok(n as u64)
         })
         .await
@@ -1374,6 +1379,56 @@ fn reserve(c: &Connection, id: &RequestId, at: i64, r: &Reservation) -> Result<(
         at,
         expires
     ])?;
+    adjust_bucket(c, r.window.as_str(), at, r.amount, true, expires)
+}
+
+/// Adds `amount` to (or subtracts it from) the bucket holding `at`, creating or deleting it.
+fn adjust_bucket(
+    c: &Connection,
+    window: &str,
+    at: i64,
+    amount: U256,
+    add: bool,
+    expires: i64,
+) -> Result<(), StoreError> {
+    let bucket = at.div_euclid(BUCKET_MS);
+    let current: Option<(Vec<u8>, i64)> = c
+        .prepare_cached(
+            "SELECT total, expires_at FROM window_buckets WHERE window_key = ?1 AND bucket = ?2",
+        )?
+        .query_row(params![window, bucket], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let (total, old_expires) = match &current {
+        Some((t, e)) => (
+            U256::try_from_be_slice(t).ok_or_else(|| corrupt("total"))?,
+            *e,
+        ),
+        None => (U256::ZERO, i64::MIN),
+    };
+    let total = if add {
+        total.saturating_add(amount)
+    } else {
+        total
+            .checked_sub(amount)
+            .ok_or_else(|| corrupt("window bucket total below its rows"))?
+    };
+    if total.is_zero() && !add {
+        c.prepare_cached("DELETE FROM window_buckets WHERE window_key = ?1 AND bucket = ?2")?
+            .execute(params![window, bucket])?;
+    } else {
+        c.prepare_cached(
+            "INSERT INTO window_buckets (window_key, bucket, total, expires_at)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (window_key, bucket) DO UPDATE
+               SET total = excluded.total, expires_at = excluded.expires_at",
+        )?
+        .execute(params![
+            window,
+            bucket,
+            total.to_be_bytes::<32>().as_slice(),
+            old_expires.max(expires)
+        ])?;
+    }
     Ok(())
 }
 
@@ -1406,11 +1461,22 @@ fn outcome(ctx: &mut WriteCtx<'_>, o: OutcomeTx) -> Result<DecisionReceipt, Stor
             let mut windows = Vec::new();
             if release {
                 let mut stmt = c.prepare_cached(
-                    "SELECT window_key FROM reservations WHERE request_id = ?1 ORDER BY window_key",
+                    "SELECT window_key, at, amount FROM reservations WHERE request_id = ?1
+                     ORDER BY window_key",
                 )?;
-                let rows = stmt.query_map([o.request_id.as_str()], |r| r.get::<_, String>(0))?;
+                let rows = stmt.query_map([o.request_id.as_str()], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
+                })?;
                 for r in rows {
-                    windows.push(r?);
+                    let (window, at, amount) = r?;
+                    let amount =
+                        U256::try_from_be_slice(&amount).ok_or_else(|| corrupt("amount"))?;
+                    adjust_bucket(c, &window, at, amount, false, i64::MIN)?;
+                    windows.push(window);
                 }
                 c.execute(
                     "DELETE FROM reservations WHERE request_id = ?1",
@@ -1600,14 +1666,35 @@ fn update_status(c: &Connection, v: &KeyVersion, status: &KeyStatus) -> Result<(
     }
 }
 
+/// How long after expiry a reservation is kept before pruning deletes it.
+const PRUNE_GRACE_MS: i64 = 5 * 60_000;
+
+/// Width of a window bucket. Summing a window reads every bucket after the one holding its
+/// start plus that edge bucket's rows, so the cost is `duration / BUCKET_MS` bucket rows plus at
+/// most one bucket's reservations, whatever the request rate.
+const BUCKET_MS: i64 = 60_000;
+
+/// The total of `window`'s reservations with `at > since`: exact, from the per-minute bucket
+/// totals after the bucket holding `since` and the individual rows inside that bucket.
 fn window_sum(c: &Connection, window: &WindowKey, since: i64) -> Result<U256, StoreError> {
-    let mut stmt =
-        c.prepare_cached("SELECT amount FROM reservations WHERE window_key = ?1 AND at > ?2")?;
-    let mut rows = stmt.query(params![window.as_str(), since])?;
+    let edge = since.div_euclid(BUCKET_MS);
+    let edge_end = edge.saturating_add(1).saturating_mul(BUCKET_MS);
     let mut sum = U256::ZERO;
-    while let Some(row) = rows.next()? {
-        let blob = row.get_ref(0)?.as_blob().map_err(|_| corrupt("amount"))?;
-        let amount = U256::try_from_be_slice(blob).ok_or_else(|| corrupt("amount"))?;
+    let mut rows = c
+        .prepare_cached(
+            "SELECT amount FROM reservations WHERE window_key = ?1 AND at > ?2 AND at < ?3",
+        )?
+        .query(params![window.as_str(), since, edge_end])?
+        .mapped(|r| r.get::<_, Vec<u8>>(0))
+        .collect::<Result<Vec<_>, _>>()?;
+    let buckets = c
+        .prepare_cached("SELECT total FROM window_buckets WHERE window_key = ?1 AND bucket > ?2")?
+        .query(params![window.as_str(), edge])?
+        .mapped(|r| r.get::<_, Vec<u8>>(0))
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.extend(buckets);
+    for blob in rows {
+        let amount = U256::try_from_be_slice(&blob).ok_or_else(|| corrupt("amount"))?;
         // A sum past 2^256 cannot be under any limit; saturating keeps it refusing.
         sum = sum.saturating_add(amount);
     }

@@ -1,0 +1,81 @@
+//! Checkpointing through a [`KeyBackend`] (the test-only software backend in `audit::tests`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use serde_json::json;
+
+use super::*;
+use crate::audit::tests::TestBackend;
+use crate::audit::{AuditKind, ChainProblem, verify_chain};
+
+fn event(i: u64) -> AuditEntry {
+    AuditEntry {
+        at: UnixMillis(1_800_000_000_000 + i),
+        kind: AuditKind::PolicyChange,
+        request_id: None,
+        identity: Some("admin".into()),
+        payload: json!({"i": i}),
+    }
+}
+
+#[tokio::test]
+async fn checkpoints_every_n_records_and_verifies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(dir.path().join("db")).expect("open");
+    let backend = TestBackend::new(7);
+    let key = backend.audit_key();
+    let now = UnixMillis(1_800_000_000_000);
+
+    assert_eq!(
+        checkpoint_if_due(&store, &backend, &key, 5, now)
+            .await
+            .expect("empty"),
+        None,
+        "nothing to checkpoint in an empty chain"
+    );
+    let mut checkpoints = Vec::new();
+    for i in 0..23 {
+        store.append_audit(event(i)).await.expect("append");
+        if let Some(cp) = checkpoint_if_due(&store, &backend, &key, 5, now)
+            .await
+            .expect("checkpoint")
+        {
+            checkpoints.push(cp.seq);
+        }
+    }
+    // A checkpoint after every 5 records (the checkpoint itself counts as a record).
+    assert_eq!(checkpoints, vec![6, 12, 18, 24]);
+    assert_eq!(store.last_checkpoint_seq().await.expect("read"), Some(24));
+
+    let records = store
+        .audit_records(AuditCursor::Seq(1), usize::MAX)
+        .await
+        .expect("records");
+    let summary = verify_chain(&records, Some(key.address)).expect("verifies");
+    assert_eq!(summary.checkpoints, 4);
+    assert_eq!(summary.signed_through, Some(23));
+
+    // The audit key of another device does not verify.
+    let other = TestBackend::new(8).audit_key().address;
+    let e = verify_chain(&records, Some(other)).expect_err("wrong audit key");
+    assert_eq!(e.seq, 6);
+    assert!(matches!(e.problem, ChainProblem::BadCheckpoint(_)));
+
+    // The store refuses a checkpoint over a hash that is not in the chain.
+    let mut bogus = crate::audit::sign_checkpoint(&backend, &key, (3, B256::repeat_byte(1)))
+        .await
+        .expect("sign");
+    let e = store.append_checkpoint(bogus.clone(), now).await;
+    assert!(matches!(e, Err(StoreError::Invalid(_))), "{e:?}");
+    // ...and one whose signature is not by the key it names.
+    bogus.hash = records[2].hash;
+    let e = store.append_checkpoint(bogus, now).await;
+    assert!(matches!(e, Err(StoreError::Invalid(_))), "{e:?}");
+    // Plain appends cannot forge a checkpoint record.
+    let mut forged = event(99);
+    forged.kind = AuditKind::Checkpoint;
+    assert!(matches!(
+        store.append_audit(forged).await,
+        Err(StoreError::Invalid(_))
+    ));
+}
