@@ -34,12 +34,13 @@
 //! `key:searcher-hot:value:3600`) plus a duration. Amounts are `U256`, stored as 32-byte
 //! big-endian BLOBs and summed in the store process (SQLite cannot sum 256-bit integers). So that
 //! a 24-hour window at hundreds of requests per second does not mean summing millions of rows per
-//! decision, each window also keeps per-minute bucket totals (`window_buckets`), updated in the
-//! same transaction as the reservation rows: a window's total at `now` is the sum of the buckets
-//! after the one holding `now − duration`, plus the individual rows with `at > now − duration`
-//! inside that edge bucket — exact, in `duration / 1 min` bucket reads plus at most one minute of
-//! rows. A budget grant is a window that never expires: [`Reservation::grant`]. Expired rows and
-//! buckets are deleted by [`Store::prune_reservations`].
+//! decision, each window also keeps per-second and per-minute bucket totals (`window_buckets`),
+//! updated in the same transaction as the reservation rows. With `since = now − duration`, a
+//! window's total is, exactly: the rows with `at > since` in the second holding `since`, plus the
+//! later per-second buckets of the minute holding `since`, plus every later per-minute bucket —
+//! at most one second of rows, 59 second-buckets and `duration / 1 min` minute-buckets, whatever
+//! the request rate. A budget grant is a window that never expires: [`Reservation::grant`].
+//! Expired rows and buckets are deleted by [`Store::prune_reservations`].
 //!
 //! # Group commit (SQLite)
 //! All writes go to one writer thread through a bounded channel. The thread takes every queued
@@ -62,8 +63,9 @@
 //!   reserved|signed|failed, decision_seq, outcome JSON, outcome_seq)`
 //! - `reservations(request_id → requests, window_key, amount BLOB(32), at, expires_at;
 //!   PK(request_id, window_key))`, indexes `(window_key, at, amount)` and `(expires_at)`
-//! - `window_buckets(window_key, bucket = at div 60 000, total BLOB(32), expires_at;
-//!   PK(window_key, bucket))`: the sum of the reservations in that minute
+//! - `window_buckets(window_key, width 1 000 | 60 000, bucket = at div width, total BLOB(32),
+//!   expires_at; PK(window_key, width, bucket))`: the sum of the reservations in that second or
+//!   minute
 //! - `pending(id PK, key, identity, request JSON, digest, approvals JSON, created_at, expires_at,
 //!   status)`; `approvals(pending_id → pending, approver BLOB(20), signature, expires_at, at;
 //!   PK(pending_id, approver))` so a duplicate approval does not count twice

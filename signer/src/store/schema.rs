@@ -69,13 +69,15 @@ CREATE TABLE reservations (
 CREATE INDEX reservations_window ON reservations(window_key, at, amount);
 CREATE INDEX reservations_expiry ON reservations(expires_at);
 
--- Per-minute totals of each window, kept in step with `reservations` in the same transaction.
+-- Per-second and per-minute totals of each window, kept in step with `reservations` in the
+-- same transaction. `bucket` is `at div width`.
 CREATE TABLE window_buckets (
     window_key TEXT NOT NULL,
+    width      INTEGER NOT NULL CHECK (width IN (1000, 60000)),
     bucket     INTEGER NOT NULL,
     total      BLOB NOT NULL CHECK (length(total) = 32),
     expires_at INTEGER NOT NULL,
-    PRIMARY KEY (window_key, bucket)
+    PRIMARY KEY (window_key, width, bucket)
 ) STRICT, WITHOUT ROWID;
 CREATE INDEX window_buckets_expiry ON window_buckets(expires_at);
 

@@ -1379,11 +1379,11 @@ fn reserve(c: &Connection, id: &RequestId, at: i64, r: &Reservation) -> Result<(
         at,
         expires
     ])?;
-    adjust_bucket(c, r.window.as_str(), at, r.amount, true, expires)
+    adjust_buckets(c, r.window.as_str(), at, r.amount, true, expires)
 }
 
-/// Adds `amount` to (or subtracts it from) the bucket holding `at`, creating or deleting it.
-fn adjust_bucket(
+/// Adjusts both bucket levels holding `at`.
+fn adjust_buckets(
     c: &Connection,
     window: &str,
     at: i64,
@@ -1391,12 +1391,29 @@ fn adjust_bucket(
     add: bool,
     expires: i64,
 ) -> Result<(), StoreError> {
-    let bucket = at.div_euclid(BUCKET_MS);
+    adjust_bucket(c, window, FINE_MS, at, amount, add, expires)?;
+    adjust_bucket(c, window, COARSE_MS, at, amount, add, expires)
+}
+
+/// Adds `amount` to (or subtracts it from) the bucket holding `at`, creating or deleting it.
+fn adjust_bucket(
+    c: &Connection,
+    window: &str,
+    width: i64,
+    at: i64,
+    amount: U256,
+    add: bool,
+    expires: i64,
+) -> Result<(), StoreError> {
+    let bucket = at.div_euclid(width);
     let current: Option<(Vec<u8>, i64)> = c
         .prepare_cached(
-            "SELECT total, expires_at FROM window_buckets WHERE window_key = ?1 AND bucket = ?2",
+            "SELECT total, expires_at FROM window_buckets
+             WHERE window_key = ?1 AND width = ?2 AND bucket = ?3",
         )?
-        .query_row(params![window, bucket], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(params![window, width, bucket], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .optional()?;
     let (total, old_expires) = match &current {
         Some((t, e)) => (
@@ -1413,17 +1430,20 @@ fn adjust_bucket(
             .ok_or_else(|| corrupt("window bucket total below its rows"))?
     };
     if total.is_zero() && !add {
-        c.prepare_cached("DELETE FROM window_buckets WHERE window_key = ?1 AND bucket = ?2")?
-            .execute(params![window, bucket])?;
+        c.prepare_cached(
+            "DELETE FROM window_buckets WHERE window_key = ?1 AND width = ?2 AND bucket = ?3",
+        )?
+        .execute(params![window, width, bucket])?;
     } else {
         c.prepare_cached(
-            "INSERT INTO window_buckets (window_key, bucket, total, expires_at)
-             VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (window_key, bucket) DO UPDATE
+            "INSERT INTO window_buckets (window_key, width, bucket, total, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (window_key, width, bucket) DO UPDATE
                SET total = excluded.total, expires_at = excluded.expires_at",
         )?
         .execute(params![
             window,
+            width,
             bucket,
             total.to_be_bytes::<32>().as_slice(),
             old_expires.max(expires)
@@ -1475,7 +1495,7 @@ fn outcome(ctx: &mut WriteCtx<'_>, o: OutcomeTx) -> Result<DecisionReceipt, Stor
                     let (window, at, amount) = r?;
                     let amount =
                         U256::try_from_be_slice(&amount).ok_or_else(|| corrupt("amount"))?;
-                    adjust_bucket(c, &window, at, amount, false, i64::MIN)?;
+                    adjust_buckets(c, &window, at, amount, false, i64::MIN)?;
                     windows.push(window);
                 }
                 c.execute(
@@ -1669,31 +1689,47 @@ fn update_status(c: &Connection, v: &KeyVersion, status: &KeyStatus) -> Result<(
 /// How long after expiry a reservation is kept before pruning deletes it.
 const PRUNE_GRACE_MS: i64 = 5 * 60_000;
 
-/// Width of a window bucket. Summing a window reads every bucket after the one holding its
-/// start plus that edge bucket's rows, so the cost is `duration / BUCKET_MS` bucket rows plus at
-/// most one bucket's reservations, whatever the request rate.
-const BUCKET_MS: i64 = 60_000;
+/// Widths of the two bucket levels. A window's total reads at most one second of individual
+/// reservations, at most 59 one-second buckets and `duration / 1 min` one-minute buckets, whatever
+/// the request rate.
+const FINE_MS: i64 = 1_000;
+const COARSE_MS: i64 = 60_000;
 
-/// The total of `window`'s reservations with `at > since`: exact, from the per-minute bucket
-/// totals after the bucket holding `since` and the individual rows inside that bucket.
+/// The total of `window`'s reservations with `at > since`, exact: the rows with `at > since` in
+/// the one-second bucket holding `since`, plus the later one-second buckets of the minute holding
+/// `since`, plus every later one-minute bucket. Each reservation is in exactly one of the three.
 fn window_sum(c: &Connection, window: &WindowKey, since: i64) -> Result<U256, StoreError> {
-    let edge = since.div_euclid(BUCKET_MS);
-    let edge_end = edge.saturating_add(1).saturating_mul(BUCKET_MS);
-    let mut sum = U256::ZERO;
-    let mut rows = c
+    let w = window.as_str();
+    let fine = since.div_euclid(FINE_MS);
+    let fine_end = fine.saturating_add(1).saturating_mul(FINE_MS);
+    let coarse = since.div_euclid(COARSE_MS);
+    let coarse_end_fine = coarse.saturating_add(1).saturating_mul(COARSE_MS / FINE_MS);
+    let mut blobs = c
         .prepare_cached(
             "SELECT amount FROM reservations WHERE window_key = ?1 AND at > ?2 AND at < ?3",
         )?
-        .query(params![window.as_str(), since, edge_end])?
+        .query(params![w, since, fine_end])?
         .mapped(|r| r.get::<_, Vec<u8>>(0))
         .collect::<Result<Vec<_>, _>>()?;
-    let buckets = c
-        .prepare_cached("SELECT total FROM window_buckets WHERE window_key = ?1 AND bucket > ?2")?
-        .query(params![window.as_str(), edge])?
+    let fine_buckets = c
+        .prepare_cached(
+            "SELECT total FROM window_buckets
+             WHERE window_key = ?1 AND width = ?2 AND bucket > ?3 AND bucket < ?4",
+        )?
+        .query(params![w, FINE_MS, fine, coarse_end_fine])?
         .mapped(|r| r.get::<_, Vec<u8>>(0))
         .collect::<Result<Vec<_>, _>>()?;
-    rows.extend(buckets);
-    for blob in rows {
+    let coarse_buckets = c
+        .prepare_cached(
+            "SELECT total FROM window_buckets WHERE window_key = ?1 AND width = ?2 AND bucket > ?3",
+        )?
+        .query(params![w, COARSE_MS, coarse])?
+        .mapped(|r| r.get::<_, Vec<u8>>(0))
+        .collect::<Result<Vec<_>, _>>()?;
+    blobs.extend(fine_buckets);
+    blobs.extend(coarse_buckets);
+    let mut sum = U256::ZERO;
+    for blob in blobs {
         let amount = U256::try_from_be_slice(&blob).ok_or_else(|| corrupt("amount"))?;
         // A sum past 2^256 cannot be under any limit; saturating keeps it refusing.
         sum = sum.saturating_add(amount);
