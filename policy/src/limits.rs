@@ -86,6 +86,9 @@ pub struct Reservation {
     pub window: WindowId,
     /// The amount (wei, or 1 for a request count).
     pub amount: U256,
+    /// The window's limit: the store re-checks `spent + amount <= limit` inside the transaction
+    /// that commits the reservation (the authoritative check, across replicas).
+    pub limit: U256,
 }
 
 /// Read access to the reservations already made.

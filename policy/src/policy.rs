@@ -447,6 +447,7 @@ impl Policy {
             reservations.push(Reservation {
                 window: w.id.clone(),
                 amount: U256::from(1),
+                limit: w.limit,
             });
         }
         for w in windows().filter(|w| w.id.metric != Metric::Requests) {
@@ -475,6 +476,7 @@ impl Policy {
             reservations.push(Reservation {
                 window: w.id.clone(),
                 amount,
+                limit: w.limit,
             });
         }
 
@@ -524,6 +526,7 @@ impl Policy {
                     reservations.push(Reservation {
                         window: gw,
                         amount: cost,
+                        limit: g.budget(),
                     });
                     let mut d = Decision::allow(
                         Code::AllowedByGrant,
