@@ -348,7 +348,7 @@ impl RelayConfig {
             .default
             .unwrap_or(!matches!(kind, RelayKind::Rpc | RelayKind::Eden));
         let rate = self.rate_per_second.unwrap_or(20.0);
-        if !(rate > 0.0) {
+        if rate.is_nan() || rate <= 0.0 {
             return Err(err("rate_per_second must be > 0"));
         }
         let timeout = Duration::from_millis(self.timeout_ms.unwrap_or(2000));

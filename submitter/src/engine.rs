@@ -7,7 +7,7 @@
 //! [`Engine::on_head`] once per new block.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -115,6 +115,7 @@ struct Inner {
     sink: Arc<dyn OutcomeSink>,
     metrics: Metrics,
     head: AtomicU64,
+    head_seen: AtomicBool,
     bundles: Mutex<HashMap<Uuid, Entry>>,
     submit_lock: tokio::sync::Mutex<()>,
 }
@@ -124,6 +125,9 @@ struct Inner {
 pub struct Engine {
     inner: Arc<Inner>,
 }
+
+/// A live bundle as seen at the start of a head's checks.
+type LiveBundle = (Uuid, Arc<ValidBundle>, BundleState, Option<(u64, B256)>);
 
 /// What chain checks concluded for one bundle at one head.
 enum Verdict {
@@ -154,6 +158,7 @@ impl Engine {
                 sink,
                 metrics,
                 head: AtomicU64::new(0),
+                head_seen: AtomicBool::new(false),
                 bundles: Mutex::new(HashMap::new()),
                 submit_lock: tokio::sync::Mutex::new(()),
             }),
@@ -245,9 +250,8 @@ impl Engine {
         };
         self.inner.metrics.bundle("accepted");
         self.inner.metrics.live_bundles.inc();
-        let head = self.head();
-        if head > 0 {
-            self.step(id, head);
+        if self.ready() {
+            self.step(id, self.head());
         }
         Ok((status, true))
     }
@@ -356,25 +360,26 @@ impl Engine {
         &self.inner.metrics
     }
 
-    /// Last head seen (0 before the first).
+    /// Last head seen (0 before the first; see [`Engine::ready`]).
     pub fn head(&self) -> u64 {
         self.inner.head.load(Ordering::Acquire)
     }
 
     /// Whether a head has been seen (readiness).
     pub fn ready(&self) -> bool {
-        self.head() > 0
+        self.inner.head_seen.load(Ordering::Acquire)
     }
 
     /// Processes a new head: inclusion, reorg and nonce checks for every live bundle, expiry,
     /// then (re)submission of every pending bundle for the next block.
     pub async fn on_head(&self, head: u64) {
         self.inner.head.store(head, Ordering::Release);
+        self.inner.head_seen.store(true, Ordering::Release);
         self.inner
             .metrics
             .head
             .set(i64::try_from(head).unwrap_or(i64::MAX));
-        let live: Vec<(Uuid, Arc<ValidBundle>, BundleState, Option<(u64, B256)>)> = self
+        let live: Vec<LiveBundle> = self
             .lock()
             .values()
             .filter(|e| e.state.is_live() && !e.simulating)
@@ -415,12 +420,12 @@ impl Engine {
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut last = 0;
+            let mut last = None;
             loop {
                 ticker.tick().await;
                 match engine.inner.node.block_number().await {
-                    Ok(n) if n != last => {
-                        last = n;
+                    Ok(n) if last != Some(n) => {
+                        last = Some(n);
                         engine.on_head(n).await;
                     }
                     Ok(_) => {}

@@ -138,6 +138,19 @@ impl Health {
         self.backoff_until = Some(self.backoff_until.map_or(until, |t| t.max(until)));
     }
 
+    /// Records an HTTP 429: a failure, and the breaker opens until `until` (the relay's
+    /// `Retry-After`) or for the cooldown after enough consecutive failures, whichever is
+    /// later; then one probe goes, as after any open period.
+    pub fn record_throttled(&mut self, latency: Duration, until: Instant, now: Instant) {
+        self.record_failure(Some(latency), now);
+        self.back_off(until);
+        let open_until = match self.breaker {
+            Breaker::Open { until: u } => u.max(until),
+            _ => until,
+        };
+        self.breaker = Breaker::Open { until: open_until };
+    }
+
     /// Breaker state as seen at `now`.
     pub fn breaker_state(&self, now: Instant) -> BreakerState {
         match self.breaker {
@@ -149,8 +162,7 @@ impl Health {
 
     /// Whether the relay would be ranked for a weighted selection.
     pub fn is_available(&self, now: Instant) -> bool {
-        self.breaker_state(now) != BreakerState::Open
-            && !self.backoff_until.is_some_and(|t| now < t)
+        self.breaker_state(now) != BreakerState::Open && self.backoff_until.is_none_or(|t| now >= t)
     }
 
     /// Ranking key (lower is better): error rate, then latency.
@@ -244,5 +256,15 @@ mod tests {
         h.back_off(t0 + Duration::from_secs(10));
         assert_eq!(h.admit(t0 + Duration::from_secs(5)), Err(Skip::BackingOff));
         h.admit(t0 + Duration::from_secs(11)).unwrap();
+        // A 429 opens the breaker until Retry-After, then one probe goes.
+        let t1 = t0 + Duration::from_secs(20);
+        h.record_throttled(Duration::from_millis(1), t1 + Duration::from_secs(30), t1);
+        assert_eq!(h.breaker_state(t1), BreakerState::Open);
+        assert_eq!(h.admit(t1 + Duration::from_secs(29)), Err(Skip::BackingOff));
+        assert_eq!(
+            h.breaker_state(t1 + Duration::from_secs(30)),
+            BreakerState::HalfOpen
+        );
+        h.admit(t1 + Duration::from_secs(30)).unwrap();
     }
 }

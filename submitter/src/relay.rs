@@ -336,8 +336,7 @@ impl Relay {
                     let wait = retry_after
                         .unwrap_or(DEFAULT_RETRY_AFTER)
                         .min(MAX_RETRY_AFTER);
-                    h.back_off(now + wait);
-                    h.record_failure(Some(*latency), now);
+                    h.record_throttled(*latency, now + wait, now);
                 }
                 SendResult::Failed { latency, .. } => h.record_failure(*latency, now),
                 SendResult::Skipped(_) => {}

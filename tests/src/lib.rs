@@ -2,4 +2,5 @@
 
 pub mod anvil;
 pub mod python;
+pub mod relays;
 pub mod softhsm;
