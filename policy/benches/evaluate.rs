@@ -22,7 +22,7 @@ fn addr(i: u32) -> Address {
 fn policy() -> Policy {
     let mut dests = String::new();
     for i in 0..1000 {
-        write!(dests, "\"{:x}\",", addr(i)).unwrap();
+        write!(dests, "\"{:#x}\",", addr(i)).unwrap();
     }
     // 10 rules: defaults, 4 keys, 4 clients, 1 tier.
     let mut src = format!(

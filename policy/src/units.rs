@@ -291,7 +291,7 @@ impl<'de> Deserialize<'de> for Addr {
 
 impl Serialize for Addr {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{:x}", self.0))
+        s.serialize_str(&format!("{:#x}", self.0))
     }
 }
 
@@ -309,7 +309,7 @@ impl<'de> Deserialize<'de> for Sel {
 
 impl Serialize for Sel {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{:x}", self.0))
+        s.serialize_str(&format!("{:#x}", self.0))
     }
 }
 
@@ -329,7 +329,8 @@ mod tests {
             ("30 gwei", Ok(U256::from(30_000_000_000u64))),
             ("30gwei", Ok(U256::from(30_000_000_000u64))),
             ("1.5 ether", Ok(e18 + e18 / U256::from(2))),
-            ("0.000000001 gwei", Err("not a whole number of wei")),
+            ("0.000000001 gwei", Ok(U256::from(1))),
+            ("0.0000000001 gwei", Err("not a whole number of wei")),
             ("1.0 wei", Ok(U256::from(1))),
             ("0.1 gwei", Ok(U256::from(100_000_000u64))),
             (".5 ether", Ok(e18 / U256::from(2))),
@@ -343,7 +344,7 @@ mod tests {
                 "115792089237316195423570985008687907853269984665640564039457584007913129639936",
                 Err("does not fit"),
             ),
-            ("1e30 ether", Err("unknown unit `e`")),
+            ("1e30 ether", Err("unknown unit `e30 ether`")),
         ];
         for (text, want) in cases {
             match (parse_amount(text), want) {
@@ -383,7 +384,7 @@ mod tests {
         let b = parse_selector("transfer(address, uint256)").unwrap();
         assert_eq!(a, b);
         let approve = parse_selector("approve(address,uint256)").unwrap();
-        assert_eq!(format!("{approve:x}"), "0x095ea7b3");
+        assert_eq!(format!("{approve:#x}"), "0x095ea7b3");
         assert!(
             parse_selector("transfer(address,uint)")
                 .unwrap_err()

@@ -29,7 +29,7 @@ pub fn addr(n: u8) -> Address {
 }
 
 pub fn hexaddr(n: u8) -> String {
-    format!("{:x}", addr(n))
+    format!("{:#x}", addr(n))
 }
 
 /// A cheap EIP-1559 transfer on chain 1: 21000 gas at 1 gwei max fee, 1 wei tip, no calldata.
