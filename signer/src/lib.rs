@@ -8,3 +8,4 @@ pub mod config;
 pub mod eth;
 pub mod audit;
 pub mod store;
+pub mod server;

@@ -1,5 +1,118 @@
-//! The `signer` daemon.
+//! The `signer` daemon: parse arguments, load and validate the configuration, open the store and
+//! the key backend, self-check every registered key against its device, and only then bind and
+//! serve mTLS; on SIGTERM or Ctrl-C, drain with a deadline.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("the signer daemon is not built yet (issue 4)")
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use castellan_api::serve::{Refusal, ServeOptions, serve_mtls, watch_tls_reload};
+use castellan_api::tls::ReloadableServerConfig;
+use castellan_policy::Policy;
+use castellan_signer::backend::pkcs11::Pkcs11Backend;
+use castellan_signer::config::{BackendConfig, SignerConfig};
+use castellan_signer::server::{Signer, SignerSettings, router};
+use castellan_signer::store::SqliteStore;
+use clap::Parser;
+
+/// Castellan signer: the only process that can make a signature, and only inside an HSM.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Path of signer.toml.
+    #[arg(long, short, env = "CASTELLAN_SIGNER_CONFIG")]
+    config: PathBuf,
+    /// Log as JSON lines (production) instead of human-readable text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(args.log_json);
+
+    let config = SignerConfig::load(&args.config)?;
+    let policy_text = std::fs::read_to_string(&config.policy.path)
+        .with_context(|| format!("reading policy {}", config.policy.path.display()))?;
+    let policy = Policy::from_toml(&policy_text)
+        .with_context(|| format!("loading policy {}", config.policy.path.display()))?;
+    let store = SqliteStore::open(&config.store.path)
+        .with_context(|| format!("opening store {}", config.store.path.display()))?;
+    let backend = match &config.backend {
+        BackendConfig::Pkcs11(p) => Pkcs11Backend::open(p).context("opening the PKCS#11 token")?,
+    };
+    let settings = SignerSettings {
+        chain_id: config.chain_id,
+        identities: config.identities(),
+        pending_ttl_ms: u64::try_from(config.limits.pending_ttl.as_millis()).unwrap_or(u64::MAX),
+        max_body_bytes: config.limits.max_body_bytes,
+    };
+    let signer = Arc::new(Signer::new(settings, policy, store, backend));
+    match signer.self_check().await {
+        Ok(n) => tracing::info!(keys = n, "self-check passed: every key matches its device"),
+        Err(e) => bail!("self-check failed, refusing to serve: {e}"),
+    }
+
+    let tls = Arc::new(ReloadableServerConfig::new(config.tls.clone())?);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    // Tests and supervisors read the bound address from this line.
+    println!("signer listening on {addr}");
+    tracing::info!(%addr, chain_id = config.chain_id, "signer ready");
+
+    let reload = tokio::spawn(watch_tls_reload(tls.clone(), Duration::from_secs(2)));
+    let audit = signer.clone();
+    let opts = ServeOptions {
+        on_refusal: Some(Arc::new(move |r: Refusal| {
+            let audit = audit.clone();
+            tokio::spawn(async move { audit.audit_connection_refusal(r.addr, &r.reason).await });
+        })),
+        ..ServeOptions::default()
+    };
+    serve_mtls(
+        listener,
+        tls,
+        router(signer.clone()),
+        opts,
+        shutdown_signal(),
+    )
+    .await?;
+    reload.abort();
+    tracing::info!("signer stopped");
+    Ok(())
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }

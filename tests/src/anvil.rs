@@ -45,6 +45,9 @@ impl Anvil {
     /// Panics if `CASTELLAN_ANVIL` is unset (run the tests with `scripts/test`) or anvil does not
     /// come up.
     pub async fn start() -> Self {
+        // reqwest is built without a default TLS provider (no aws-lc); alloy's HTTP client needs
+        // one installed even for plain-HTTP URLs. Installing twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let binary = std::env::var_os("CASTELLAN_ANVIL").unwrap_or_else(|| {
             panic!(
                 "CASTELLAN_ANVIL is not set: run the tests with scripts/test \

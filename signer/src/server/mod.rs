@@ -1,0 +1,321 @@
+//! The signer's API: the signing pipeline of DESIGN.md in its fixed order, behind the mTLS
+//! listener of [`castellan_api::serve`].
+//!
+//! 1. mTLS (the listener; the identity arrives as an `Extension<Peer>`);
+//! 2. identity → roles and keys ([`Signer::caller`]), role check per route;
+//! 3. typed parsing (bounded body, unknown fields refused, quantities as strings), chain-id guard;
+//! 4. policy evaluation (pure, microseconds) against an in-memory mirror of the limit windows;
+//! 5. one store transaction: re-check freeze and key status, check-and-reserve every window
+//!    (authoritative), append the decision record, commit durably;
+//! 6. sign in the backend with a deadline; the signature is checked to recover to the key;
+//! 7. append the outcome (or release the reservation); respond.
+//!
+//! # Security
+//! No signature leaves this module unless [`Store::commit_decision`] returned `Ok` for it: the
+//! durable audit record and every limit reservation exist before the backend is called. A
+//! refusal at any step is answered with a stable code and reason and is audited.
+
+pub mod error;
+mod routes;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use alloy::primitives::{Address, B256, U256, keccak256};
+use castellan_api::submitter::Role;
+use castellan_api::tls::Identity;
+use castellan_policy::{self as policy, LimitState, MemoryLimits, Policy};
+use k256::ecdsa::VerifyingKey;
+use serde_json::json;
+
+use crate::audit::{AuditEntry, AuditKind, UnixMillis};
+use crate::backend::{KeyBackend, KeyInfo};
+use crate::config::Grants;
+use crate::eth::ChainGuard;
+use crate::store::{self, KeyVersionRecord, Store};
+
+pub use error::ApiError;
+pub use routes::router;
+
+/// A key version the signer can sign with right now, checked against its backend at start.
+#[derive(Clone, Debug)]
+pub struct LiveKey {
+    /// The registry record.
+    pub record: KeyVersionRecord,
+    /// The backend's view (public key read from the device).
+    pub info: KeyInfo,
+}
+
+/// The signer: configuration, policy, store, backend and the in-memory caches of the hot path.
+pub struct Signer<B: KeyBackend, S: Store> {
+    chain: ChainGuard,
+    identities: BTreeMap<Identity, Grants>,
+    policy: RwLock<Arc<Policy>>,
+    store: S,
+    backend: B,
+    /// Active and retiring versions by key name, verified against the backend.
+    keys: RwLock<HashMap<String, Vec<LiveKey>>>,
+    /// Mirror of the store's limit windows for the policy's pre-check. The store transaction is
+    /// authoritative; the mirror may only over-count (it is never lowered except by releases of
+    /// this process's own reservations).
+    limits: Mutex<MemoryLimits>,
+    ready: AtomicBool,
+    pending_ttl_ms: u64,
+    max_body_bytes: usize,
+}
+
+/// Settings of [`Signer::new`] that are not the policy, store or backend.
+#[derive(Debug, Clone)]
+pub struct SignerSettings {
+    /// The chain id guard.
+    pub chain_id: u64,
+    /// Identity table.
+    pub identities: BTreeMap<Identity, Grants>,
+    /// Life of a pending request.
+    pub pending_ttl_ms: u64,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+}
+
+/// The caller of a request, resolved from its certificate identity.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The identity.
+    pub identity: Identity,
+    /// Its roles and keys.
+    pub grants: Grants,
+}
+
+impl Caller {
+    /// Refuses unless the caller holds `role`.
+    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.grants.has(role) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(
+                "role_required",
+                format!(
+                    "identity {} lacks the role {role:?} this route needs",
+                    self.identity
+                ),
+            ))
+        }
+    }
+}
+
+impl<B: KeyBackend, S: Store> Signer<B, S> {
+    /// Builds the signer. Not ready until [`Signer::self_check`] passed.
+    pub fn new(settings: SignerSettings, policy: Policy, store: S, backend: B) -> Self {
+        Self {
+            chain: ChainGuard::new(settings.chain_id),
+            identities: settings.identities,
+            policy: RwLock::new(Arc::new(policy)),
+            store,
+            backend,
+            keys: RwLock::new(HashMap::new()),
+            limits: Mutex::new(MemoryLimits::new()),
+            ready: AtomicBool::new(false),
+            pending_ttl_ms: settings.pending_ttl_ms,
+            max_body_bytes: settings.max_body_bytes,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        match self.policy.read() {
+            Ok(p) => p.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Whether the self-check passed and the backend is healthy.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+            && matches!(self.backend.health(), crate::backend::Health::Ready)
+    }
+
+    /// Startup self-check (and refresh after key changes): re-derives every signable version's
+    /// address from its backend and compares it with the registry. A version whose device key is
+    /// missing or whose address differs is not served; the whole check fails (and the signer is
+    /// not ready) if any registered signable version cannot be verified.
+    pub async fn self_check(&self) -> Result<usize, String> {
+        let records = self
+            .store
+            .list_keys(None)
+            .await
+            .map_err(|e| format!("store: {e}"))?;
+        let mut live: HashMap<String, Vec<LiveKey>> = HashMap::new();
+        let mut problems = Vec::new();
+        for record in records {
+            if !matches!(
+                record.status,
+                store::KeyStatus::Active | store::KeyStatus::Retiring { .. }
+            ) {
+                continue;
+            }
+            match self.backend.key_info(&record.key_ref).await {
+                Ok(info) if info.address == record.address => {
+                    live.entry(record.version.name.as_str().to_owned())
+                        .or_default()
+                        .push(LiveKey { record, info });
+                }
+                Ok(info) => problems.push(format!(
+                    "{}: registry address {} but the device key derives {}",
+                    record.version, record.address, info.address
+                )),
+                Err(e) => problems.push(format!("{}: {e}", record.version)),
+            }
+        }
+        let count = live.values().map(Vec::len).sum();
+        match self.keys.write() {
+            Ok(mut k) => *k = live,
+            Err(p) => *p.into_inner() = live,
+        }
+        if problems.is_empty() {
+            self.ready.store(true, Ordering::Release);
+            Ok(count)
+        } else {
+            self.ready.store(false, Ordering::Release);
+            Err(problems.join("; "))
+        }
+    }
+
+    /// Resolves a certificate identity to a caller; unknown identities are refused and audited.
+    pub async fn caller(&self, identity: &Identity, request_id: &str) -> Result<Caller, ApiError> {
+        match self.identities.get(identity) {
+            Some(grants) => Ok(Caller {
+                identity: identity.clone(),
+                grants: grants.clone(),
+            }),
+            None => {
+                let err = ApiError::forbidden(
+                    "unknown_identity",
+                    format!("identity {identity} is not configured"),
+                );
+                self.audit_refusal(request_id, identity.as_str(), &err)
+                    .await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Appends a refusal record (policy denial, unknown identity, role, malformed input after
+    /// authentication). A store failure here is logged: the refusal itself still stands.
+    pub async fn audit_refusal(&self, request_id: &str, identity: &str, err: &ApiError) {
+        let entry = AuditEntry {
+            at: UnixMillis::now(),
+            kind: AuditKind::Refusal,
+            request_id: Some(request_id.to_owned()),
+            identity: Some(identity.to_owned()),
+            payload: json!({
+                "code": err.code,
+                "reason": err.message,
+                "status": err.status.as_u16(),
+            }),
+        };
+        if let Err(e) = self.store.append_audit(entry).await {
+            tracing::error!(error = %e, request_id, "cannot audit a refusal");
+        }
+    }
+
+    /// Audits a connection refused before any request (TLS failure: no certificate, unknown CA,
+    /// revoked, expired, TLS 1.2).
+    pub async fn audit_connection_refusal(&self, peer: std::net::SocketAddr, reason: &str) {
+        let entry = AuditEntry {
+            at: UnixMillis::now(),
+            kind: AuditKind::Refusal,
+            request_id: None,
+            identity: None,
+            payload: json!({
+                "code": "tls_refused",
+                "reason": reason,
+                "peer": peer.to_string(),
+            }),
+        };
+        if let Err(e) = self.store.append_audit(entry).await {
+            tracing::error!(error = %e, "cannot audit a refused connection");
+        }
+    }
+
+    /// The version that signs for `name` now (the active one).
+    fn active_key(&self, name: &str) -> Option<LiveKey> {
+        let keys = match self.keys.read() {
+            Ok(k) => k,
+            Err(p) => p.into_inner(),
+        };
+        keys.get(name)?
+            .iter()
+            .find(|k| matches!(k.record.status, store::KeyStatus::Active))
+            .cloned()
+    }
+
+    /// Evaluates a request with the policy against the in-memory limit mirror.
+    fn evaluate(
+        &self,
+        req: &policy::Request,
+        approvals: &[policy::SignedApproval],
+        control: policy::KeyControl,
+        now_s: u64,
+    ) -> policy::Decision {
+        let policy = self.policy();
+        let limits = match self.limits.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        let mut ctx = policy::Context::new(now_s, &*limits as &dyn LimitState);
+        ctx.approvals = approvals;
+        ctx.key_control = control;
+        policy.evaluate(req, &ctx)
+    }
+
+    fn mirror_apply(&self, decision: &policy::Decision, now_s: u64) {
+        let mut limits = match self.limits.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        limits.apply(decision, now_s);
+    }
+
+    fn mirror_release(&self, decision: &policy::Decision, now_s: u64) {
+        let mut limits = match self.limits.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        for r in &decision.reservations {
+            limits.release(&r.window, now_s, r.amount);
+        }
+    }
+}
+
+/// The digest approvals refer to: binds the request id, the key, the client and what is signed.
+pub fn request_digest(request_id: &str, key: &str, client: &str, payload_digest: B256) -> B256 {
+    let mut buf = Vec::with_capacity(64 + request_id.len() + key.len() + client.len());
+    buf.extend_from_slice(b"castellan-request/1\0");
+    for part in [request_id.as_bytes(), key.as_bytes(), client.as_bytes()] {
+        buf.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        buf.extend_from_slice(part);
+    }
+    buf.extend_from_slice(payload_digest.as_slice());
+    keccak256(&buf)
+}
+
+/// The address of a SEC1 public key.
+pub fn address_of(key: &VerifyingKey) -> Address {
+    Address::from_public_key(key)
+}
+
+/// A U256 as a `0x` quantity string (for audit payloads: never JSON numbers for amounts).
+pub(crate) fn hex_u256(v: U256) -> String {
+    format!("{v:#x}")
+}

@@ -1,0 +1,1274 @@
+//! Routes and the pipeline behind them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy::consensus::{Transaction, TypedTransaction};
+use alloy::dyn_abi::TypedData;
+use alloy::primitives::{B256, Bytes, Signature, U256, eip191_hash_message};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use castellan_api::serve::Peer;
+use castellan_api::signer as wire;
+use castellan_api::submitter::{Quantity, Role};
+use castellan_policy::{self as policy, Verdict};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::{ApiError, Caller, LiveKey, Signer, hex_u256, request_digest};
+use crate::audit::UnixMillis;
+use crate::backend::KeyBackend;
+use crate::eth::{self, EthError};
+use crate::store::{
+    self, Change, DecisionTx, Outcome, OutcomeTx, PendingRequest, PendingStatus, Refusal,
+    RequestId, Store, StoreError, WindowKey,
+};
+
+type Shared<B, S> = Arc<Signer<B, S>>;
+
+/// The signer's router. Every route but `/live` and `/ready` needs an `Extension<Peer>` (put in
+/// by the mTLS listener).
+pub fn router<B: KeyBackend, S: Store>(signer: Shared<B, S>) -> Router {
+    let limit = signer.max_body_bytes;
+    Router::new()
+        .route("/live", get(|| async { "ok" }))
+        .route("/ready", get(ready::<B, S>))
+        .route("/v1/keys", get(list_keys::<B, S>))
+        .route("/v1/keys/{name}", get(show_key::<B, S>))
+        .route(
+            "/v1/keys/{name}/sign/transaction",
+            post(sign_transaction::<B, S>),
+        )
+        .route("/v1/keys/{name}/sign/message", post(sign_message::<B, S>))
+        .route(
+            "/v1/keys/{name}/sign/typed-data",
+            post(sign_typed_data::<B, S>),
+        )
+        .route("/v1/requests/{id}", get(request_status::<B, S>))
+        .route("/v1/requests/{id}/approvals", post(approve::<B, S>))
+        .route("/v1/relay-auth", post(relay_auth::<B, S>))
+        .route("/v1/admin/freeze", post(freeze::<B, S>))
+        .route("/v1/admin/keys/{name}/revoke", post(revoke::<B, S>))
+        .route("/v1/admin/keys/{name}/pause", post(pause::<B, S>))
+        .route("/v1/admin/keys/{name}/resume", post(resume::<B, S>))
+        .route("/v1/audit", get(audit_export::<B, S>))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            oversized_guard(limit, req, next)
+        }))
+        .with_state(signer)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request plumbing
+
+/// Bodies announced larger than this are refused without reading them at all.
+const DRAIN_CAP: u64 = 32 * 1024 * 1024;
+
+/// Refuses a body whose declared length exceeds the limit before anything parses it. The body is
+/// read and discarded (up to [`DRAIN_CAP`], for at most five seconds) so that a client still
+/// writing it reads the 413 instead of a connection reset.
+async fn oversized_guard(limit: usize, req: Request, next: axum::middleware::Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit as u64 => {
+            if n <= DRAIN_CAP {
+                use http_body_util::BodyExt;
+                let mut body = req.into_body();
+                let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+                let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+            }
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body of {n} bytes exceeds the limit of {limit} bytes"),
+            )
+            .into_response()
+        }
+        _ => next.run(req).await,
+    }
+}
+
+/// JSON body whose rejections become API errors with stable codes.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &St) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(ApiError::from(rejection)),
+        }
+    }
+}
+
+/// The request id: `X-Request-Id` when given (1–128 printable ASCII), else a new UUID.
+fn request_id(headers: &HeaderMap) -> Result<String, ApiError> {
+    match headers.get("x-request-id") {
+        None => Ok(uuid::Uuid::new_v4().to_string()),
+        Some(v) => {
+            let s = v.to_str().map_err(|_| {
+                ApiError::bad_request("invalid_request_id", "X-Request-Id must be printable ASCII")
+            })?;
+            RequestId::new(s)
+                .map(|_| s.to_owned())
+                .map_err(|e| ApiError::bad_request("invalid_request_id", e.to_string()))
+        }
+    }
+}
+
+/// Authenticates the peer and resolves its roles; audits the refusal of unknown identities.
+async fn authenticate<B: KeyBackend, S: Store>(
+    s: &Signer<B, S>,
+    peer: Option<Extension<Peer>>,
+    rid: &str,
+    role: Role,
+) -> Result<Caller, ApiError> {
+    let Some(Extension(peer)) = peer else {
+        // Only reachable when the router is served without the mTLS listener.
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "no_client_identity",
+            "a client certificate is required",
+        ));
+    };
+    let caller = s.caller(&peer.identity, rid).await?;
+    if let Err(e) = caller.require(role) {
+        s.audit_refusal(rid, caller.identity.as_str(), &e).await;
+        return Err(e);
+    }
+    Ok(caller)
+}
+
+fn with_request_id(rid: &str, resp: impl IntoResponse) -> Response {
+    let mut r = resp.into_response();
+    if let Ok(v) = rid.parse() {
+        r.headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), v);
+    }
+    r
+}
+
+fn now_ms() -> UnixMillis {
+    UnixMillis::now()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health
+
+async fn ready<B: KeyBackend, S: Store>(State(s): State<Shared<B, S>>) -> Response {
+    if s.is_ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        ApiError::unavailable(
+            "not_ready",
+            "the signer's backends have not passed their self-check",
+            1,
+        )
+        .into_response()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signing
+
+/// What is to be signed, already parsed and chain-checked.
+enum Job {
+    Transaction(Box<TypedTransaction>),
+    Message(Vec<u8>),
+    TypedData(Box<TypedData>),
+}
+
+impl Job {
+    fn payload_digest(&self) -> Result<B256, ApiError> {
+        Ok(match self {
+            Job::Transaction(tx) => alloy::consensus::SignableTransaction::signature_hash(&**tx),
+            Job::Message(m) => eip191_hash_message(m),
+            Job::TypedData(t) => t
+                .eip712_signing_hash()
+                .map_err(|e| ApiError::bad_request("malformed_typed_data", e.to_string()))?,
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Job::Transaction(_) => "transaction",
+            Job::Message(_) => "personal_message",
+            Job::TypedData(_) => "typed_data",
+        }
+    }
+
+    fn policy_kind(&self) -> Result<policy::RequestKind, ApiError> {
+        Ok(match self {
+            Job::Transaction(tx) => policy::RequestKind::Transaction(tx_facts(tx)),
+            Job::Message(m) => {
+                if policy::is_relay_auth_payload(m) {
+                    policy::RequestKind::RelayAuth(m.clone())
+                } else {
+                    policy::RequestKind::PersonalMessage(m.clone())
+                }
+            }
+            Job::TypedData(t) => policy::RequestKind::TypedData(policy::TypedDataFacts {
+                name: t.domain.name.as_ref().map(|n| n.to_string()),
+                version: t.domain.version.as_ref().map(|v| v.to_string()),
+                chain_id: t
+                    .domain
+                    .chain_id
+                    .map(|c| u64::try_from(c).map_err(|_| chain_overflow()))
+                    .transpose()?,
+                verifying_contract: t.domain.verifying_contract,
+            }),
+        })
+    }
+}
+
+fn chain_overflow() -> ApiError {
+    ApiError::bad_request("chain_mismatch", "chain id does not fit 64 bits")
+}
+
+/// The policy's view of a transaction.
+pub fn tx_facts(tx: &TypedTransaction) -> policy::TxFacts {
+    let fee = match tx {
+        TypedTransaction::Legacy(_) | TypedTransaction::Eip2930(_) => {
+            policy::Fee::GasPrice(U256::from(tx.gas_price().unwrap_or_default()))
+        }
+        _ => policy::Fee::Eip1559 {
+            max_fee_per_gas: U256::from(tx.max_fee_per_gas()),
+            max_priority_fee_per_gas: U256::from(tx.max_priority_fee_per_gas().unwrap_or_default()),
+        },
+    };
+    policy::TxFacts::new(
+        tx.chain_id().unwrap_or_default(),
+        tx.to(),
+        tx.value(),
+        tx.gas_limit(),
+        fee,
+        tx.input(),
+    )
+}
+
+fn eth_error(e: EthError) -> ApiError {
+    if e.is_caller_error() {
+        ApiError::bad_request(e.code(), e.to_string())
+    } else if let EthError::Backend(b) = &e {
+        if b.is_transient() {
+            ApiError::unavailable(
+                "hsm_unavailable",
+                format!("key backend unavailable: {b}"),
+                1,
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "hsm_error",
+                format!("key backend: {b}"),
+            )
+        }
+    } else {
+        ApiError::internal(e)
+    }
+}
+
+async fn sign_transaction<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<ApiJson<wire::SignTransactionRequest>, ApiError>,
+) -> Response {
+    let rid = match request_id(&headers) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let result: Result<Response, ApiError> = async {
+        let caller = authenticate(&s, peer, &rid, Role::Strategy).await?;
+        let job = async {
+            let ApiJson(req) = body?;
+            let tx = req
+                .tx
+                .to_typed()
+                .map_err(|e| ApiError::bad_request("invalid_transaction", e.0))?;
+            s.chain.check_transaction(&tx).map_err(eth_error)?;
+            Ok::<_, ApiError>(Job::Transaction(Box::new(tx)))
+        }
+        .await;
+        let job = match job {
+            Ok(j) => j,
+            Err(e) => {
+                s.audit_refusal(&rid, caller.identity.as_str(), &e).await;
+                return Err(e);
+            }
+        };
+        run(&s, &caller, &name, &rid, job, Vec::new()).await
+    }
+    .await;
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+async fn sign_message<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<ApiJson<wire::SignMessageRequest>, ApiError>,
+) -> Response {
+    let rid = match request_id(&headers) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let result: Result<Response, ApiError> = async {
+        let caller = authenticate(&s, peer, &rid, Role::Strategy).await?;
+        let job = async {
+            let ApiJson(req) = body?;
+            let bytes = req
+                .bytes()
+                .map_err(|e| ApiError::bad_request("invalid_message", e.0))?;
+            Ok::<_, ApiError>(Job::Message(bytes))
+        }
+        .await;
+        let job = match job {
+            Ok(j) => j,
+            Err(e) => {
+                s.audit_refusal(&rid, caller.identity.as_str(), &e).await;
+                return Err(e);
+            }
+        };
+        run(&s, &caller, &name, &rid, job, Vec::new()).await
+    }
+    .await;
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+async fn sign_typed_data<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<ApiJson<wire::SignTypedDataRequest>, ApiError>,
+) -> Response {
+    let rid = match request_id(&headers) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let result: Result<Response, ApiError> = async {
+        let caller = authenticate(&s, peer, &rid, Role::Strategy).await?;
+        let job = async {
+            let ApiJson(req) = body?;
+            let data = eth::parse_typed_data(&req.typed_data.to_string()).map_err(eth_error)?;
+            s.chain.check_typed_data(&data).map_err(eth_error)?;
+            Ok::<_, ApiError>(Job::TypedData(Box::new(data)))
+        }
+        .await;
+        let job = match job {
+            Ok(j) => j,
+            Err(e) => {
+                s.audit_refusal(&rid, caller.identity.as_str(), &e).await;
+                return Err(e);
+            }
+        };
+        run(&s, &caller, &name, &rid, job, Vec::new()).await
+    }
+    .await;
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+/// Steps 4–7 for one parsed request.
+async fn run<B: KeyBackend, S: Store>(
+    s: &Signer<B, S>,
+    caller: &Caller,
+    name: &str,
+    rid: &str,
+    job: Job,
+    approvals: Vec<policy::SignedApproval>,
+) -> Result<Response, ApiError> {
+    let refuse = |e: ApiError| async move {
+        s.audit_refusal(rid, caller.identity.as_str(), &e).await;
+        Err::<Response, ApiError>(e)
+    };
+    if !caller.grants.may_use(name) {
+        return refuse(ApiError::forbidden(
+            "key_not_allowed",
+            format!("identity {} may not use key {name:?}", caller.identity),
+        ))
+        .await;
+    }
+    let Some(key) = s.active_key(name) else {
+        return refuse(no_active_key(s, name).await).await;
+    };
+    let payload_digest = job.payload_digest()?;
+    let digest = request_digest(rid, name, caller.identity.as_str(), payload_digest);
+    let request = policy::Request {
+        key: policy::KeyName::new(name),
+        key_status: policy::KeyStatus::Active,
+        client: policy::ClientId::new(caller.identity.as_str()),
+        digest,
+        kind: job.policy_kind()?,
+    };
+    let now = now_ms();
+    let now_s = now.0 / 1000;
+    let decision = s.evaluate(&request, &approvals, policy::KeyControl::default(), now_s);
+    match decision.verdict {
+        Verdict::Deny => refuse(policy_error(&decision)).await,
+        // A pending request re-evaluated with the approvals so far: still waiting.
+        Verdict::NeedsApprovals if !approvals.is_empty() => {
+            Ok(StatusCode::ACCEPTED.into_response())
+        }
+        Verdict::NeedsApprovals => {
+            create_pending(s, caller, name, rid, &job, digest, &decision, now).await
+        }
+        Verdict::Allow => execute(s, caller, &key, rid, job, digest, &decision, now).await,
+    }
+}
+
+/// Why a key has no version that may sign: revoked (409), no such key (404), or none active.
+async fn no_active_key<B: KeyBackend, S: Store>(s: &Signer<B, S>, name: &str) -> ApiError {
+    let versions = match store::KeyName::new(name) {
+        Ok(kn) => s.store.list_keys(Some(kn)).await.unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    if versions.is_empty() {
+        ApiError::not_found("unknown_key", format!("no key {name:?}"))
+    } else if versions.iter().all(|v| {
+        matches!(
+            v.status,
+            store::KeyStatus::Revoked { .. } | store::KeyStatus::Destroyed
+        )
+    }) {
+        ApiError::conflict(
+            "key_revoked",
+            format!("every version of key {name:?} is revoked"),
+        )
+    } else {
+        ApiError::conflict(
+            "key_not_signable",
+            format!("key {name:?} has no active version that passed the self-check"),
+        )
+    }
+}
+
+fn policy_error(d: &policy::Decision) -> ApiError {
+    let mut e = if d.code == policy::Code::RateLimited {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            d.reason.clone(),
+        )
+    } else if d.code == policy::Code::Frozen {
+        ApiError::conflict("frozen", d.reason.clone())
+    } else {
+        ApiError::denied(d.code.as_str(), d.reason.clone())
+    };
+    if let Some(rl) = &d.rate_limit {
+        e = e
+            .with_header(
+                HeaderName::from_static("x-ratelimit-limit"),
+                rl.limit.to_string(),
+            )
+            .with_header(
+                HeaderName::from_static("x-ratelimit-remaining"),
+                rl.remaining.to_string(),
+            )
+            .with_header(
+                HeaderName::from_static("x-ratelimit-reset"),
+                rl.reset.to_string(),
+            );
+        if d.code == policy::Code::RateLimited {
+            let wait = rl.reset.saturating_sub(now_ms().0 / 1000).max(1);
+            e = e.with_header(header::RETRY_AFTER, wait.to_string());
+        }
+    }
+    e.with_details(json!({ "rule": d.reason, "code": d.code.as_str() }))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn create_pending<B: KeyBackend, S: Store>(
+    s: &Signer<B, S>,
+    caller: &Caller,
+    name: &str,
+    rid: &str,
+    job: &Job,
+    digest: B256,
+    decision: &policy::Decision,
+    now: UnixMillis,
+) -> Result<Response, ApiError> {
+    let tier =
+        decision.pending.first().cloned().ok_or_else(|| {
+            ApiError::internal("policy asked for approvals without naming a tier")
+        })?;
+    let expires_at = now.plus_ms(s.pending_ttl_ms);
+    let request_json = match job {
+        Job::Transaction(tx) => json!({ "kind": "transaction", "tx": tx }),
+        Job::Message(m) => json!({ "kind": "personal_message", "message": Bytes::from(m.clone()) }),
+        Job::TypedData(t) => json!({ "kind": "typed_data", "typedData": t }),
+    };
+    let pending = PendingRequest {
+        id: RequestId::new(rid)
+            .map_err(|e| ApiError::bad_request("invalid_request_id", e.to_string()))?,
+        key: store::KeyName::new(name)
+            .map_err(|e| ApiError::bad_request("invalid_key_name", e.to_string()))?,
+        identity: caller.identity.to_string(),
+        request: request_json,
+        digest,
+        approvals_required: serde_json::to_value(&decision.pending).map_err(ApiError::internal)?,
+        created_at: now,
+        expires_at,
+        status: PendingStatus::Pending,
+    };
+    let mut change = Change::new(caller.identity.to_string(), now);
+    change.request_id = Some(rid.to_owned());
+    s.store
+        .create_pending(pending, change)
+        .await
+        .map_err(store_error)?;
+    let body = wire::PendingResponse {
+        request_id: rid.to_owned(),
+        request_digest: digest,
+        threshold: tier.threshold,
+        approver_set: tier.approvers.clone(),
+        tier: tier.tier.clone(),
+        expires_at: Quantity(expires_at.0 / 1000),
+    };
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// Steps 5–7: commit the decision, sign, record the outcome.
+#[allow(clippy::too_many_arguments)]
+async fn execute<B: KeyBackend, S: Store>(
+    s: &Signer<B, S>,
+    caller: &Caller,
+    key: &LiveKey,
+    rid: &str,
+    job: Job,
+    digest: B256,
+    decision: &policy::Decision,
+    now: UnixMillis,
+) -> Result<Response, ApiError> {
+    let policy = s.policy();
+    let reservations = decision
+        .reservations
+        .iter()
+        .map(|r| {
+            Ok(store::Reservation {
+                window: WindowKey::new(r.window.to_string())
+                    .map_err(|e| ApiError::internal(format!("window key: {e}")))?,
+                duration_ms: if r.window.duration == policy::LIFETIME {
+                    store::FOREVER_MS
+                } else {
+                    r.window.duration.saturating_mul(1000)
+                },
+                amount: r.amount,
+                limit: r.limit,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let details = json!({
+        "kind": job.kind(),
+        "key": key.record.version.to_string(),
+        "address": key.record.address.to_checksum(None),
+        "requestDigest": digest,
+        "payloadDigest": job.payload_digest()?,
+        "decision": decision.code.as_str(),
+        "reason": decision.reason,
+        "policyHash": policy.hash(),
+        "approvers": decision.approvers,
+        "grant": decision.grant,
+        "reservations": decision.reservations.iter().map(|r| json!({
+            "window": r.window.to_string(), "amount": hex_u256(r.amount)
+        })).collect::<Vec<_>>(),
+    });
+    let tx = DecisionTx {
+        request_id: RequestId::new(rid)
+            .map_err(|e| ApiError::bad_request("invalid_request_id", e.to_string()))?,
+        key: key.record.version.clone(),
+        identity: caller.identity.to_string(),
+        at: now,
+        digest,
+        allow_retiring: false,
+        reservations,
+        details,
+    };
+    match s.store.commit_decision(tx).await {
+        Ok(_) => {}
+        Err(StoreError::Refused(Refusal::DuplicateRequest(stored))) => {
+            return replay(&stored);
+        }
+        Err(e) => return Err(store_error(e)),
+    }
+    let now_s = now.0 / 1000;
+    s.mirror_apply(decision, now_s);
+
+    let signed = match &job {
+        Job::Transaction(tx) => {
+            eth::sign_transaction(&s.backend, &key.info, s.chain, (**tx).clone())
+                .await
+                .map(|t| {
+                    let body = wire::SignedTransactionResponse {
+                        request_id: rid.to_owned(),
+                        key_version: key.record.version.to_string(),
+                        from: t.from,
+                        raw: t.raw.clone(),
+                        hash: t.hash,
+                        signature: sig65(&t.signature),
+                    };
+                    (
+                        json!({ "txHash": t.hash, "signature": sig65(&t.signature) }),
+                        serde_json::to_value(body),
+                    )
+                })
+        }
+        Job::Message(m) => eth::sign_personal_message(&s.backend, &key.info, m.clone())
+            .await
+            .map(|m| signature_body(rid, key, &m)),
+        Job::TypedData(t) => eth::sign_typed_data(&s.backend, &key.info, s.chain, (**t).clone())
+            .await
+            .map(|m| signature_body(rid, key, &m)),
+    };
+    let (audit, body) = match signed {
+        Ok((audit, Ok(body))) => (audit, body),
+        Ok((_, Err(e))) => return Err(ApiError::internal(e)),
+        Err(e) => {
+            // The signature (if the device made one) never left this process: release.
+            s.mirror_release(decision, now_s);
+            let outcome = OutcomeTx {
+                request_id: RequestId::new(rid).map_err(ApiError::internal)?,
+                at: now_ms(),
+                outcome: Outcome::Failed {
+                    reason: e.to_string(),
+                    release: true,
+                },
+            };
+            if let Err(se) = s.store.record_outcome(outcome).await {
+                tracing::error!(error = %se, request_id = rid, "cannot record a signing failure");
+            }
+            return Err(eth_error(e));
+        }
+    };
+    let mut details = audit;
+    if let (Some(d), Some(b)) = (details.as_object_mut(), body.as_object()) {
+        d.insert("response".into(), Value::Object(b.clone()));
+    }
+    let outcome = OutcomeTx {
+        request_id: RequestId::new(rid).map_err(ApiError::internal)?,
+        at: now_ms(),
+        outcome: Outcome::Signed { details },
+    };
+    if let Err(e) = s.store.record_outcome(outcome).await {
+        // The decision record already covers this signature; the outcome record is the receipt.
+        tracing::error!(error = %e, request_id = rid, "cannot record a signature outcome");
+    }
+    Ok((StatusCode::OK, Json(body)).into_response())
+}
+
+fn signature_body(
+    rid: &str,
+    key: &LiveKey,
+    m: &eth::MessageSignature,
+) -> (Value, Result<Value, serde_json::Error>) {
+    let body = wire::SignatureResponse {
+        request_id: rid.to_owned(),
+        key_version: key.record.version.to_string(),
+        address: m.from,
+        digest: m.digest,
+        signature: sig65(&m.signature),
+    };
+    (
+        json!({ "digest": m.digest, "signature": sig65(&m.signature) }),
+        serde_json::to_value(body),
+    )
+}
+
+/// `r‖s‖v` with v = 27/28, as wallets return it.
+pub fn sig65(sig: &Signature) -> Bytes {
+    let mut b = sig.as_bytes();
+    if b[64] < 27 {
+        b[64] += 27;
+    }
+    Bytes::from(b.to_vec())
+}
+
+/// A retried request id: answer what was stored, never sign twice.
+fn replay(stored: &store::StoredRequest) -> Result<Response, ApiError> {
+    match &stored.state {
+        store::RequestState::Signed { details, .. } => {
+            let v: Value = serde_json::from_str(details).map_err(ApiError::internal)?;
+            match v.get("response") {
+                Some(body) => Ok((StatusCode::OK, Json(body.clone())).into_response()),
+                None => Err(ApiError::internal("stored outcome has no response")),
+            }
+        }
+        store::RequestState::Reserved => Err(ApiError::conflict(
+            "request_in_progress",
+            format!(
+                "request id {} was decided and has no outcome yet; it will not be signed again",
+                stored.request_id
+            ),
+        )),
+        store::RequestState::Failed { reason, .. } => Err(ApiError::conflict(
+            "request_failed",
+            format!("request id {} failed: {reason}", stored.request_id),
+        )),
+    }
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Refused(r) => {
+            let msg = r.to_string();
+            match r {
+                Refusal::Frozen(_) => ApiError::conflict("frozen", msg),
+                Refusal::UnknownKey(_) => ApiError::not_found("unknown_key", msg),
+                Refusal::KeyNotSignable { status, .. } => match status {
+                    store::KeyStatus::Revoked { .. } => ApiError::conflict("key_revoked", msg),
+                    _ => ApiError::conflict("key_not_signable", msg),
+                },
+                Refusal::KeyPaused { .. } => ApiError::conflict("key_paused", msg),
+                Refusal::LimitExceeded { .. } => ApiError::denied("velocity_exceeded", msg),
+                Refusal::DuplicateRequest(_) => ApiError::conflict("duplicate_request", msg),
+            }
+        }
+        StoreError::NotFound(m) => ApiError::not_found("not_found", m),
+        StoreError::Conflict(m) => ApiError::conflict("conflict", m),
+        StoreError::Invalid(m) => ApiError::bad_request("invalid", m),
+        other => {
+            tracing::error!(error = %other, "store failure");
+            ApiError::unavailable(
+                "store_unavailable",
+                "the store cannot commit; nothing was signed",
+                1,
+            )
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Approvals
+
+async fn request_status<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let rid = request_id(&headers).unwrap_or_default();
+    let result: Result<Response, ApiError> = async {
+        let Some(Extension(p)) = peer else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "no_client_identity",
+                "a client certificate is required",
+            ));
+        };
+        let caller = s.caller(&p.identity, &rid).await?;
+        if !(caller.grants.has(Role::Strategy)
+            || caller.grants.has(Role::Approver)
+            || caller.grants.has(Role::Admin)
+            || caller.grants.has(Role::Auditor))
+        {
+            return Err(ApiError::forbidden(
+                "role_required",
+                "no role may read requests",
+            ));
+        }
+        status_of(&s, &id).await.map(|st| Json(st).into_response())
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn status_of<B: KeyBackend, S: Store>(
+    s: &Signer<B, S>,
+    id: &str,
+) -> Result<wire::RequestStatus, ApiError> {
+    let rid = RequestId::new(id)
+        .map_err(|e| ApiError::bad_request("invalid_request_id", e.to_string()))?;
+    let Some((pending, approvals)) = s.store.pending(rid.clone()).await.map_err(store_error)?
+    else {
+        return Err(ApiError::not_found(
+            "unknown_request",
+            format!("no pending request {id}"),
+        ));
+    };
+    let threshold = pending
+        .approvals_required
+        .get(0)
+        .and_then(|t| t.get("threshold"))
+        .and_then(Value::as_u64)
+        .and_then(|t| u32::try_from(t).ok())
+        .unwrap_or(0);
+    let stored = s.store.request(rid).await.map_err(store_error)?;
+    let (state, result, error) = match (&pending.status, stored.as_ref().map(|r| &r.state)) {
+        (_, Some(store::RequestState::Signed { details, .. })) => {
+            let v: Value = serde_json::from_str(details).map_err(ApiError::internal)?;
+            (wire::RequestState::Signed, v.get("response").cloned(), None)
+        }
+        (_, Some(store::RequestState::Failed { reason, .. })) => (
+            wire::RequestState::Failed,
+            None,
+            Some(castellan_api::submitter::ErrorDetail {
+                code: "signing_failed".into(),
+                message: reason.clone(),
+                details: json!({}),
+            }),
+        ),
+        (PendingStatus::Rejected, _) => (wire::RequestState::Refused, None, None),
+        (PendingStatus::Expired, _) => (wire::RequestState::Expired, None, None),
+        (PendingStatus::Pending, _) if pending.expires_at <= now_ms() => {
+            (wire::RequestState::Expired, None, None)
+        }
+        _ => (wire::RequestState::PendingApprovals, None, None),
+    };
+    let now = now_ms();
+    let live: Vec<_> = approvals.iter().filter(|a| a.expires_at > now).collect();
+    Ok(wire::RequestStatus {
+        request_id: id.to_owned(),
+        key: pending.key.to_string(),
+        client: pending.identity.clone(),
+        state,
+        approvals: u32::try_from(live.len()).unwrap_or(u32::MAX),
+        threshold,
+        approvers: live.iter().map(|a| a.approver).collect(),
+        request_digest: pending.digest,
+        expires_at: Quantity(pending.expires_at.0 / 1000),
+        result,
+        error,
+    })
+}
+
+async fn approve<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<ApiJson<wire::ApprovalSubmission>, ApiError>,
+) -> Response {
+    let rid = request_id(&headers).unwrap_or_default();
+    let result: Result<Response, ApiError> = async {
+        let caller = authenticate(&s, peer, &rid, Role::Approver).await?;
+        let ApiJson(sub) = body?;
+        let pid = RequestId::new(&id).map_err(|e| ApiError::bad_request("invalid_request_id", e.to_string()))?;
+        let Some((pending, _)) = s.store.pending(pid.clone()).await.map_err(store_error)? else {
+            return Err(ApiError::not_found("unknown_request", format!("no pending request {id}")));
+        };
+        let sig = Signature::try_from(sub.signature.as_ref())
+            .map_err(|e| ApiError::bad_request("invalid_signature", e.to_string()))?;
+        let signed = policy::SignedApproval {
+            approval: policy::Approval {
+                request: pending.digest,
+                decision: sub.decision.clone(),
+                expiry: sub.expiry.0,
+            },
+            signature: sig,
+        };
+        let policy = s.policy();
+        let recovered = signed.signer(policy.approval_domain());
+        if recovered != Some(sub.approver.0) {
+            let e = ApiError::bad_request(
+                "approval_signature_mismatch",
+                format!(
+                    "the approval does not recover to {} under the Castellan domain (request digest {})",
+                    sub.approver.0, pending.digest
+                ),
+            );
+            s.audit_refusal(&rid, caller.identity.as_str(), &e).await;
+            return Err(e);
+        }
+        let now = now_ms();
+        if sub.expiry.0.saturating_mul(1000) <= now.0 {
+            let e = ApiError::bad_request("approval_expired", format!("approval expired at {}", sub.expiry.0));
+            s.audit_refusal(&rid, caller.identity.as_str(), &e).await;
+            return Err(e);
+        }
+        if sub.decision != policy::APPROVE {
+            s.store
+                .set_pending_status(pid.clone(), PendingStatus::Rejected, Change::new(caller.identity.to_string(), now))
+                .await
+                .map_err(store_error)?;
+            return status_of(&s, &id).await.map(|st| Json(st).into_response());
+        }
+        s.store
+            .add_approval(
+                store::Approval {
+                    pending_id: pid.clone(),
+                    approver: sub.approver.0,
+                    signature: sub.signature.to_vec(),
+                    expires_at: UnixMillis(sub.expiry.0.saturating_mul(1000)),
+                    at: now,
+                },
+                Change::new(caller.identity.to_string(), now),
+            )
+            .await
+            .map_err(store_error)?;
+        try_execute_pending(&s, &id).await?;
+        status_of(&s, &id).await.map(|st| Json(st).into_response())
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Re-evaluates a pending request with its approvals; signs when the policy now allows it.
+async fn try_execute_pending<B: KeyBackend, S: Store>(
+    s: &Signer<B, S>,
+    id: &str,
+) -> Result<(), ApiError> {
+    let pid = RequestId::new(id)
+        .map_err(|e| ApiError::bad_request("invalid_request_id", e.to_string()))?;
+    let Some((pending, approvals)) = s.store.pending(pid.clone()).await.map_err(store_error)?
+    else {
+        return Ok(());
+    };
+    if pending.status != PendingStatus::Pending || pending.expires_at <= now_ms() {
+        return Ok(());
+    }
+    let signed: Vec<policy::SignedApproval> = approvals
+        .iter()
+        .filter_map(|a| {
+            Some(policy::SignedApproval {
+                approval: policy::Approval {
+                    request: pending.digest,
+                    decision: policy::APPROVE.into(),
+                    expiry: a.expires_at.0 / 1000,
+                },
+                signature: Signature::try_from(a.signature.as_slice()).ok()?,
+            })
+        })
+        .collect();
+    let job = match pending.request.get("kind").and_then(Value::as_str) {
+        Some("transaction") => Job::Transaction(Box::new(
+            serde_json::from_value(pending.request["tx"].clone()).map_err(ApiError::internal)?,
+        )),
+        Some("personal_message") => Job::Message(
+            serde_json::from_value::<Bytes>(pending.request["message"].clone())
+                .map_err(ApiError::internal)?
+                .to_vec(),
+        ),
+        Some("typed_data") => Job::TypedData(Box::new(
+            serde_json::from_value(pending.request["typedData"].clone())
+                .map_err(ApiError::internal)?,
+        )),
+        other => {
+            return Err(ApiError::internal(format!(
+                "pending request of kind {other:?}"
+            )));
+        }
+    };
+    let caller = Caller {
+        identity: castellan_api::tls::Identity::new(pending.identity.clone()),
+        grants: s
+            .identities
+            .get(&castellan_api::tls::Identity::new(pending.identity.clone()))
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::forbidden(
+                    "unknown_identity",
+                    "the requesting identity is no longer configured",
+                )
+            })?,
+    };
+    let name = pending.key.to_string();
+    let resp = run(s, &caller, &name, id, job, signed).await?;
+    if resp.status() == StatusCode::OK {
+        s.store
+            .set_pending_status(
+                pid,
+                PendingStatus::Executed,
+                Change::new(pending.identity.clone(), now_ms()),
+            )
+            .await
+            .map_err(store_error)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Relay auth
+
+async fn relay_auth<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+    body: Result<ApiJson<wire::RelayAuthRequest>, ApiError>,
+) -> Response {
+    let rid = match request_id(&headers) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let result: Result<Response, ApiError> = async {
+        let caller = authenticate(&s, peer, &rid, Role::Submitter).await?;
+        let ApiJson(req) = body?;
+        // The relay-auth key is the key the policy marks `relay_auth`; the submitter's identity
+        // lists it as its only key.
+        let name = caller
+            .grants
+            .keys
+            .as_ref()
+            .and_then(|k| {
+                if k.len() == 1 {
+                    k.iter().next().cloned()
+                } else {
+                    None
+                }
+            })
+            .ok_or_else(|| {
+                ApiError::forbidden(
+                    "relay_auth_key_not_configured",
+                    "the submitter identity must list exactly one key: the relay-auth key",
+                )
+            })?;
+        let text = format!("{:#x}", req.body_hash).into_bytes();
+        let resp = run(&s, &caller, &name, &rid, Job::Message(text), Vec::new()).await?;
+        if resp.status() != StatusCode::OK {
+            return Ok(resp);
+        }
+        let bytes = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+            .await
+            .map_err(ApiError::internal)?;
+        let sig: wire::SignatureResponse =
+            serde_json::from_slice(&bytes).map_err(ApiError::internal)?;
+        Ok(Json(wire::RelayAuthResponse {
+            address: sig.address,
+            signature: sig.signature,
+        })
+        .into_response())
+    }
+    .await;
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys and admin
+
+async fn list_keys<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+) -> Response {
+    let rid = request_id(&headers).unwrap_or_default();
+    let result: Result<Response, ApiError> = async {
+        let Some(Extension(p)) = peer else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "no_client_identity",
+                "a client certificate is required",
+            ));
+        };
+        let caller = s.caller(&p.identity, &rid).await?;
+        let records = s.store.list_keys(None).await.map_err(store_error)?;
+        Ok(Json(key_views(&caller, records)).into_response())
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn show_key<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let rid = request_id(&headers).unwrap_or_default();
+    let result: Result<Response, ApiError> = async {
+        let Some(Extension(p)) = peer else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "no_client_identity",
+                "a client certificate is required",
+            ));
+        };
+        let caller = s.caller(&p.identity, &rid).await?;
+        let kn = store::KeyName::new(&name)
+            .map_err(|e| ApiError::bad_request("invalid_key_name", e.to_string()))?;
+        let records = s.store.list_keys(Some(kn)).await.map_err(store_error)?;
+        key_views(&caller, records)
+            .into_iter()
+            .next()
+            .map(|v| Json(v).into_response())
+            .ok_or_else(|| ApiError::not_found("unknown_key", format!("no key {name:?}")))
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+fn key_views(caller: &Caller, records: Vec<store::KeyVersionRecord>) -> Vec<wire::KeyView> {
+    let all = caller.grants.has(Role::Admin) || caller.grants.has(Role::Auditor);
+    let mut views: Vec<wire::KeyView> = Vec::new();
+    for r in records.into_iter().rev() {
+        let name = r.version.name.to_string();
+        if !all && !caller.grants.may_use(&name) {
+            continue;
+        }
+        let v = wire::KeyVersionView {
+            version: r.version.to_string(),
+            address: r.address,
+            status: r.status.state().to_owned(),
+            created_at: Quantity(r.created_at.0 / 1000),
+            backend: r.key_ref.to_string(),
+        };
+        match views.iter_mut().find(|k| k.name == name) {
+            Some(k) => k.versions.push(v),
+            None => views.push(wire::KeyView {
+                name,
+                paused_until: None,
+                rotate_every: r.rotate_every_ms.map(|ms| Quantity(ms / 1000)),
+                versions: vec![v],
+            }),
+        }
+    }
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    views
+}
+
+async fn freeze<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+    body: Result<ApiJson<wire::AdminAction>, ApiError>,
+) -> Response {
+    let rid = request_id(&headers).unwrap_or_default();
+    let result: Result<Response, ApiError> = async {
+        let caller = authenticate(&s, peer, &rid, Role::Admin).await?;
+        let ApiJson(a) = body?;
+        let mut change = Change::new(caller.identity.to_string(), now_ms());
+        change.request_id = Some(rid.clone());
+        s.store
+            .freeze(a.reason, change)
+            .await
+            .map_err(store_error)?;
+        Ok(Json(json!({ "frozen": true })).into_response())
+    }
+    .await;
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+async fn revoke<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<ApiJson<wire::AdminAction>, ApiError>,
+) -> Response {
+    let rid = request_id(&headers).unwrap_or_default();
+    let result: Result<Response, ApiError> = async {
+        let caller = authenticate(&s, peer, &rid, Role::Admin).await?;
+        let ApiJson(a) = body?;
+        let kn = store::KeyName::new(&name)
+            .map_err(|e| ApiError::bad_request("invalid_key_name", e.to_string()))?;
+        let mut change = Change::new(caller.identity.to_string(), now_ms());
+        change.request_id = Some(rid.clone());
+        let revoked = s
+            .store
+            .revoke(kn, a.version, a.reason, change)
+            .await
+            .map_err(store_error)?;
+        // The store refuses the key from now on; refresh the cache so the hot path stops at once.
+        if let Err(e) = s.self_check().await {
+            tracing::warn!(error = %e, "self-check after revocation");
+        }
+        Ok(
+            Json(json!({ "revoked": revoked.iter().map(ToString::to_string).collect::<Vec<_>>() }))
+                .into_response(),
+        )
+    }
+    .await;
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+async fn pause<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<ApiJson<wire::AdminAction>, ApiError>,
+) -> Response {
+    let rid = request_id(&headers).unwrap_or_default();
+    let result: Result<Response, ApiError> = async {
+        let caller = authenticate(&s, peer, &rid, Role::Admin).await?;
+        let ApiJson(a) = body?;
+        let kn = store::KeyName::new(&name)
+            .map_err(|e| ApiError::bad_request("invalid_key_name", e.to_string()))?;
+        let now = now_ms();
+        // Without a cooldown the pause lasts until an explicit resume.
+        let until = match a.cooldown {
+            Some(c) => now.plus_ms(c.0.saturating_mul(1000)),
+            None => UnixMillis(u64::MAX / 2),
+        };
+        s.store
+            .pause_key(
+                kn,
+                until,
+                a.reason,
+                Change::new(caller.identity.to_string(), now),
+            )
+            .await
+            .map_err(store_error)?;
+        Ok(Json(json!({ "paused": name, "until": until.0 / 1000 })).into_response())
+    }
+    .await;
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+async fn resume<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let rid = request_id(&headers).unwrap_or_default();
+    let result: Result<Response, ApiError> = async {
+        let caller = authenticate(&s, peer, &rid, Role::Admin).await?;
+        let kn = store::KeyName::new(&name)
+            .map_err(|e| ApiError::bad_request("invalid_key_name", e.to_string()))?;
+        s.store
+            .unpause_key(kn, Change::new(caller.identity.to_string(), now_ms()))
+            .await
+            .map_err(store_error)?;
+        Ok(Json(json!({ "resumed": name })).into_response())
+    }
+    .await;
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    #[serde(default)]
+    since: Option<u64>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn audit_export<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let rid = request_id(&headers).unwrap_or_default();
+    let result: Result<Response, ApiError> = async {
+        let _caller = authenticate(&s, peer, &rid, Role::Auditor).await?;
+        let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+        let records = s
+            .store
+            .audit_records(
+                store::AuditCursor::Seq(q.since.unwrap_or(1)),
+                q.limit.unwrap_or(10_000).min(100_000),
+            )
+            .await
+            .map_err(store_error)?;
+        let mut out = String::new();
+        for r in &records {
+            out.push_str(&r.to_json_line());
+            out.push('\n');
+        }
+        Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response())
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}

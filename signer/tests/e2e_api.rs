@@ -1,0 +1,416 @@
+//! End-to-end tests of the signer binary over mTLS: a real SoftHSM token, certificates made here,
+//! a local anvil node, and independent checkers (anvil, eth-account, scripts/verify_audit.py).
+//!
+//! Each test runs in a child process of its own with its own token directory (see
+//! `castellan_tests::softhsm`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use alloy::consensus::TxEnvelope;
+use alloy::eips::Decodable2718;
+use alloy::primitives::{Address, B256, U256, address};
+use alloy::providers::Provider;
+use alloy::signers::SignerSync;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::SolStruct;
+use castellan_api::signer::{PendingResponse, RequestStatus, SignedTransactionResponse};
+use castellan_policy::{Approval, castellan_domain};
+use castellan_tests::anvil::Anvil;
+use castellan_tests::softhsm::in_own_process;
+use serde_json::{Value, json};
+use support::{Appliance, CHAIN_ID, count_kind, policy_toml, refused_with, runtime};
+
+const RECIPIENT: Address = address!("70997970C51812dc3A010C7d01b50e0d17dc79C8");
+const ETHER: u128 = 1_000_000_000_000_000_000;
+
+fn approvers() -> Vec<PrivateKeySigner> {
+    (1u8..=3)
+        .map(|i| PrivateKeySigner::from_bytes(&B256::repeat_byte(0x40 + i)).unwrap())
+        .collect()
+}
+
+fn tx_json(nonce: u64, value: u128) -> Value {
+    json!({ "tx": {
+        "chainId": CHAIN_ID.to_string(),
+        "nonce": nonce.to_string(),
+        "to": RECIPIENT.to_string(),
+        "value": value.to_string(),
+        "gas": "21000",
+        "maxFeePerGas": "0x77359400",
+        "maxPriorityFeePerGas": "0x3b9aca00",
+    }})
+}
+
+async fn sign(app: &Appliance, who: &str, key: &str, body: &Value) -> (u16, Value) {
+    let resp = app
+        .client(Some(who))
+        .post(app.url(&format!("/v1/keys/{key}/sign/transaction")))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn start(token: &castellan_tests::softhsm::SoftHsmToken, keys: &[&str]) -> Appliance {
+    let addrs: Vec<Address> = approvers().iter().map(|s| s.address()).collect();
+    Appliance::start(token, keys, &policy_toml(&addrs)).await
+}
+
+#[test]
+fn strategy_signs_a_transaction_anvil_mines_and_refusals_are_audited() {
+    in_own_process(
+        "strategy_signs_a_transaction_anvil_mines_and_refusals_are_audited",
+        "e2e-sign",
+        |token| {
+            runtime().block_on(async {
+                let app = start(token, &["hot", "cold"]).await;
+                let from = app.keys["hot"];
+                let anvil = Anvil::start().await;
+                anvil.set_balance(from, U256::from(10 * ETHER)).await;
+
+                let (status, body) = sign(&app, "alpha", "hot", &tx_json(0, 1000)).await;
+                assert_eq!(status, 200, "{body}");
+                let signed: SignedTransactionResponse = serde_json::from_value(body).unwrap();
+                assert_eq!(signed.from, from);
+                let hash = anvil.send_raw(&signed.raw).await;
+                assert_eq!(hash, signed.hash);
+                let receipt = anvil.receipt(hash).await;
+                assert_eq!(receipt.from, from);
+                assert!(receipt.status());
+
+                // Refused at the handshake: no certificate, another CA, a revoked certificate.
+                for who in [None, Some("stranger"), Some("revoked")] {
+                    let r = app
+                        .client(who)
+                        .post(app.url("/v1/keys/hot/sign/transaction"))
+                        .json(&tx_json(1, 1000))
+                        .send()
+                        .await;
+                    assert!(r.is_err(), "{who:?} got in: {r:?}");
+                }
+                // Refused after it: a valid certificate nobody configured; a key the client may
+                // not use.
+                let (status, body) = sign(&app, "unknown", "hot", &tx_json(1, 1000)).await;
+                assert_eq!(status, 403, "{body}");
+                assert_eq!(body["error"]["code"], "unknown_identity");
+                let (status, body) = sign(&app, "beta", "hot", &tx_json(1, 1000)).await;
+                assert_eq!(status, 403, "{body}");
+                assert_eq!(body["error"]["code"], "key_not_allowed");
+                // An approver may not sign.
+                let (status, body) = sign(&app, "approver1", "hot", &tx_json(1, 1000)).await;
+                assert_eq!(status, 403, "{body}");
+                assert_eq!(body["error"]["code"], "role_required");
+
+                // Nothing else was signed, and every refusal is in the audit chain.
+                let mut records = app.audit().await;
+                for _ in 0..50 {
+                    if records
+                        .iter()
+                        .filter(|r| refused_with(std::slice::from_ref(r), "tls_refused"))
+                        .count()
+                        >= 3
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    records = app.audit().await;
+                }
+                assert_eq!(count_kind(&records, "signature"), 1);
+                assert_eq!(
+                    anvil.provider().get_transaction_count(from).await.unwrap(),
+                    1
+                );
+                let tls = records
+                    .iter()
+                    .filter(|r| refused_with(std::slice::from_ref(r), "tls_refused"))
+                    .count();
+                assert!(tls >= 3, "TLS refusals audited: {tls}");
+                for code in ["unknown_identity", "key_not_allowed", "role_required"] {
+                    assert!(refused_with(&records, code), "no refusal record for {code}");
+                }
+            })
+        },
+    );
+}
+
+fn approval_signature(signer: &PrivateKeySigner, digest: B256, expiry: u64) -> Value {
+    let approval = Approval {
+        request: digest,
+        decision: "approve".into(),
+        expiry,
+    };
+    let hash = approval.eip712_signing_hash(&castellan_domain(CHAIN_ID));
+    let sig = signer.sign_hash_sync(&hash).unwrap();
+    json!({
+        "approver": signer.address().to_string(),
+        "decision": "approve",
+        "expiry": expiry.to_string(),
+        "signature": alloy::primitives::Bytes::from(sig.as_bytes().to_vec()),
+    })
+}
+
+#[test]
+fn two_of_three_approvals_release_a_large_transfer() {
+    in_own_process(
+        "two_of_three_approvals_release_a_large_transfer",
+        "e2e-approve",
+        |token| {
+            runtime().block_on(async {
+                let app = start(token, &["hot"]).await;
+                let from = app.keys["hot"];
+                let anvil = Anvil::start().await;
+                anvil.set_balance(from, U256::from(10 * ETHER)).await;
+                let [a1, a2, _a3] = <[PrivateKeySigner; 3]>::try_from(approvers()).unwrap();
+
+                let (status, body) = sign(&app, "alpha", "hot", &tx_json(0, 2 * ETHER)).await;
+                assert_eq!(status, 202, "{body}");
+                let pending: PendingResponse = serde_json::from_value(body).unwrap();
+                assert_eq!(pending.threshold, 2);
+                let id = pending.request_id.clone();
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                let post = |who: &'static str, body: Value| {
+                    let app = &app;
+                    let id = id.clone();
+                    async move {
+                        let r = app
+                            .client(Some(who))
+                            .post(app.url(&format!("/v1/requests/{id}/approvals")))
+                            .json(&body)
+                            .send()
+                            .await
+                            .unwrap();
+                        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+                    }
+                };
+
+                // An expired approval does not count.
+                let (s, b) = post(
+                    "approver1",
+                    approval_signature(&a1, pending.request_digest, now - 10),
+                )
+                .await;
+                assert_eq!(s, 400, "{b}");
+                assert_eq!(b["error"]["code"], "approval_expired");
+                // One approval: still pending, nothing signed.
+                let (s, b) = post(
+                    "approver1",
+                    approval_signature(&a1, pending.request_digest, now + 600),
+                )
+                .await;
+                assert_eq!(s, 200, "{b}");
+                let st: RequestStatus = serde_json::from_value(b).unwrap();
+                assert_eq!(st.approvals, 1);
+                assert!(st.result.is_none());
+                // The same approver again: still one.
+                let (s, b) = post(
+                    "approver1",
+                    approval_signature(&a1, pending.request_digest, now + 601),
+                )
+                .await;
+                assert_eq!(s, 200, "{b}");
+                let st: RequestStatus = serde_json::from_value(b).unwrap();
+                assert_eq!(
+                    st.approvals, 1,
+                    "a second approval by the same approver counted"
+                );
+                assert!(st.result.is_none());
+                // An approval of another request does not count (signature does not recover).
+                let (s, b) = post(
+                    "approver2",
+                    approval_signature(&a2, B256::repeat_byte(7), now + 600),
+                )
+                .await;
+                assert_eq!(s, 400, "{b}");
+                assert_eq!(b["error"]["code"], "approval_signature_mismatch");
+                assert_eq!(count_kind(&app.audit().await, "signature"), 0);
+
+                // A second distinct approver: signed.
+                let (s, b) = post(
+                    "approver2",
+                    approval_signature(&a2, pending.request_digest, now + 600),
+                )
+                .await;
+                assert_eq!(s, 200, "{b}");
+                let st: RequestStatus = serde_json::from_value(b.clone()).unwrap();
+                assert_eq!(st.approvals, 2);
+                let result: SignedTransactionResponse =
+                    serde_json::from_value(st.result.expect("signed after two approvals")).unwrap();
+                let env = TxEnvelope::decode_2718(&mut result.raw.as_ref()).unwrap();
+                assert_eq!(*env.tx_hash(), result.hash);
+                let hash = anvil.send_raw(&result.raw).await;
+                assert_eq!(anvil.receipt(hash).await.from, from);
+                assert_eq!(count_kind(&app.audit().await, "signature"), 1);
+            })
+        },
+    );
+}
+
+#[test]
+fn freeze_stops_everything_and_revoking_one_key_spares_the_others() {
+    in_own_process(
+        "freeze_stops_everything_and_revoking_one_key_spares_the_others",
+        "e2e-freeze",
+        |token| {
+            runtime().block_on(async {
+                let app = start(token, &["hot", "cold"]).await;
+                let admin = app.client(Some("ops"));
+                assert_eq!(sign(&app, "alpha", "hot", &tx_json(0, 1)).await.0, 200);
+                assert_eq!(sign(&app, "alpha", "cold", &tx_json(0, 1)).await.0, 200);
+
+                let r = admin
+                    .post(app.url("/v1/admin/keys/hot/revoke"))
+                    .json(&json!({ "reason": "suspected leak" }))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+                let (s, b) = sign(&app, "alpha", "hot", &tx_json(1, 1)).await;
+                assert_eq!(s, 409, "{b}");
+                assert_eq!(b["error"]["code"], "key_revoked");
+                assert_eq!(sign(&app, "alpha", "cold", &tx_json(1, 1)).await.0, 200);
+
+                let r = admin
+                    .post(app.url("/v1/admin/freeze"))
+                    .json(&json!({ "reason": "incident 42" }))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                let (s, b) = sign(&app, "alpha", "cold", &tx_json(2, 1)).await;
+                assert_eq!(s, 409, "{b}");
+                assert_eq!(b["error"]["code"], "frozen");
+                assert!(
+                    b["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("incident 42")
+                );
+                assert_eq!(count_kind(&app.audit().await, "signature"), 3);
+            })
+        },
+    );
+}
+
+#[test]
+fn malformed_input_is_refused_with_stable_codes_and_nothing_is_signed() {
+    in_own_process(
+        "malformed_input_is_refused_with_stable_codes_and_nothing_is_signed",
+        "e2e-malformed",
+        |token| {
+            runtime().block_on(async {
+                let app = start(token, &["hot"]).await;
+                let client = app.client(Some("alpha"));
+                let url = app.url("/v1/keys/hot/sign/transaction");
+                let raw = |body: String| {
+                    let client = client.clone();
+                    let url = url.clone();
+                    async move {
+                        let r = client
+                            .post(url)
+                            .header("content-type", "application/json")
+                            .body(body)
+                            .send()
+                            .await
+                            .unwrap();
+                        let status = r.status().as_u16();
+                        (status, r.json::<Value>().await.unwrap_or(Value::Null))
+                    }
+                };
+                let mut unknown = tx_json(0, 1);
+                unknown["tx"]["extra"] = json!("1");
+                let mut overflow = tx_json(0, 1);
+                overflow["tx"]["value"] = json!(format!("0x1{}", "0".repeat(64)));
+                let mut wrong_chain = tx_json(0, 1);
+                wrong_chain["tx"]["chainId"] = json!("1");
+                let mut number = tx_json(0, 1);
+                number["tx"]["nonce"] = json!(0);
+                let cases = [
+                    ("{\"tx\": {".to_owned(), 400, "malformed_json"),
+                    (unknown.to_string(), 400, "unknown_field"),
+                    (overflow.to_string(), 400, "invalid_value"),
+                    (number.to_string(), 400, "invalid_value"),
+                    (wrong_chain.to_string(), 400, "chain_mismatch"),
+                    (
+                        format!("{{\"tx\": \"{}\"}}", "a".repeat(10 * 1024 * 1024)),
+                        413,
+                        "body_too_large",
+                    ),
+                ];
+                for (body, status, code) in cases {
+                    let (s, b) = raw(body).await;
+                    assert_eq!(
+                        (s, b["error"]["code"].as_str()),
+                        (status, Some(code)),
+                        "{b}"
+                    );
+                    assert!(
+                        b["error"]["message"]
+                            .as_str()
+                            .is_some_and(|m| !m.is_empty())
+                    );
+                }
+                let records = app.audit().await;
+                assert_eq!(count_kind(&records, "signature"), 0);
+                assert_eq!(count_kind(&records, "decision"), 0);
+                // The signer is still healthy and signs a good request.
+                assert_eq!(sign(&app, "alpha", "hot", &tx_json(0, 1)).await.0, 200);
+            })
+        },
+    );
+}
+
+#[test]
+fn exported_audit_chain_verifies_independently_and_fails_on_one_altered_record() {
+    in_own_process(
+        "exported_audit_chain_verifies_independently_and_fails_on_one_altered_record",
+        "e2e-audit",
+        |token| {
+            runtime().block_on(async {
+                let app = start(token, &["hot"]).await;
+                for n in 0..3 {
+                    assert_eq!(sign(&app, "alpha", "hot", &tx_json(n, 1)).await.0, 200);
+                }
+                let _ = sign(&app, "beta", "hot", &tx_json(3, 1)).await;
+                let export = app.audit_export().await;
+                let path = app.path("audit.jsonl");
+                std::fs::write(&path, &export).unwrap();
+                let python = std::env::var("CASTELLAN_PYTHON")
+                    .expect("CASTELLAN_PYTHON is not set: run the tests with scripts/test");
+                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/verify_audit.py");
+                let run = |p: &std::path::Path| {
+                    std::process::Command::new(&python)
+                        .arg(script)
+                        .arg(p)
+                        .output()
+                        .unwrap()
+                };
+                let ok = run(&path);
+                assert!(
+                    ok.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&ok.stdout)
+                );
+
+                // Alter one record: the third record's payload.
+                let mut lines: Vec<String> = export.lines().map(str::to_owned).collect();
+                assert!(lines.len() >= 6, "{export}");
+                let mut rec: Value = serde_json::from_str(&lines[2]).unwrap();
+                let seq = rec["seq"].as_u64().unwrap();
+                rec["identity"] = json!("spiffe://castellan/strategy/mallory");
+                lines[2] = rec.to_string();
+                let bad = app.path("audit-altered.jsonl");
+                std::fs::write(&bad, lines.join("\n") + "\n").unwrap();
+                let out = run(&bad);
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert!(!out.status.success(), "{text}");
+                assert!(text.contains(&format!("seq {seq}")), "{text}");
+            })
+        },
+    );
+}
