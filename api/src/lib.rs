@@ -2,6 +2,7 @@
 //!
 //! Shared by the signer, the submitter, keyctl, the tests and strategy hosts.
 
+pub mod client;
 pub mod devpki;
 pub mod serve;
 pub mod signer;

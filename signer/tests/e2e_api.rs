@@ -414,3 +414,68 @@ fn exported_audit_chain_verifies_independently_and_fails_on_one_altered_record()
         },
     );
 }
+
+#[test]
+fn an_alloy_provider_using_the_api_signer_sends_a_transaction_anvil_mines() {
+    in_own_process(
+        "an_alloy_provider_using_the_api_signer_sends_a_transaction_anvil_mines",
+        "e2e-alloy",
+        |token| {
+            runtime().block_on(async {
+                use alloy::network::{EthereumWallet, TransactionBuilder};
+                use alloy::providers::ProviderBuilder;
+                use alloy::rpc::types::TransactionRequest;
+                use castellan_api::client::{RemoteSigner, SignerClient};
+                use castellan_api::tls::ClientTlsConfig;
+
+                let app = start(token, &["hot"]).await;
+                let from = app.keys["hot"];
+                let anvil = Anvil::start().await;
+                anvil.set_balance(from, U256::from(10 * ETHER)).await;
+
+                let tls = ClientTlsConfig {
+                    server_ca: app.path("ca.pem"),
+                    cert: app.path("alpha.pem"),
+                    key: app.path("alpha.key"),
+                };
+                let client = SignerClient::with_builder(
+                    app.url(""),
+                    &tls,
+                    reqwest::Client::builder().resolve("localhost", app.addr),
+                )
+                .unwrap();
+                let signer = RemoteSigner::connect(client, "hot", Some(CHAIN_ID))
+                    .await
+                    .unwrap();
+                assert_eq!(alloy::signers::Signer::address(&signer), from);
+                let provider = ProviderBuilder::new()
+                    .wallet(EthereumWallet::from(signer.clone()))
+                    .connect_http(anvil.url().clone());
+                let tx = TransactionRequest::default()
+                    .with_to(RECIPIENT)
+                    .with_value(U256::from(1234u64));
+                let receipt = provider
+                    .send_transaction(tx)
+                    .await
+                    .unwrap()
+                    .get_receipt()
+                    .await
+                    .unwrap();
+                assert_eq!(receipt.from, from);
+                assert!(receipt.status());
+
+                // Messages through alloy's Signer trait recover to the key too.
+                let sig = alloy::signers::Signer::sign_message(&signer, b"castellan")
+                    .await
+                    .unwrap();
+                assert_eq!(sig.recover_address_from_msg(b"castellan").unwrap(), from);
+                // A bare hash is never signed.
+                assert!(
+                    alloy::signers::Signer::sign_hash(&signer, &B256::ZERO)
+                        .await
+                        .is_err()
+                );
+            })
+        },
+    );
+}
