@@ -12,7 +12,8 @@ use castellan_api::tls::ReloadableServerConfig;
 use castellan_policy::Policy;
 use castellan_signer::backend::pkcs11::Pkcs11Backend;
 use castellan_signer::config::{BackendConfig, SignerConfig};
-use castellan_signer::server::{Signer, SignerSettings, router};
+use castellan_signer::server::rpc::Upstream;
+use castellan_signer::server::{Signer, SignerSettings, SubmitterLink, router};
 use castellan_signer::store::SqliteStore;
 use clap::Parser;
 
@@ -43,11 +44,23 @@ async fn main() -> anyhow::Result<()> {
     let backend = match &config.backend {
         BackendConfig::Pkcs11(p) => Pkcs11Backend::open(p).context("opening the PKCS#11 token")?,
     };
+    // reqwest is built without a default TLS provider (no aws-lc); use ring everywhere.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let upstream = match &config.upstream {
+        Some(u) => Some(Upstream::new(&u.url, u.timeout).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let submitter = match &config.submitter {
+        Some(c) => Some(SubmitterLink::new(&c.url, &c.tls, c.timeout).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let settings = SignerSettings {
         chain_id: config.chain_id,
         identities: config.identities(),
         pending_ttl_ms: u64::try_from(config.limits.pending_ttl.as_millis()).unwrap_or(u64::MAX),
         max_body_bytes: config.limits.max_body_bytes,
+        upstream,
+        submitter,
     };
     let signer = Arc::new(Signer::new(settings, policy, store, backend));
     match signer.self_check().await {

@@ -479,3 +479,86 @@ fn an_alloy_provider_using_the_api_signer_sends_a_transaction_anvil_mines() {
         },
     );
 }
+
+#[test]
+fn json_rpc_signs_fills_from_the_node_forwards_reads_and_refuses_sends_of_others() {
+    in_own_process(
+        "json_rpc_signs_fills_from_the_node_forwards_reads_and_refuses_sends_of_others",
+        "e2e-rpc",
+        |token| {
+            runtime().block_on(async {
+                let anvil = Anvil::start().await;
+                let addrs: Vec<Address> = approvers().iter().map(|s| s.address()).collect();
+                let extra = format!("[upstream]\nurl = \"{}\"\n", anvil.url());
+                let app =
+                    support::Appliance::start_with(token, &["hot"], &policy_toml(&addrs), &extra)
+                        .await;
+                let from = app.keys["hot"];
+                anvil.set_balance(from, U256::from(10 * ETHER)).await;
+                let client = app.client(Some("alpha"));
+                let call = |method: &'static str, params: Value| {
+                    let client = client.clone();
+                    let url = app.url("/rpc");
+                    async move {
+                        client
+                            .post(url)
+                            .json(&json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}))
+                            .send()
+                            .await
+                            .unwrap()
+                            .json::<Value>()
+                            .await
+                            .unwrap()
+                    }
+                };
+                assert_eq!(call("eth_chainId", json!([])).await["result"], "0x7a69");
+                let accounts = call("eth_accounts", json!([])).await;
+                assert_eq!(accounts["result"], json!([from]));
+                assert_eq!(accounts["id"], 7);
+
+                // Nonce, gas and fees left out: filled from the node, judged by the policy.
+                let r = call(
+                    "eth_signTransaction",
+                    json!([{ "from": from, "to": RECIPIENT, "value": "0x3e8" }]),
+                )
+                .await;
+                let raw: alloy::primitives::Bytes =
+                    serde_json::from_value(r["result"].clone()).unwrap_or_else(|_| panic!("{r}"));
+                let hash = anvil.send_raw(&raw).await;
+                assert_eq!(anvil.receipt(hash).await.from, from);
+
+                // personal_sign recovers to the key.
+                let r = call("personal_sign", json!(["0x68656c6c6f", from])).await;
+                let sig: alloy::primitives::Bytes =
+                    serde_json::from_value(r["result"].clone()).unwrap_or_else(|_| panic!("{r}"));
+                let sig = alloy::primitives::Signature::try_from(sig.as_ref()).unwrap();
+                assert_eq!(sig.recover_address_from_msg(b"hello").unwrap(), from);
+
+                // Reads are forwarded; sends of raw transactions and unknown methods are not.
+                let r = call("eth_getBalance", json!([RECIPIENT, "latest"])).await;
+                let balance = anvil.balance(RECIPIENT).await;
+                assert_eq!(r["result"], json!(format!("{balance:#x}")), "{r}");
+                let r = call("eth_sendRawTransaction", json!([raw])).await;
+                assert_eq!(r["error"]["code"], -32601, "{r}");
+                let r = call("debug_traceCall", json!([])).await;
+                assert_eq!(r["error"]["code"], -32601, "{r}");
+                // A key the caller may not use, and a policy denial, carry the stable code.
+                let r = call("personal_sign", json!(["0x00", RECIPIENT])).await;
+                assert_eq!(r["error"]["code"], -32003, "{r}");
+                let r = call(
+                    "eth_signTransaction",
+                    json!([{ "from": from, "to": RECIPIENT, "value": format!("{:#x}", 11 * ETHER) }]),
+                )
+                .await;
+                assert_eq!(r["error"]["data"]["code"], "value_cap_exceeded", "{r}");
+                // eth_sendTransaction without a submitter: signed, but clearly not sent.
+                let r = call(
+                    "eth_sendTransaction",
+                    json!([{ "from": from, "to": RECIPIENT, "value": "0x1" }]),
+                )
+                .await;
+                assert_eq!(r["error"]["data"]["code"], "no_submitter", "{r}");
+            })
+        },
+    );
+}

@@ -17,6 +17,7 @@
 
 pub mod error;
 mod routes;
+pub mod rpc;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,6 +64,84 @@ pub struct Signer<B: KeyBackend, S: Store> {
     ready: AtomicBool,
     pending_ttl_ms: u64,
     max_body_bytes: usize,
+    upstream: Option<rpc::Upstream>,
+    submitter: Option<SubmitterLink>,
+}
+
+/// The signer's mTLS link to the submitter.
+#[derive(Clone, Debug)]
+pub struct SubmitterLink {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl SubmitterLink {
+    /// A link to the submitter at `base`, presenting the signer's client certificate.
+    pub fn new(
+        base: impl Into<String>,
+        tls: &castellan_api::tls::ClientTlsConfig,
+        timeout: std::time::Duration,
+    ) -> Result<Self, String> {
+        Self::with_builder(base, tls, reqwest::Client::builder().timeout(timeout))
+    }
+
+    /// Like [`SubmitterLink::new`], from a reqwest builder (tests override name resolution).
+    pub fn with_builder(
+        base: impl Into<String>,
+        tls: &castellan_api::tls::ClientTlsConfig,
+        builder: reqwest::ClientBuilder,
+    ) -> Result<Self, String> {
+        let config = tls.build().map_err(|e| e.to_string())?;
+        let http = builder
+            .tls_backend_preconfigured(config)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            base: base.into().trim_end_matches('/').to_owned(),
+            http,
+        })
+    }
+
+    /// Hands a signed bundle to the submitter; returns its acknowledgement.
+    pub async fn submit(
+        &self,
+        bundle: &castellan_api::submitter::SubmitBundleRequest,
+    ) -> Result<castellan_api::submitter::BundleStatus, ApiError> {
+        let resp = self
+            .http
+            .post(format!(
+                "{}{}",
+                self.base,
+                castellan_api::submitter::SUBMIT_PATH
+            ))
+            .json(bundle)
+            .send()
+            .await
+            .map_err(|e| {
+                ApiError::unavailable(
+                    "submitter_unreachable",
+                    format!("the submitter cannot be reached: {e}"),
+                    1,
+                )
+            })?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ApiError::unavailable("submitter_unreachable", e.to_string(), 1))?;
+        if status.is_success() {
+            serde_json::from_slice(&bytes).map_err(ApiError::internal)
+        } else {
+            let detail = serde_json::from_slice::<castellan_api::submitter::ErrorBody>(&bytes)
+                .map(|b| format!("{}: {}", b.error.code, b.error.message))
+                .unwrap_or_else(|_| format!("HTTP {status}"));
+            Err(ApiError::new(
+                axum::http::StatusCode::BAD_GATEWAY,
+                "submitter_refused",
+                format!("the submitter refused the bundle: {detail}"),
+            ))
+        }
+    }
 }
 
 /// Settings of [`Signer::new`] that are not the policy, store or backend.
@@ -76,6 +155,10 @@ pub struct SignerSettings {
     pub pending_ttl_ms: u64,
     /// Largest request body.
     pub max_body_bytes: usize,
+    /// Upstream node for read-only JSON-RPC and for filling transactions.
+    pub upstream: Option<rpc::Upstream>,
+    /// The submitter, for bundles and sent transactions.
+    pub submitter: Option<SubmitterLink>,
 }
 
 /// The caller of a request, resolved from its certificate identity.
@@ -118,6 +201,8 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
             ready: AtomicBool::new(false),
             pending_ttl_ms: settings.pending_ttl_ms,
             max_body_bytes: settings.max_body_bytes,
+            upstream: settings.upstream,
+            submitter: settings.submitter,
         }
     }
 
@@ -248,6 +333,55 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
         }
     }
 
+    /// Hands one signed transaction to the submitter as a one-transaction bundle for the next
+    /// blocks (private routing; the submitter resubmits it per block until it is included).
+    pub async fn forward_signed_transaction(
+        &self,
+        key: &str,
+        request_id: &str,
+        raw: alloy::primitives::Bytes,
+    ) -> Result<castellan_api::submitter::BundleStatus, ApiError> {
+        let Some(link) = &self.submitter else {
+            return Err(ApiError::unavailable(
+                "no_submitter",
+                "no submitter is configured; the transaction was signed but not sent",
+                60,
+            ));
+        };
+        let head = match &self.upstream {
+            Some(u) => u
+                .call("eth_blockNumber", serde_json::json!([]))
+                .await
+                .ok()
+                .and_then(|v| {
+                    v.as_str()
+                        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+                }),
+            None => None,
+        }
+        .ok_or_else(|| {
+            ApiError::unavailable(
+                "no_upstream",
+                "the current block is unknown (no upstream node); nothing was sent",
+                1,
+            )
+        })?;
+        let bundle = castellan_api::submitter::SubmitBundleRequest {
+            bundle_id: uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, request_id.as_bytes()),
+            key_name: key.to_owned(),
+            txs: vec![raw],
+            target_block: castellan_api::submitter::Quantity(head + 1),
+            last_block: Some(castellan_api::submitter::Quantity(head + SEND_BLOCKS)),
+            min_timestamp: None,
+            max_timestamp: None,
+            reverting_tx_hashes: Vec::new(),
+            replacement_uuid: None,
+            relays: castellan_api::submitter::RelaySelection::All,
+            simulate: false,
+        };
+        link.submit(&bundle).await
+    }
+
     /// The version that signs for `name` now (the active one).
     fn active_key(&self, name: &str) -> Option<LiveKey> {
         let keys = match self.keys.read() {
@@ -297,6 +431,9 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
         }
     }
 }
+
+/// How many blocks a transaction sent through `eth_sendTransaction` is offered for.
+const SEND_BLOCKS: u64 = 25;
 
 /// The digest approvals refer to: binds the request id, the key, the client and what is signed.
 pub fn request_digest(request_id: &str, key: &str, client: &str, payload_digest: B256) -> B256 {

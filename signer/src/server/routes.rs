@@ -55,6 +55,7 @@ pub fn router<B: KeyBackend, S: Store>(signer: Shared<B, S>) -> Router {
         .route("/v1/admin/keys/{name}/pause", post(pause::<B, S>))
         .route("/v1/admin/keys/{name}/resume", post(resume::<B, S>))
         .route("/v1/audit", get(audit_export::<B, S>))
+        .route("/rpc", post(super::rpc::rpc::<B, S>))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(move |req, next| {
             oversized_guard(limit, req, next)
@@ -97,7 +98,7 @@ async fn oversized_guard(limit: usize, req: Request, next: axum::middleware::Nex
 }
 
 /// JSON body whose rejections become API errors with stable codes.
-pub struct ApiJson<T>(pub T);
+pub(crate) struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
     type Rejection = ApiError;
@@ -111,7 +112,7 @@ impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
 }
 
 /// The request id: `X-Request-Id` when given (1–128 printable ASCII), else a new UUID.
-fn request_id(headers: &HeaderMap) -> Result<String, ApiError> {
+pub(super) fn request_id(headers: &HeaderMap) -> Result<String, ApiError> {
     match headers.get("x-request-id") {
         None => Ok(uuid::Uuid::new_v4().to_string()),
         Some(v) => {
@@ -126,7 +127,7 @@ fn request_id(headers: &HeaderMap) -> Result<String, ApiError> {
 }
 
 /// Authenticates the peer and resolves its roles; audits the refusal of unknown identities.
-async fn authenticate<B: KeyBackend, S: Store>(
+pub(super) async fn authenticate<B: KeyBackend, S: Store>(
     s: &Signer<B, S>,
     peer: Option<Extension<Peer>>,
     rid: &str,
@@ -181,7 +182,7 @@ async fn ready<B: KeyBackend, S: Store>(State(s): State<Shared<B, S>>) -> Respon
 // Signing
 
 /// What is to be signed, already parsed and chain-checked.
-enum Job {
+pub(crate) enum Job {
     Transaction(Box<TypedTransaction>),
     Message(Vec<u8>),
     TypedData(Box<TypedData>),
@@ -255,7 +256,7 @@ pub fn tx_facts(tx: &TypedTransaction) -> policy::TxFacts {
     )
 }
 
-fn eth_error(e: EthError) -> ApiError {
+pub(super) fn eth_error(e: EthError) -> ApiError {
     if e.is_caller_error() {
         ApiError::bad_request(e.code(), e.to_string())
     } else if let EthError::Backend(b) = &e {
@@ -307,7 +308,9 @@ async fn sign_transaction<B: KeyBackend, S: Store>(
                 return Err(e);
             }
         };
-        run(&s, &caller, &name, &rid, job, Vec::new()).await
+        run(&s, &caller, &name, &rid, job, Vec::new())
+            .await
+            .map(|(status, body)| (status, Json(body)).into_response())
     }
     .await;
     with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
@@ -341,7 +344,9 @@ async fn sign_message<B: KeyBackend, S: Store>(
                 return Err(e);
             }
         };
-        run(&s, &caller, &name, &rid, job, Vec::new()).await
+        run(&s, &caller, &name, &rid, job, Vec::new())
+            .await
+            .map(|(status, body)| (status, Json(body)).into_response())
     }
     .await;
     with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
@@ -374,24 +379,29 @@ async fn sign_typed_data<B: KeyBackend, S: Store>(
                 return Err(e);
             }
         };
-        run(&s, &caller, &name, &rid, job, Vec::new()).await
+        run(&s, &caller, &name, &rid, job, Vec::new())
+            .await
+            .map(|(status, body)| (status, Json(body)).into_response())
     }
     .await;
     with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
 }
 
+/// A pipeline answer: 200 with the signed body, or 202 with the pending body.
+pub(crate) type Signed = (StatusCode, Value);
+
 /// Steps 4–7 for one parsed request.
-async fn run<B: KeyBackend, S: Store>(
+pub(super) async fn run<B: KeyBackend, S: Store>(
     s: &Signer<B, S>,
     caller: &Caller,
     name: &str,
     rid: &str,
     job: Job,
     approvals: Vec<policy::SignedApproval>,
-) -> Result<Response, ApiError> {
+) -> Result<Signed, ApiError> {
     let refuse = |e: ApiError| async move {
         s.audit_refusal(rid, caller.identity.as_str(), &e).await;
-        Err::<Response, ApiError>(e)
+        Err::<Signed, ApiError>(e)
     };
     if !caller.grants.may_use(name) {
         return refuse(ApiError::forbidden(
@@ -418,9 +428,7 @@ async fn run<B: KeyBackend, S: Store>(
     match decision.verdict {
         Verdict::Deny => refuse(policy_error(&decision)).await,
         // A pending request re-evaluated with the approvals so far: still waiting.
-        Verdict::NeedsApprovals if !approvals.is_empty() => {
-            Ok(StatusCode::ACCEPTED.into_response())
-        }
+        Verdict::NeedsApprovals if !approvals.is_empty() => Ok((StatusCode::ACCEPTED, Value::Null)),
         Verdict::NeedsApprovals => {
             create_pending(s, caller, name, rid, &job, digest, &decision, now).await
         }
@@ -498,7 +506,7 @@ async fn create_pending<B: KeyBackend, S: Store>(
     digest: B256,
     decision: &policy::Decision,
     now: UnixMillis,
-) -> Result<Response, ApiError> {
+) -> Result<Signed, ApiError> {
     let tier =
         decision.pending.first().cloned().ok_or_else(|| {
             ApiError::internal("policy asked for approvals without naming a tier")
@@ -536,7 +544,10 @@ async fn create_pending<B: KeyBackend, S: Store>(
         tier: tier.tier.clone(),
         expires_at: Quantity(expires_at.0 / 1000),
     };
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        serde_json::to_value(body).map_err(ApiError::internal)?,
+    ))
 }
 
 /// Steps 5–7: commit the decision, sign, record the outcome.
@@ -550,7 +561,7 @@ async fn execute<B: KeyBackend, S: Store>(
     digest: B256,
     decision: &policy::Decision,
     now: UnixMillis,
-) -> Result<Response, ApiError> {
+) -> Result<Signed, ApiError> {
     let policy = s.policy();
     let reservations = decision
         .reservations
@@ -664,7 +675,7 @@ async fn execute<B: KeyBackend, S: Store>(
         // The decision record already covers this signature; the outcome record is the receipt.
         tracing::error!(error = %e, request_id = rid, "cannot record a signature outcome");
     }
-    Ok((StatusCode::OK, Json(body)).into_response())
+    Ok((StatusCode::OK, body))
 }
 
 fn signature_body(
@@ -695,12 +706,12 @@ pub fn sig65(sig: &Signature) -> Bytes {
 }
 
 /// A retried request id: answer what was stored, never sign twice.
-fn replay(stored: &store::StoredRequest) -> Result<Response, ApiError> {
+fn replay(stored: &store::StoredRequest) -> Result<Signed, ApiError> {
     match &stored.state {
         store::RequestState::Signed { details, .. } => {
             let v: Value = serde_json::from_str(details).map_err(ApiError::internal)?;
             match v.get("response") {
-                Some(body) => Ok((StatusCode::OK, Json(body.clone())).into_response()),
+                Some(body) => Ok((StatusCode::OK, body.clone())),
                 None => Err(ApiError::internal("stored outcome has no response")),
             }
         }
@@ -973,8 +984,8 @@ async fn try_execute_pending<B: KeyBackend, S: Store>(
             })?,
     };
     let name = pending.key.to_string();
-    let resp = run(s, &caller, &name, id, job, signed).await?;
-    if resp.status() == StatusCode::OK {
+    let (status, _) = run(s, &caller, &name, id, job, signed).await?;
+    if status == StatusCode::OK {
         s.store
             .set_pending_status(
                 pid,
@@ -1023,15 +1034,12 @@ async fn relay_auth<B: KeyBackend, S: Store>(
                 )
             })?;
         let text = format!("{:#x}", req.body_hash).into_bytes();
-        let resp = run(&s, &caller, &name, &rid, Job::Message(text), Vec::new()).await?;
-        if resp.status() != StatusCode::OK {
-            return Ok(resp);
+        let (status, body) = run(&s, &caller, &name, &rid, Job::Message(text), Vec::new()).await?;
+        if status != StatusCode::OK {
+            return Ok((status, Json(body)).into_response());
         }
-        let bytes = axum::body::to_bytes(resp.into_body(), 64 * 1024)
-            .await
-            .map_err(ApiError::internal)?;
         let sig: wire::SignatureResponse =
-            serde_json::from_slice(&bytes).map_err(ApiError::internal)?;
+            serde_json::from_value(body).map_err(ApiError::internal)?;
         Ok(Json(wire::RelayAuthResponse {
             address: sig.address,
             signature: sig.signature,

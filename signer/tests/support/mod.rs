@@ -138,6 +138,16 @@ impl Appliance {
     /// Generates `keys` on the token, registers them, writes certificates, policy and config,
     /// and starts the signer.
     pub async fn start(token: &SoftHsmToken, keys: &[&str], policy: &str) -> Self {
+        Self::start_with(token, keys, policy, "").await
+    }
+
+    /// Like [`Appliance::start`], appending `extra` (TOML tables) to signer.toml.
+    pub async fn start_with(
+        token: &SoftHsmToken,
+        keys: &[&str],
+        policy: &str,
+        extra: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let mut ca = DevCa::new("Castellan test CA").unwrap();
@@ -254,6 +264,8 @@ path = "{d}/policy.toml"
 [limits]
 max_body_bytes = 1048576
 pending_ttl = "10m"
+
+{extra}
 "#,
             d = d.display(),
             module = token.module().display(),
