@@ -90,7 +90,12 @@ fn bench(c: &mut Criterion) {
         for i in 0..10_000u64 {
             // All inside the window at `now`: nothing can be skipped by expiry.
             let at = now - w.duration + 1 + (i * (w.duration - 1)) / 10_000;
-            limits.reserve(w, at, U256::from(1_000_000_000u64));
+            let amount = if w.metric == Metric::Requests {
+                1u64
+            } else {
+                1_000_000_000
+            };
+            limits.reserve(w, at, U256::from(amount));
         }
     }
     let req = Request {
@@ -111,7 +116,8 @@ fn bench(c: &mut Criterion) {
         )),
     };
     let ctx = Context::new(now, &limits);
-    assert!(policy.evaluate(&req, &ctx).is_allowed());
+    let d = policy.evaluate(&req, &ctx);
+    assert!(d.is_allowed(), "{}", d.reason);
     c.bench_function("evaluate_eip1559_10rules_1000dests_3x10k", |b| {
         b.iter(|| black_box(policy.evaluate(black_box(&req), black_box(&ctx))))
     });

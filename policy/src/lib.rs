@@ -44,6 +44,21 @@
 //! allow list, selectors, gas, fees) for the key then the client → value and cost caps on the
 //! request total (a bundle is summed) → rate windows → velocity windows → approval tiers
 //! (approvals, else a covering grant with budget left).
+//!
+//! A retiring key version signs only transactions its `retiring` rules allow (default: a plain
+//! value transfer with empty calldata to the successor's address); for those, allow lists are
+//! replaced by the retiring rules, and every other rule (deny lists, caps, windows, tiers)
+//! still applies. A relay-auth key signs only relay-auth payloads (`0x` + 64 lowercase hex
+//! digits as an EIP-191 message), and no other key may sign one, whether it arrives as a
+//! relay-auth request or as `personal_sign`.
+//!
+//! # Limit state and reservations
+//!
+//! Window state is an input ([`LimitState`]): a window counts the reservations with timestamp
+//! `t` where `t + duration > now`. The signer evaluates inside the store transaction that then
+//! adds [`Decision::reservations`], so check-and-reserve is atomic; window ids depend only on
+//! scope, metric and duration, so reservations survive a policy reload. A bundle counts as one
+//! request. Amounts are `U256` with checked arithmetic: an overflow denies.
 
 mod approvals;
 mod config;
