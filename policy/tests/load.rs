@@ -2,7 +2,11 @@
 //! and the stability of the policy hash.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use castellan_policy::{Policy, PolicyError};
+mod common;
+
+use alloy::primitives::{Address, B256, U256};
+use castellan_policy::{Code, Context, MemoryLimits, Policy, PolicyError, RequestKind};
+use common::{ether, request, tx, tx_request};
 
 const DEPLOY: &str = include_str!("../../deploy/policy.toml");
 
@@ -12,6 +16,53 @@ fn deploy_example_loads() {
     assert!(p.has_key(&"searcher-hot".into()));
     assert!(p.has_key(&"relay-auth".into()));
     assert!(p.canonical_form().starts_with("castellan-policy/1 {"));
+
+    // The example means what its comments say.
+    let weth: Address = "0xC02aaA39b223FE8D0A0e5C4F27eAD9083C756Cc2"
+        .parse()
+        .unwrap();
+    let arb = "spiffe://castellan/strategy/arb-1";
+    let limits = MemoryLimits::new();
+    let ctx = Context::new(1_800_000_000, &limits);
+    let code = |r| p.evaluate(&r, &ctx).code;
+    assert_eq!(
+        code(tx_request("searcher-hot", arb, tx(weth, ether(1)))),
+        Code::Allowed
+    );
+    assert_eq!(
+        code(tx_request(
+            "searcher-hot",
+            arb,
+            tx(weth, ether(1) + U256::from(1))
+        )),
+        Code::ApprovalsRequired
+    );
+    assert_eq!(
+        code(tx_request("searcher-hot", arb, tx(weth, ether(2)))),
+        Code::ValueCapExceeded
+    );
+    assert_eq!(
+        code(tx_request("treasury", arb, tx(weth, ether(1)))),
+        Code::ClientNotAllowed
+    );
+    let relay = format!("{}", B256::repeat_byte(0x5a)).into_bytes();
+    let submitter = "spiffe://castellan/submitter";
+    assert_eq!(
+        code(request(
+            "relay-auth",
+            submitter,
+            RequestKind::RelayAuth(relay.clone())
+        )),
+        Code::Allowed
+    );
+    assert_eq!(
+        code(request(
+            "searcher-hot",
+            arb,
+            RequestKind::PersonalMessage(relay)
+        )),
+        Code::RelayAuthReserved
+    );
 }
 
 fn err(src: &str) -> PolicyError {
