@@ -27,7 +27,7 @@ use crate::bundle::ValidBundle;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::node::{Node, Receipt};
-use crate::relay::{Relay, SendResult};
+use crate::relay::{Relay, SendResult, SignatureCache};
 use crate::store::{Inserted, Store};
 
 /// Receives final outcomes (the signer's outcome route; its HTTP client comes with the signer).
@@ -566,13 +566,19 @@ impl Engine {
             let Some(entry) = map.get(&id) else { return };
             (entry.bundle.clone(), entry.relays.clone())
         };
+        let signatures = Arc::new(SignatureCache::default());
         for (slot, idx) in relays.into_iter().enumerate() {
             let Some(relay) = self.inner.relays.get(idx).cloned() else {
                 continue;
             };
             let engine = self.clone();
             let bundle = bundle.clone();
-            tokio::spawn(async move { engine.send_one(relay, bundle, slot, target).await });
+            let signatures = signatures.clone();
+            tokio::spawn(async move {
+                engine
+                    .send_one(relay, bundle, slot, target, &signatures)
+                    .await
+            });
         }
     }
 
@@ -582,10 +588,11 @@ impl Engine {
         bundle: Arc<ValidBundle>,
         slot: usize,
         target: u64,
+        signatures: &SignatureCache,
     ) {
         let mut retried = false;
         loop {
-            let result = relay.send_bundle(&bundle, target).await;
+            let result = relay.send_bundle(&bundle, target, Some(signatures)).await;
             self.record(bundle.id, slot, target, &result);
             let wait = match &result {
                 SendResult::Failed {

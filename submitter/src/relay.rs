@@ -3,11 +3,11 @@
 //! token bucket and its health. Each request body is serialized once; those exact bytes are
 //! signed (Flashbots family) and sent.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use alloy::primitives::Bytes;
+use alloy::primitives::{B256, Bytes, keccak256};
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
@@ -101,7 +101,6 @@ pub struct Relay {
     client: reqwest::Client,
     health: Mutex<Health>,
     auth: Option<Arc<dyn RelayAuthSigner>>,
-    next_id: AtomicU64,
     metrics: Metrics,
 }
 
@@ -159,7 +158,6 @@ impl Relay {
             spec,
             client,
             auth,
-            next_id: AtomicU64::new(1),
             metrics,
         };
         relay
@@ -199,7 +197,12 @@ impl Relay {
 
     /// Sends `bundle` for `target` (`eth_sendBundle`, `blxr_submit_bundle`, or each tx with
     /// `eth_sendRawTransaction` for an rpc relay).
-    pub async fn send_bundle(&self, bundle: &ValidBundle, target: u64) -> SendResult {
+    pub async fn send_bundle(
+        &self,
+        bundle: &ValidBundle,
+        target: u64,
+        signatures: Option<&SignatureCache>,
+    ) -> SendResult {
         match self.spec.kind {
             RelayKind::Rpc => self.send_raw_txs(&bundle.txs).await,
             RelayKind::Bloxroute => {
@@ -208,7 +211,9 @@ impl Relay {
             }
             RelayKind::Flashbots | RelayKind::Builder | RelayKind::Eden => {
                 let params = self.fb_bundle(bundle, target, &bundle.txs);
-                self.call("eth_sendBundle", [params]).await
+                self.call_with("eth_sendBundle", [params], self.spec.timeout, signatures)
+                    .await
+                    .0
             }
         }
     }
@@ -231,7 +236,7 @@ impl Relay {
                     state_block_number: "latest",
                     timestamp: None,
                 };
-                self.call_with("blxr_simulate_bundle", params, self.spec.sim_timeout)
+                self.call_with("blxr_simulate_bundle", params, self.spec.sim_timeout, None)
                     .await
             }
             RelayKind::Flashbots | RelayKind::Builder | RelayKind::Eden => {
@@ -241,7 +246,7 @@ impl Relay {
                     state_block_number: "latest",
                     timestamp: None,
                 };
-                self.call_with("eth_callBundle", [params], self.spec.sim_timeout)
+                self.call_with("eth_callBundle", [params], self.spec.sim_timeout, None)
                     .await
             }
         };
@@ -373,7 +378,9 @@ impl Relay {
     }
 
     async fn call<P: serde::Serialize>(&self, method: &str, params: P) -> SendResult {
-        self.call_with(method, params, self.spec.timeout).await.0
+        self.call_with(method, params, self.spec.timeout, None)
+            .await
+            .0
     }
 
     /// Admits, serializes once, signs those bytes if needed, posts, parses, records.
@@ -382,6 +389,7 @@ impl Relay {
         method: &str,
         params: P,
         timeout: Duration,
+        signatures: Option<&SignatureCache>,
     ) -> (SendResult, Option<Value>) {
         let admitted = self.lock_health().admit(Instant::now());
         if let Err(skip) = admitted {
@@ -389,13 +397,14 @@ impl Relay {
             self.record(method, &result);
             return (result, None);
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // One request per HTTP POST: the id only has to be echoed. A constant id makes the
+        // bodies of relays with the same options identical, so one signature serves them all.
         let id = match self.spec.kind {
-            RelayKind::Bloxroute => json!(id.to_string()),
-            _ => json!(id),
+            RelayKind::Bloxroute => json!("1"),
+            _ => json!(1),
         };
         let (result, value) = match wire::encode(id, method, params) {
-            Ok(body) => self.post(body, timeout).await,
+            Ok(body) => self.post(body, timeout, signatures).await,
             Err(e) => (
                 SendResult::Failed {
                     reason: format!("encode: {e}"),
@@ -409,7 +418,12 @@ impl Relay {
         (result, value)
     }
 
-    async fn post(&self, body: Vec<u8>, timeout: Duration) -> (SendResult, Option<Value>) {
+    async fn post(
+        &self,
+        body: Vec<u8>,
+        timeout: Duration,
+        signatures: Option<&SignatureCache>,
+    ) -> (SendResult, Option<Value>) {
         let mut request = self
             .client
             .post(self.spec.url.clone())
@@ -419,7 +433,13 @@ impl Relay {
             let Some(auth) = &self.auth else {
                 return (failed("no relay-auth signer", None, false), None);
             };
-            match flashbots_signature(auth.as_ref(), &body).await {
+            let header = match signatures {
+                Some(cache) => cache.header(auth.as_ref(), &body).await,
+                None => flashbots_signature(auth.as_ref(), &body)
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            match header {
                 Ok(header) => request = request.header(FLASHBOTS_SIGNATURE_HEADER, header),
                 Err(e) => return (failed(&format!("relay auth: {e}"), None, true), None),
             }
@@ -609,6 +629,36 @@ impl Relay {
         // A poisoned lock only means another task panicked mid-update of plain counters;
         // the numbers are still usable.
         self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Signatures made during one fan-out round, by body hash: relays whose bodies are byte-identical
+/// share one relay-auth signature instead of asking the signer once each.
+#[derive(Default)]
+pub struct SignatureCache {
+    cells: Mutex<HashMap<B256, Arc<tokio::sync::OnceCell<String>>>>,
+}
+
+impl SignatureCache {
+    /// The `X-Flashbots-Signature` value for `body`, signed at most once per distinct body.
+    pub async fn header(
+        &self,
+        signer: &dyn RelayAuthSigner,
+        body: &[u8],
+    ) -> Result<String, String> {
+        let hash = keccak256(body);
+        let cell = {
+            let mut cells = self.cells.lock().unwrap_or_else(|p| p.into_inner());
+            cells.entry(hash).or_default().clone()
+        };
+        // Failures are not cached: a retry asks the signer again.
+        cell.get_or_try_init(|| async {
+            flashbots_signature(signer, body)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .cloned()
     }
 }
 
