@@ -562,3 +562,92 @@ fn json_rpc_signs_fills_from_the_node_forwards_reads_and_refuses_sends_of_others
         },
     );
 }
+
+#[test]
+fn a_bundle_is_judged_as_a_whole_and_signed_all_or_nothing() {
+    in_own_process(
+        "a_bundle_is_judged_as_a_whole_and_signed_all_or_nothing",
+        "e2e-bundle",
+        |token| {
+            runtime().block_on(async {
+                use alloy::consensus::{SignableTransaction, TxLegacy};
+                use alloy::eips::Encodable2718;
+                use alloy::primitives::TxKind;
+
+                let app = start(token, &["hot"]).await;
+                let from = app.keys["hot"];
+                let anvil = Anvil::start().await;
+                anvil.set_balance(from, U256::from(20 * ETHER)).await;
+                // Someone else's signed transaction (anvil's first dev account).
+                let other = PrivateKeySigner::from_bytes(&alloy::primitives::b256!(
+                    "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
+                ))
+                .unwrap();
+                let theirs = TxLegacy {
+                    chain_id: Some(CHAIN_ID),
+                    nonce: 0,
+                    gas_price: 2_000_000_000,
+                    gas_limit: 21_000,
+                    to: TxKind::Call(RECIPIENT),
+                    value: U256::from(5u64),
+                    input: Default::default(),
+                };
+                let sig = other.sign_hash_sync(&theirs.signature_hash()).unwrap();
+                let signed_theirs: TxEnvelope = theirs.clone().into_signed(sig).into();
+                let theirs_raw = alloy::primitives::Bytes::from(signed_theirs.encoded_2718());
+
+                let bundle = |v1: u128, v2: u128| {
+                    json!({
+                        "txs": [
+                            { "tx": tx_json(0, v1)["tx"] },
+                            { "signed": theirs_raw },
+                            { "tx": tx_json(1, v2)["tx"] },
+                        ],
+                        "targetBlock": "0x10",
+                    })
+                };
+                let post = |body: Value| {
+                    let client = app.client(Some("alpha"));
+                    let url = app.url("/v1/keys/hot/sign/bundle");
+                    async move {
+                        let r = client.post(url).json(&body).send().await.unwrap();
+                        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+                    }
+                };
+                // 0.6 + 0.6 ether is fine per transaction but the bundle is judged as a whole
+                // against the 1-ether approval tier: it waits; 6 + 6 ether exceeds the 10-ether
+                // value cap: refused, nothing signed.
+                let (s, b) = post(bundle(6 * ETHER, 6 * ETHER)).await;
+                assert_eq!(
+                    (s, b["error"]["code"].as_str()),
+                    (422, Some("value_cap_exceeded")),
+                    "{b}"
+                );
+                let (s, b) = post(bundle(ETHER / 10 * 6, ETHER / 10 * 6)).await;
+                assert_eq!(s, 202, "{b}");
+                assert_eq!(count_kind(&app.audit().await, "signature"), 0);
+
+                let (s, b) = post(bundle(1000, 2000)).await;
+                assert_eq!(s, 200, "{b}");
+                assert_eq!(b["submitted"]["accepted"], false);
+                assert_eq!(b["submitted"]["state"], "no_submitter");
+                let txs: Vec<alloy::primitives::Bytes> =
+                    serde_json::from_value(b["txs"].clone()).unwrap();
+                assert_eq!(txs.len(), 3);
+                assert_eq!(
+                    txs[1], theirs_raw,
+                    "others' transactions pass through unchanged"
+                );
+                for raw in &txs {
+                    let hash = anvil.send_raw(raw).await;
+                    let receipt = anvil.receipt(hash).await;
+                    assert!(receipt.status());
+                }
+                assert_eq!(
+                    anvil.provider().get_transaction_count(from).await.unwrap(),
+                    2
+                );
+            })
+        },
+    );
+}

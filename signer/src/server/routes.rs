@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use alloy::consensus::{Transaction, TypedTransaction};
 use alloy::dyn_abi::TypedData;
+use alloy::eips::Decodable2718;
 use alloy::primitives::{B256, Bytes, Signature, U256, eip191_hash_message};
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderName, StatusCode, header};
@@ -43,6 +44,10 @@ pub fn router<B: KeyBackend, S: Store>(signer: Shared<B, S>) -> Router {
             post(sign_transaction::<B, S>),
         )
         .route("/v1/keys/{name}/sign/message", post(sign_message::<B, S>))
+        .route(
+            "/v1/keys/{name}/sign/bundle",
+            post(sign_bundle_route::<B, S>),
+        )
         .route(
             "/v1/keys/{name}/sign/typed-data",
             post(sign_typed_data::<B, S>),
@@ -186,7 +191,121 @@ pub(crate) enum Job {
     Transaction(Box<TypedTransaction>),
     Message(Vec<u8>),
     TypedData(Box<TypedData>),
+    Bundle(Box<BundleJob>),
 }
+
+/// A bundle: the key's own unsigned transactions and others' signed ones, in order.
+pub(crate) struct BundleJob {
+    items: Vec<BundleItem>,
+    request: wire::SignBundleRequest,
+    bundle_id: uuid::Uuid,
+}
+
+// Most items of a bundle are the key's own transactions: boxing them would add an allocation each
+// to make the rarer pre-signed items smaller.
+#[allow(clippy::large_enum_variant)]
+enum BundleItem {
+    Ours(TypedTransaction),
+    Theirs(Bytes),
+}
+
+impl BundleJob {
+    /// Parses and chain-checks a bundle request.
+    fn parse(
+        request: wire::SignBundleRequest,
+        chain: eth::ChainGuard,
+        rid: &str,
+    ) -> Result<Self, ApiError> {
+        if request.txs.is_empty() || request.txs.len() > MAX_BUNDLE_TXS {
+            return Err(ApiError::bad_request(
+                "invalid_bundle",
+                format!("a bundle holds 1 to {MAX_BUNDLE_TXS} transactions"),
+            ));
+        }
+        let mut items = Vec::with_capacity(request.txs.len());
+        for (i, t) in request.txs.iter().enumerate() {
+            match (&t.tx, &t.signed) {
+                (Some(u), None) => {
+                    let tx = u.to_typed().map_err(|e| {
+                        ApiError::bad_request("invalid_transaction", format!("txs[{i}]: {}", e.0))
+                    })?;
+                    chain.check_transaction(&tx).map_err(eth_error)?;
+                    items.push(BundleItem::Ours(tx));
+                }
+                (None, Some(raw)) => {
+                    alloy::consensus::TxEnvelope::decode_2718(&mut raw.as_ref()).map_err(|e| {
+                        ApiError::bad_request(
+                            "invalid_transaction",
+                            format!("txs[{i}]: not a signed EIP-2718 transaction: {e}"),
+                        )
+                    })?;
+                    items.push(BundleItem::Theirs(raw.clone()));
+                }
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "invalid_bundle",
+                        format!("txs[{i}]: exactly one of `tx` and `signed` must be given"),
+                    ));
+                }
+            }
+        }
+        if !items.iter().any(|i| matches!(i, BundleItem::Ours(_))) {
+            return Err(ApiError::bad_request(
+                "nothing_to_sign",
+                "the bundle holds no transaction for this key",
+            ));
+        }
+        let last = request.last_block.unwrap_or(request.target_block);
+        if last.0 < request.target_block.0 {
+            return Err(ApiError::bad_request(
+                "invalid_bundle",
+                "lastBlock is before targetBlock",
+            ));
+        }
+        let bundle_id = request
+            .bundle_id
+            .unwrap_or_else(|| uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, rid.as_bytes()));
+        Ok(Self {
+            items,
+            request,
+            bundle_id,
+        })
+    }
+
+    /// What the request digest covers: every transaction (signing hash of ours, hash of the raw
+    /// bytes of theirs), the bundle id and the target blocks.
+    fn digest(&self) -> B256 {
+        let mut buf = Vec::with_capacity(33 * self.items.len() + 32);
+        for item in &self.items {
+            match item {
+                BundleItem::Ours(tx) => {
+                    buf.push(1);
+                    buf.extend_from_slice(
+                        alloy::consensus::SignableTransaction::signature_hash(tx).as_slice(),
+                    );
+                }
+                BundleItem::Theirs(raw) => {
+                    buf.push(2);
+                    buf.extend_from_slice(alloy::primitives::keccak256(raw).as_slice());
+                }
+            }
+        }
+        buf.extend_from_slice(self.bundle_id.as_bytes());
+        buf.extend_from_slice(&self.request.target_block.0.to_be_bytes());
+        buf.extend_from_slice(
+            &self
+                .request
+                .last_block
+                .unwrap_or(self.request.target_block)
+                .0
+                .to_be_bytes(),
+        );
+        alloy::primitives::keccak256(&buf)
+    }
+}
+
+/// Most transactions in one bundle (Flashbots' limit is 100).
+const MAX_BUNDLE_TXS: usize = 100;
 
 impl Job {
     fn payload_digest(&self) -> Result<B256, ApiError> {
@@ -196,6 +315,7 @@ impl Job {
             Job::TypedData(t) => t
                 .eip712_signing_hash()
                 .map_err(|e| ApiError::bad_request("malformed_typed_data", e.to_string()))?,
+            Job::Bundle(b) => b.digest(),
         })
     }
 
@@ -204,12 +324,22 @@ impl Job {
             Job::Transaction(_) => "transaction",
             Job::Message(_) => "personal_message",
             Job::TypedData(_) => "typed_data",
+            Job::Bundle(_) => "bundle",
         }
     }
 
     fn policy_kind(&self) -> Result<policy::RequestKind, ApiError> {
         Ok(match self {
             Job::Transaction(tx) => policy::RequestKind::Transaction(tx_facts(tx)),
+            Job::Bundle(b) => policy::RequestKind::Bundle(
+                b.items
+                    .iter()
+                    .filter_map(|i| match i {
+                        BundleItem::Ours(tx) => Some(tx_facts(tx)),
+                        BundleItem::Theirs(_) => None,
+                    })
+                    .collect(),
+            ),
             Job::Message(m) => {
                 if policy::is_relay_auth_payload(m) {
                     policy::RequestKind::RelayAuth(m.clone())
@@ -299,6 +429,39 @@ async fn sign_transaction<B: KeyBackend, S: Store>(
                 .map_err(|e| ApiError::bad_request("invalid_transaction", e.0))?;
             s.chain.check_transaction(&tx).map_err(eth_error)?;
             Ok::<_, ApiError>(Job::Transaction(Box::new(tx)))
+        }
+        .await;
+        let job = match job {
+            Ok(j) => j,
+            Err(e) => {
+                s.audit_refusal(&rid, caller.identity.as_str(), &e).await;
+                return Err(e);
+            }
+        };
+        run(&s, &caller, &name, &rid, job, Vec::new())
+            .await
+            .map(|(status, body)| (status, Json(body)).into_response())
+    }
+    .await;
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+async fn sign_bundle_route<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<ApiJson<wire::SignBundleRequest>, ApiError>,
+) -> Response {
+    let rid = match request_id(&headers) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let result: Result<Response, ApiError> = async {
+        let caller = authenticate(&s, peer, &rid, Role::Strategy).await?;
+        let job = async {
+            let ApiJson(req) = body?;
+            Ok::<_, ApiError>(Job::Bundle(Box::new(BundleJob::parse(req, s.chain, &rid)?)))
         }
         .await;
         let job = match job {
@@ -516,6 +679,11 @@ async fn create_pending<B: KeyBackend, S: Store>(
         Job::Transaction(tx) => json!({ "kind": "transaction", "tx": tx }),
         Job::Message(m) => json!({ "kind": "personal_message", "message": Bytes::from(m.clone()) }),
         Job::TypedData(t) => json!({ "kind": "typed_data", "typedData": t }),
+        Job::Bundle(b) => {
+            let mut req = b.request.clone();
+            req.bundle_id = Some(b.bundle_id);
+            json!({ "kind": "bundle", "bundle": req })
+        }
     };
     let pending = PendingRequest {
         id: RequestId::new(rid)
@@ -641,6 +809,7 @@ async fn execute<B: KeyBackend, S: Store>(
         Job::TypedData(t) => eth::sign_typed_data(&s.backend, &key.info, s.chain, (**t).clone())
             .await
             .map(|m| signature_body(rid, key, &m)),
+        Job::Bundle(b) => sign_bundle(s, key, rid, b).await,
     };
     let (audit, body) = match signed {
         Ok((audit, Ok(body))) => (audit, body),
@@ -676,6 +845,84 @@ async fn execute<B: KeyBackend, S: Store>(
         tracing::error!(error = %e, request_id = rid, "cannot record a signature outcome");
     }
     Ok((StatusCode::OK, body))
+}
+
+/// Signs every transaction of the key in a bundle (all or none), then hands the signed bundle
+/// to the submitter. A submitter failure does not undo the signatures: the answer says what the
+/// submitter accepted.
+async fn sign_bundle<B: KeyBackend, S: Store>(
+    s: &Signer<B, S>,
+    key: &LiveKey,
+    rid: &str,
+    b: &BundleJob,
+) -> Result<(Value, Result<Value, serde_json::Error>), EthError> {
+    let mut raws = Vec::with_capacity(b.items.len());
+    let mut hashes = Vec::with_capacity(b.items.len());
+    for item in &b.items {
+        match item {
+            BundleItem::Ours(tx) => {
+                let t = eth::sign_transaction(&s.backend, &key.info, s.chain, tx.clone()).await?;
+                raws.push(t.raw);
+                hashes.push(t.hash);
+            }
+            BundleItem::Theirs(raw) => {
+                hashes.push(alloy::primitives::keccak256(raw));
+                raws.push(raw.clone());
+            }
+        }
+    }
+    let submitted = match &s.submitter {
+        None => wire::SubmissionAck {
+            accepted: false,
+            state: "no_submitter".into(),
+            relays: Vec::new(),
+        },
+        Some(link) => {
+            let req = castellan_api::submitter::SubmitBundleRequest {
+                bundle_id: b.bundle_id,
+                key_name: key.record.version.name.to_string(),
+                txs: raws.clone(),
+                target_block: b.request.target_block,
+                last_block: b.request.last_block,
+                min_timestamp: b.request.min_timestamp,
+                max_timestamp: b.request.max_timestamp,
+                reverting_tx_hashes: b.request.reverting_tx_hashes.clone(),
+                replacement_uuid: b.request.replacement_uuid,
+                relays: b.request.relays.clone(),
+                simulate: b.request.simulate,
+            };
+            match link.submit(&req).await {
+                Ok(st) => wire::SubmissionAck {
+                    accepted: true,
+                    state: serde_json::to_value(st.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    relays: st.relays.iter().map(|r| r.relay.clone()).collect(),
+                },
+                Err(e) => {
+                    tracing::warn!(request_id = rid, error = %e.message, "submitter refused a bundle");
+                    wire::SubmissionAck {
+                        accepted: false,
+                        state: e.code.to_owned(),
+                        relays: Vec::new(),
+                    }
+                }
+            }
+        }
+    };
+    let body = wire::SignedBundleResponse {
+        request_id: rid.to_owned(),
+        bundle_id: b.bundle_id,
+        key_version: key.record.version.to_string(),
+        txs: raws,
+        tx_hashes: hashes.clone(),
+        submitted,
+    };
+    Ok((
+        json!({ "bundleId": b.bundle_id, "txHashes": hashes, "submitted": body.submitted }),
+        serde_json::to_value(body),
+    ))
 }
 
 fn signature_body(
