@@ -1,0 +1,125 @@
+//! Decision transactions per second through [`SqliteStore`] on a real file (fsync on every
+//! commit), with 1 and with 8 concurrent callers. Group commit lets the 8 callers share each
+//! fsync, so their combined rate should be several times the single caller's fsync-bound rate.
+//!
+//! Each decision is what the signing pipeline commits: freeze, key status and pause checks, a
+//! request-id check, three check-and-reserve windows (1 min request count, 1 h value, 24 h cost)
+//! and the audit record.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, U256, keccak256};
+use castellan_signer::audit::UnixMillis;
+use castellan_signer::backend::KeyRef;
+use castellan_signer::store::{
+    Change, DecisionTx, KeyName, KeyVersion, NewKeyVersion, RequestId, Reservation, SqliteStore,
+    Store, WindowKey,
+};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use k256::ecdsa::SigningKey;
+use serde_json::json;
+
+fn decision(n: u64, key: &KeyVersion) -> DecisionTx {
+    let window = |name: &str, duration_ms: u64, amount: u64| Reservation {
+        window: WindowKey::new(format!("key:bench:{name}")).expect("window"),
+        duration_ms,
+        amount: U256::from(amount),
+        limit: U256::MAX,
+    };
+    let id = format!("bench-{n}");
+    DecisionTx {
+        request_id: RequestId::new(id.clone()).expect("id"),
+        key: key.clone(),
+        identity: "spiffe://castellan/strategy-bench".into(),
+        at: UnixMillis::now(),
+        digest: keccak256(id.as_bytes()),
+        allow_retiring: false,
+        reservations: vec![
+            window("requests:60", 60_000, 1),
+            window("value:3600", 3_600_000, 1_000_000_000_000_000),
+            window("cost:86400", 86_400_000, 1_500_000_000_000_000),
+        ],
+        details: json!({"decision": "allow", "policy_hash": "0x00", "to": "0x00", "value": "1"}),
+    }
+}
+
+fn bench_decisions(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // On the build's target disk (not a tmpfs), so commits really fsync.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let store = Arc::new(SqliteStore::open(dir.path().join("bench.db")).expect("open"));
+    let vk = *SigningKey::from_bytes((&[9u8; 32]).into())
+        .expect("scalar")
+        .verifying_key();
+    let key = rt.block_on(async {
+        let rec = store
+            .register_key_version(
+                NewKeyVersion {
+                    name: KeyName::new("bench").expect("name"),
+                    key_ref: KeyRef::Pkcs11 {
+                        label: "bench".into(),
+                        id: "01".into(),
+                    },
+                    address: Address::from_public_key(&vk),
+                    public_key: vk.to_encoded_point(true).as_bytes().to_vec(),
+                    rotate_every_ms: None,
+                },
+                Change::new("bench", UnixMillis::now()),
+            )
+            .await
+            .expect("register");
+        store
+            .activate_version(rec.version, None, Change::new("bench", UnixMillis::now()))
+            .await
+            .expect("activate")
+            .version
+    });
+    let counter = Arc::new(AtomicU64::new(0));
+
+    let mut group = c.benchmark_group("store_decision");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(2));
+    group.measurement_time(Duration::from_secs(10));
+    for callers in [1u64, 8] {
+        group.bench_function(format!("{callers}_callers"), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    let mut tasks = Vec::new();
+                    for t in 0..callers {
+                        let n = iters / callers + u64::from(t < iters % callers);
+                        let store = Arc::clone(&store);
+                        let key = key.clone();
+                        let counter = Arc::clone(&counter);
+                        tasks.push(tokio::spawn(async move {
+                            for _ in 0..n {
+                                let id = counter.fetch_add(1, Ordering::Relaxed);
+                                store
+                                    .commit_decision(decision(id, &key))
+                                    .await
+                                    .expect("decision");
+                            }
+                        }));
+                    }
+                    for t in tasks {
+                        t.await.expect("task");
+                    }
+                    start.elapsed()
+                })
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_decisions);
+criterion_main!(benches);
