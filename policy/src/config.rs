@@ -565,15 +565,29 @@ fn compile(raw: &RawPolicy, lines: &Lines<'_>) -> Result<Policy, PolicyError> {
             }
             None => None,
         };
+        let tier_clients = match &t.clients {
+            Some(cs) => {
+                let mut out = HashSet::new();
+                for c in cs {
+                    if !clients.contains_key(&ClientId::new(c)) {
+                        return Err(lines.invalid(
+                            t.name.span(),
+                            format!("{label}.clients"),
+                            format!("unknown client `{c}`"),
+                        ));
+                    }
+                    out.insert(ClientId::new(c));
+                }
+                Some(out)
+            }
+            None => None,
+        };
         tiers.push(Tier {
             name: name.clone(),
             approvers: set_name.clone(),
             threshold,
             keys: tier_keys,
-            clients: t
-                .clients
-                .as_ref()
-                .map(|cs| cs.iter().map(ClientId::new).collect()),
+            clients: tier_clients,
             above_value: t.above_value.map(|a| a.0),
             above_cost: t.above_cost.map(|a| a.0),
             destinations: t.destinations.iter().flatten().map(|a| a.0).collect(),

@@ -208,6 +208,12 @@ const REFUSED: &[(&str, &str, usize, &[&str])] = &[
         &["duplicate tier name `t`"],
     ),
     (
+        "tier names unknown client",
+        "[[keys]]\nname = \"hot\"\n[approvers]\nops = [\"0x0000000000000000000000000000000000000001\"]\n[[tiers]]\nname = \"t\"\napprovers = \"ops\"\nthreshold = 1\nclients = [\"ghost\"]\nabove_value = 1\n",
+        6,
+        &["tiers.t.clients", "unknown client `ghost`"],
+    ),
+    (
         "client names unknown key",
         "[[keys]]\nname = \"hot\"\n[[clients]]\nidentity = \"a\"\nkeys = [\"hto\"]\n",
         5,

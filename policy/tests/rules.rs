@@ -67,6 +67,15 @@ velocity = [{{ window = "1m", max_value = "1.5 ether" }}]
 ops = ["{o1}", "{o2}"]
 
 [[tiers]]
+name = "watched"
+approvers = "ops"
+threshold = 1
+keys = ["searcher-hot"]
+clients = ["c1"]
+destinations = ["{succ_other}"]
+selectors = ["approve(address,uint256)"]
+
+[[tiers]]
 name = "big"
 approvers = "ops"
 threshold = 2
@@ -361,6 +370,29 @@ fn cases() -> Vec<Case> {
         (
             "tier bundle sum",
             plain_bundle(vec![tx(a, ether(1)), tx(a, ether(1))]),
+            Err(Code::ApprovalsRequired),
+        ),
+        (
+            "tier destination",
+            hot(tx(addr(0x5), one())),
+            Err(Code::ApprovalsRequired),
+        ),
+        (
+            "tier destination other client",
+            tx_request("searcher-hot", "c2", tx(addr(0xa), one())),
+            Ok(()),
+        ),
+        (
+            "tier selector",
+            hot(tx(a, one()).with_input(&[0x09, 0x5e, 0xa7, 0xb3, 0])),
+            Err(Code::ApprovalsRequired),
+        ),
+        (
+            "tier selector in bundle",
+            hot_bundle(vec![
+                tx(a, one()),
+                tx(a, one()).with_input(&[0x09, 0x5e, 0xa7, 0xb3]),
+            ]),
             Err(Code::ApprovalsRequired),
         ),
         (
