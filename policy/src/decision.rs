@@ -103,6 +103,21 @@ codes! {
     OperationNotConfigured => "operation_not_configured",
 }
 
+impl Code {
+    /// The HTTP status the API answers with (DESIGN "API conventions"): 200 for allowed
+    /// (the signature follows), 202 while approvals are pending, 429 when rate limited, 503
+    /// while frozen (nothing can be served), 422 for every other policy denial.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Code::Allowed | Code::AllowedByGrant | Code::AllowedByApprovals => 200,
+            Code::ApprovalsRequired => 202,
+            Code::RateLimited => 429,
+            Code::Frozen => 503,
+            _ => 422,
+        }
+    }
+}
+
 impl fmt::Display for Code {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -207,6 +222,8 @@ mod tests {
             assert!(seen.insert(s), "duplicate {s}");
             let json = serde_json::to_string(c).unwrap_or_default();
             assert_eq!(json, format!("\"{s}\""));
+            let status = c.http_status();
+            assert!(s.starts_with("allowed") == (status == 200), "{s}: {status}");
         }
     }
 }

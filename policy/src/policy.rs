@@ -136,6 +136,25 @@ impl Policy {
         self.keys.contains_key(key)
     }
 
+    /// Every window a request by `client` with `key` counts against (key windows, then client
+    /// windows), for a store that wants to load their sums in one query before evaluating.
+    /// Grant windows are not included: see [`VerifiedGrant::window`].
+    pub fn windows_for(&self, key: &KeyName, client: &ClientId) -> Vec<WindowId> {
+        let k = self
+            .keys
+            .get(key)
+            .map(|k| k.rules.windows.iter())
+            .into_iter()
+            .flatten();
+        let c = self
+            .clients
+            .get(client)
+            .map(|c| c.rules.windows.iter())
+            .into_iter()
+            .flatten();
+        k.chain(c).map(|w| w.id.clone()).collect()
+    }
+
     /// Decides one signing request.
     ///
     /// # Security

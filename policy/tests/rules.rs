@@ -899,6 +899,28 @@ fn rate_limit_boundary_and_headers() {
 }
 
 #[test]
+fn windows_for_lists_what_evaluate_reserves() {
+    let p = policy();
+    let limits = MemoryLimits::new();
+    let d = p.evaluate(
+        &tx_request("searcher-hot", "c2", tx(addr(0xa), one())),
+        &Context::new(NOW, &limits),
+    );
+    assert!(d.is_allowed(), "{}", d.reason);
+    let listed = p.windows_for(&"searcher-hot".into(), &"c2".into());
+    let mut reserved: Vec<_> = d.reservations.iter().map(|r| r.window.clone()).collect();
+    let mut listed_sorted = listed.clone();
+    reserved.sort();
+    listed_sorted.sort();
+    assert_eq!(reserved, listed_sorted);
+    assert_eq!(
+        listed.len(),
+        5,
+        "key 1h value + cost, key 1m requests, client 10s requests, client 1m value"
+    );
+}
+
+#[test]
 fn allowed_bundle_reserves_its_sum_once() {
     let p = policy();
     let limits = MemoryLimits::new();
