@@ -208,3 +208,61 @@ fn recovers_after_device_reset_and_replug() {
         },
     );
 }
+
+#[test]
+fn refused_pin_during_recovery_is_not_retried() {
+    softhsm::in_own_process(
+        "refused_pin_during_recovery_is_not_retried",
+        "pinchange",
+        |token| {
+            runtime().block_on(async {
+                let backend = Pkcs11Backend::open(&config(token)).unwrap();
+                let key = backend.generate("searcher-hot").await.unwrap();
+                sign_ok(&backend, &key).await;
+
+                // Someone changes the user PIN and logs the process out: the backend's PIN is now
+                // wrong, and every further C_Login attempt would count towards locking the token.
+                let ctx = Pkcs11::new(token.module()).unwrap();
+                let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+                let slot = ctx
+                    .get_slots_with_token()
+                    .unwrap()
+                    .into_iter()
+                    .find(|s| ctx.get_token_info(*s).unwrap().label() == token.label())
+                    .unwrap();
+                let session = ctx.open_rw_session(slot).unwrap();
+                session
+                    .set_pin(
+                        &softhsm::USER_PIN.to_owned().into(),
+                        &"11223344".to_owned().into(),
+                    )
+                    .unwrap();
+                session.logout().unwrap();
+                drop(session);
+
+                let health = wait_for(&backend, "a refused login", Duration::from_secs(5), |h| {
+                matches!(h, Health::Recovering { reason } if reason.contains("CKR_PIN_INCORRECT"))
+            })
+            .await;
+                let Health::Recovering { reason } = health else {
+                    unreachable!()
+                };
+                assert!(reason.contains("not retrying"), "{reason}");
+                assert!(!reason.contains("11223344") && !reason.contains(softhsm::USER_PIN));
+                // It stays that way (no login loop), and requests fail fast.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                assert_eq!(backend.health(), Health::Recovering { reason });
+                assert_eq!(backend.recoveries(), 0);
+                let err = backend
+                    .sign(
+                        &key.key_ref,
+                        &key.public_key,
+                        SignRequest::digest(random_digest()),
+                    )
+                    .await
+                    .unwrap_err();
+                assert!(matches!(err, BackendError::Unavailable(_)), "{err:?}");
+            });
+        },
+    );
+}

@@ -7,6 +7,9 @@
 //! - A pool of `sessions` worker threads each owns one session and serves requests from a bounded
 //!   channel, replying on a oneshot: async callers never block, and when every worker is busy
 //!   and the queue is full a request fails at once with [`BackendError::Unavailable`].
+//! - Signatures go through a second stage of verifier threads (one per session, at most one per
+//!   core) that convert `r‖s` to a verified Ethereum signature, so a session starts its next
+//!   `C_Sign` while the previous signature is being verified.
 //! - One more session, held by a keeper thread, keeps the login alive (closing a process's last
 //!   session logs it out and invalidates object handles) and is pinged every 500 ms.
 //! - Workers look keys up by label and id in their own session and cache the object handles per
@@ -49,7 +52,7 @@ pub use token::{SECP256K1_EC_PARAMS, parse_ec_point};
 use self::config::TokenLogin;
 use self::pool::{Library, Shared};
 use self::token::OpError;
-use self::worker::{Job, Op, Reply, Worker};
+use self::worker::{Job, Op, Reply, Verify, Worker};
 use super::{BackendError, EthSignature, Health, KeyBackend, KeyInfo, KeyRef, SignRequest};
 
 /// Queued requests per worker before new ones are refused with `Unavailable`.
@@ -70,6 +73,7 @@ pub struct Pkcs11Backend {
     shared: Arc<Shared>,
     sender: Option<SyncSender<Job>>,
     threads: Vec<JoinHandle<()>>,
+    sessions: usize,
     sign_timeout: Duration,
     token_label: String,
 }
@@ -78,7 +82,7 @@ impl std::fmt::Debug for Pkcs11Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pkcs11Backend")
             .field("token_label", &self.token_label)
-            .field("sessions", &self.threads.len().saturating_sub(1))
+            .field("sessions", &self.sessions)
             .field("sign_timeout", &self.sign_timeout)
             .finish_non_exhaustive()
     }
@@ -155,10 +159,19 @@ impl Pkcs11Backend {
         ));
         let (sender, receiver) = sync_channel::<Job>(config.sessions * QUEUE_PER_SESSION);
         let receiver = Arc::new(Mutex::new(receiver));
+        // One verifier per session, at most one per core: verification is pure CPU.
+        let verifiers = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(config.sessions)
+            .max(1);
+        let (verify_sender, verify_receiver) =
+            sync_channel::<Verify>(config.sessions * QUEUE_PER_SESSION);
+        let verify_receiver = Arc::new(Mutex::new(verify_receiver));
         let mut backend = Self {
             shared: Arc::clone(&shared),
             sender: Some(sender),
-            threads: Vec::with_capacity(config.sessions + 1),
+            threads: Vec::with_capacity(2 * config.sessions + 1),
+            sessions: config.sessions,
             sign_timeout: config.sign_timeout,
             token_label: config.token_label.clone(),
         };
@@ -166,8 +179,20 @@ impl Pkcs11Backend {
         backend.spawn("pkcs11-keeper".into(), move || {
             pool::keeper(&keeper_shared, Some(keepalive), generation);
         })?;
+        for i in 0..verifiers {
+            let verifier_shared = Arc::clone(&shared);
+            let receiver = Arc::clone(&verify_receiver);
+            backend.spawn(format!("pkcs11-verify-{i}"), move || {
+                worker::verifier(&verifier_shared, &receiver);
+            })?;
+        }
         for (i, session) in worker_sessions.into_iter().enumerate() {
-            let worker = Worker::new(Arc::clone(&shared), session, generation);
+            let worker = Worker::new(
+                Arc::clone(&shared),
+                session,
+                generation,
+                verify_sender.clone(),
+            );
             let receiver = Arc::clone(&receiver);
             // On a spawn error `backend` is dropped, which stops and joins what did start.
             backend.spawn(format!("pkcs11-worker-{i}"), move || worker.run(&receiver))?;
@@ -224,19 +249,19 @@ impl Pkcs11Backend {
             .try_send(Job {
                 op,
                 deadline,
+                timeout,
                 reply,
             })
             .map_err(|e| match e {
                 TrySendError::Full(_) => BackendError::Unavailable(format!(
                     "all {} sessions of token {:?} are busy and the queue is full",
-                    self.threads.len().saturating_sub(1),
-                    self.token_label
+                    self.sessions, self.token_label
                 )),
                 TrySendError::Disconnected(_) => BackendError::Stopped,
             })?;
         match tokio::time::timeout_at(deadline.into(), answer).await {
             Err(_elapsed) => Err(BackendError::Timeout(timeout)),
-            // The worker dropped the reply: the pool is shutting down.
+            // The pool dropped the reply without an answer: it is shutting down.
             Ok(Err(_closed)) => Err(BackendError::Stopped),
             Ok(Ok(result)) => result,
         }

@@ -283,10 +283,10 @@ pub(super) fn keeper(shared: &Shared, mut session: Option<Session>, mut generati
         recover(shared, &mut session, &mut generation, loss);
     }
     let lib = shared.read_lib();
-    if let Some(session) = session {
-        if lib.generation == generation {
-            let _ = session.close();
-        }
+    if let Some(session) = session
+        && lib.generation == generation
+    {
+        let _ = session.close();
     }
 }
 

@@ -1,9 +1,14 @@
 //! Worker threads: each owns one session (a cryptoki `Session` is `Send`, not `Sync`) and serves
 //! jobs from the pool's bounded channel, replying on a oneshot.
+//!
+//! Signing is a two-stage pipeline: the worker makes the `C_Sign` call and hands the device's
+//! `r‖s` to a verifier thread, which converts and verifies it (one double-scalar multiplication,
+//! about as much CPU as a signature verification) and replies. The session is free for the next
+//! `C_Sign` while the previous signature is being verified.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,10 +44,48 @@ pub(super) enum Reply {
     Done,
 }
 
+/// What the worker answers internally for a signature: the device's raw output, to verify.
+enum Done {
+    Reply(Reply),
+    RawSignature(Vec<u8>),
+}
+
+/// A device signature on its way to the verifier.
+pub(super) struct Verify {
+    rs: Vec<u8>,
+    digest: B256,
+    expected: VerifyingKey,
+    reply: oneshot::Sender<Result<Reply, BackendError>>,
+}
+
+/// The verifier stage: converts device signatures to verified Ethereum signatures and replies.
+///
+/// A signature that does not verify (a cached handle that now names another key, a device
+/// fault) also makes every worker drop its cached handles.
+pub(super) fn verifier(shared: &Shared, jobs: &Mutex<Receiver<Verify>>) {
+    loop {
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
+            rx.recv()
+        };
+        let Ok(job) = job else { break };
+        if job.reply.is_closed() {
+            continue;
+        }
+        let result = ecdsa::eth_signature_from_rs(&job.digest, &job.expected, &job.rs);
+        if result.is_err() {
+            shared.objects_epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        let _ = job.reply.send(result.map(Reply::Signature));
+    }
+}
+
 /// A queued request.
 pub(super) struct Job {
     pub(super) op: Op,
     pub(super) deadline: Instant,
+    /// The caller's timeout (for the error when the deadline passed in the queue).
+    pub(super) timeout: Duration,
     pub(super) reply: oneshot::Sender<Result<Reply, BackendError>>,
 }
 
@@ -63,6 +106,7 @@ struct WorkerSession {
 pub(super) struct Worker {
     shared: Arc<Shared>,
     session: Option<WorkerSession>,
+    verify: SyncSender<Verify>,
 }
 
 /// How long an in-flight request whose session died may wait for the recovery before its single
@@ -71,7 +115,12 @@ const RETRY_WAIT: Duration = Duration::from_secs(1);
 
 impl Worker {
     /// A worker that starts with `session` (opened in module generation `generation`).
-    pub(super) fn new(shared: Arc<Shared>, session: Session, generation: u64) -> Self {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        session: Session,
+        generation: u64,
+        verify: SyncSender<Verify>,
+    ) -> Self {
         let epoch = shared.epoch.load(Ordering::Acquire);
         let objects_epoch = shared.objects_epoch.load(Ordering::Acquire);
         Self {
@@ -83,6 +132,7 @@ impl Worker {
                 objects_epoch,
                 cache: HashMap::new(),
             }),
+            verify,
         }
     }
 
@@ -95,22 +145,55 @@ impl Worker {
                 rx.recv()
             };
             let Ok(job) = job else { break };
-            if job.reply.is_closed() || Instant::now() >= job.deadline {
-                // The caller timed out or went away while queued: do not sign for nobody.
+            if job.reply.is_closed() {
+                // The caller went away while queued: do not sign for nobody.
+                continue;
+            }
+            if Instant::now() >= job.deadline {
+                let _ = job.reply.send(Err(BackendError::Timeout(job.timeout)));
                 continue;
             }
             let result = match self.shared.check_ready() {
                 Ok(()) => self.execute(&job.op, job.deadline),
                 Err(e) => Err(e),
             };
-            let _ = job.reply.send(result);
+            match (result, job.op) {
+                (
+                    Ok(Done::RawSignature(rs)),
+                    Op::Sign {
+                        expected, digest, ..
+                    },
+                ) => {
+                    // Blocks when the verifiers are behind: back-pressure onto the job queue.
+                    let verify = Verify {
+                        rs,
+                        digest,
+                        expected,
+                        reply: job.reply,
+                    };
+                    if let Err(unsent) = self.verify.send(verify) {
+                        let _ = unsent.0.reply.send(Err(BackendError::Stopped));
+                    }
+                }
+                (Ok(Done::RawSignature(_)), _) => {
+                    let _ = job.reply.send(Err(BackendError::Unavailable(
+                        "internal error: a signature for a non-signing request".into(),
+                    )));
+                }
+                (Ok(Done::Reply(reply)), _) => {
+                    let _ = job.reply.send(Ok(reply));
+                }
+                (Err(e), _) => {
+                    let _ = job.reply.send(Err(e));
+                }
+            }
         }
         self.close();
     }
 
     /// Runs `op`; a request whose session turned out dead is retried once, on a fresh session,
     /// after the keeper has recovered — never more.
-    fn execute(&mut self, op: &Op, deadline: Instant) -> Result<Reply, BackendError> {
+    fn execute(&mut self, op: &Op, deadline: Instant) -> Result<Done, BackendError> {
         let (loss, reason, epoch) = match self.attempt(op) {
             Ok(reply) => return Ok(reply),
             Err((OpError::Lost { loss, reason }, epoch)) => (loss, reason, epoch),
@@ -135,7 +218,7 @@ impl Worker {
 
     /// One try, under the module's read lock. On failure also returns the recovery epoch the
     /// session belonged to.
-    fn attempt(&mut self, op: &Op) -> Result<Reply, (OpError, u64)> {
+    fn attempt(&mut self, op: &Op) -> Result<Done, (OpError, u64)> {
         let shared = Arc::clone(&self.shared);
         let lib = shared.read_lib();
         let epoch = shared.epoch.load(Ordering::Acquire);
@@ -145,18 +228,16 @@ impl Worker {
         let result = match op {
             Op::Generate(label) => {
                 let _admin = shared.admin_lock();
-                token::generate(session, label).map(Reply::Key)
+                token::generate(session, label).map(|k| Done::Reply(Reply::Key(k)))
             }
-            Op::KeyInfo(key) => token::read_key(session, key).map(Reply::Key),
-            Op::FindByLabel(label) => token::find_by_label(session, label).map(Reply::Key),
-            Op::Sign {
-                key,
-                expected,
-                digest,
-            } => sign(ws, key, expected, digest).map(Reply::Signature),
+            Op::KeyInfo(key) => token::read_key(session, key).map(|k| Done::Reply(Reply::Key(k))),
+            Op::FindByLabel(label) => {
+                token::find_by_label(session, label).map(|k| Done::Reply(Reply::Key(k)))
+            }
+            Op::Sign { key, digest, .. } => sign(ws, key, digest).map(Done::RawSignature),
             Op::Destroy(key) => {
                 let _admin = shared.admin_lock();
-                let result = token::destroy(session, key).map(|()| Reply::Done);
+                let result = token::destroy(session, key).map(|()| Done::Reply(Reply::Done));
                 // Other workers' cached handles for this key are now dangling.
                 shared.objects_epoch.fetch_add(1, Ordering::AcqRel);
                 ws.cache.remove(key);
@@ -233,13 +314,9 @@ impl Worker {
     }
 }
 
-/// Signs with the cached private key handle; a stale handle is looked up again once.
-fn sign(
-    ws: &mut WorkerSession,
-    key: &KeyRef,
-    expected: &VerifyingKey,
-    digest: &B256,
-) -> Result<EthSignature, OpError> {
+/// Signs with the cached private key handle (a stale handle is looked up again once); returns
+/// the device's raw output for the verifier.
+fn sign(ws: &mut WorkerSession, key: &KeyRef, digest: &B256) -> Result<Vec<u8>, OpError> {
     let (label, id) = token::pkcs11_ref(key)?;
     let mut cached = true;
     loop {
@@ -253,13 +330,7 @@ fn sign(
             }
         };
         match token::sign_digest(&ws.session, handle, digest) {
-            Ok(rs) => {
-                return ecdsa::eth_signature_from_rs(digest, expected, &rs).map_err(|e| {
-                    // A handle that signs with another key must not be used again.
-                    ws.cache.remove(key);
-                    OpError::Fail(e)
-                });
-            }
+            Ok(rs) => return Ok(rs),
             Err(OpError::Stale(_)) if cached => {
                 // E.g. the key was destroyed and re-created, or the login was renewed: look it
                 // up again (which also tells a lost login from a missing key).
