@@ -992,3 +992,11 @@ fn freeze_pause_and_breaker() {
     ctx.now = NOW + 600;
     assert!(p.evaluate(&req, &ctx).is_allowed());
 }
+
+#[test]
+fn policy_and_limits_can_be_shared_across_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<Policy>();
+    shared::<MemoryLimits>();
+    shared::<castellan_policy::Decision>();
+}
