@@ -1025,6 +1025,43 @@ pub async fn checkpoint_if_due<S: Store, B: KeyBackend>(
     Ok(Some(store.append_checkpoint(payload, at).await?))
 }
 
+/// Periodic upkeep for a running signer, until `shutdown` completes: every `interval` it deletes
+/// expired reservations ([`Store::prune_reservations`]) and, with an audit key, appends a signed
+/// checkpoint when `checkpoint_every` records have accumulated ([`checkpoint_if_due`]). A failed
+/// round is logged and retried at the next tick; an HSM that is down delays checkpoints but never
+/// blocks signing.
+pub async fn run_maintenance<S: Store, B: KeyBackend>(
+    store: &S,
+    backend: &B,
+    audit_key: Option<&AuditKey>,
+    checkpoint_every: u64,
+    interval: std::time::Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = ticks.tick() => {}
+        }
+        let now = UnixMillis::now();
+        match store.prune_reservations(now).await {
+            Ok(n) if n > 0 => tracing::debug!(pruned = n, "expired reservations deleted"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning reservations failed"),
+        }
+        if let Some(key) = audit_key {
+            match checkpoint_if_due(store, backend, key, checkpoint_every, now).await {
+                Ok(Some(r)) => tracing::info!(seq = r.seq, "audit checkpoint appended"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "audit checkpoint failed"),
+            }
+        }
+    }
+}
+
 /// Writes every record from `from` to `w` as JSON lines; returns how many.
 pub async fn export_jsonl<S: Store, W: std::io::Write>(
     store: &S,

@@ -79,3 +79,107 @@ async fn checkpoints_every_n_records_and_verifies() {
         Err(StoreError::Invalid(_))
     ));
 }
+
+#[tokio::test]
+async fn maintenance_prunes_and_checkpoints_until_shutdown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(dir.path().join("db")).expect("open");
+    let backend = TestBackend::new(7);
+    let key = backend.audit_key();
+    // A reservation made long ago, whose window has passed.
+    let signing = TestBackend::new(9).audit_key();
+    let change = Change::new("admin", UnixMillis(1_000));
+    let v = store
+        .register_key_version(
+            NewKeyVersion {
+                name: KeyName::new("old").expect("name"),
+                key_ref: signing.key_ref.clone(),
+                address: signing.address,
+                public_key: signing
+                    .public_key
+                    .to_encoded_point(true)
+                    .as_bytes()
+                    .to_vec(),
+                rotate_every_ms: None,
+            },
+            change.clone(),
+        )
+        .await
+        .expect("register");
+    store
+        .activate_version(v.version.clone(), None, change)
+        .await
+        .expect("activate");
+    let window = WindowKey::new("key:old:value:60").expect("window");
+    store
+        .commit_decision(DecisionTx {
+            request_id: RequestId::new("old-1").expect("id"),
+            key: v.version,
+            identity: "client".into(),
+            at: UnixMillis(2_000),
+            digest: B256::repeat_byte(2),
+            allow_retiring: false,
+            reservations: vec![Reservation {
+                window: window.clone(),
+                duration_ms: 60_000,
+                amount: U256::from(5),
+                limit: U256::from(10),
+            }],
+            details: json!({}),
+        })
+        .await
+        .expect("decision");
+    let query = vec![WindowQuery {
+        window,
+        duration_ms: 60_000,
+    }];
+    let in_window = UnixMillis(2_001);
+    assert_eq!(
+        store
+            .window_sums(query.clone(), in_window)
+            .await
+            .expect("sum")[0]
+            .1,
+        U256::from(5)
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = run_maintenance(
+        &store,
+        &backend,
+        Some(&key),
+        3,
+        std::time::Duration::from_millis(10),
+        async {
+            let _ = stopped.await;
+        },
+    );
+    let check = async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.last_checkpoint_seq().await.expect("read").is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint appended"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let _ = stop.send(());
+    };
+    tokio::join!(run, check);
+    // Key register, activate, decision: then the checkpoint.
+    assert_eq!(store.last_checkpoint_seq().await.expect("read"), Some(4));
+    let records = store
+        .audit_records(AuditCursor::Seq(1), usize::MAX)
+        .await
+        .expect("records");
+    assert_eq!(
+        records.len(),
+        4,
+        "one checkpoint: fewer than 3 records since"
+    );
+    // The expired reservation's row and buckets are gone (even seen from inside its window).
+    assert_eq!(
+        store.window_sums(query, in_window).await.expect("sum")[0].1,
+        U256::ZERO
+    );
+    verify_chain(&records, Some(key.address)).expect("verifies");
+}
