@@ -259,6 +259,18 @@ async fn failing_relays_never_delay_healthy_ones_and_their_breakers_open() {
         let r = status.relays.iter().find(|r| r.relay == bad).unwrap();
         assert!(r.skipped >= 1 && !r.accepted, "{r:#?}");
     }
+    // A selection weighted by health now picks only the healthy relays.
+    let mut weighted = h.request(
+        vec![signed_transfer(0, 0, recipient())],
+        block,
+        block + 5,
+        "k",
+    );
+    weighted.relays = RelaySelection::Weighted { max: None };
+    let (status, _) = h.engine.submit(weighted).await.unwrap();
+    let mut picked: Vec<_> = status.relays.iter().map(|r| r.relay.as_str()).collect();
+    picked.sort();
+    assert_eq!(picked, vec!["good-a", "good-b"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -713,4 +725,38 @@ async fn simulation_stops_a_bundle_whose_tx_reverts() {
             .count()
             >= 2
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_transactions_reach_flashbots_and_bloxroute() {
+    let h = Harness::start(vec![flashbots("flashbots"), bloxroute("bloxroute")], "").await;
+    let raw = signed_transfer(1, 0, recipient());
+    let hash = alloy::primitives::keccak256(&raw).to_string();
+    for relay in h.engine.relays() {
+        match relay.send_private_raw_transaction(&raw).await {
+            castellan_submitter::relay::SendResult::Accepted {
+                hash: Some(got), ..
+            } => assert_eq!(got, hash),
+            other => panic!("{}: {other:?}", relay.name()),
+        }
+    }
+    assert!(
+        h.relay("flashbots")
+            .received()
+            .iter()
+            .any(|r| r.method == "eth_sendPrivateRawTransaction" && r.signer.is_some())
+    );
+    assert!(
+        h.relay("bloxroute")
+            .received()
+            .iter()
+            .any(|r| r.method == "blxr_private_tx")
+    );
+    for (name, relay) in &h.relays {
+        assert!(
+            relay.violations().is_empty(),
+            "{name}: {:?}",
+            relay.violations()
+        );
+    }
 }
