@@ -117,7 +117,7 @@ fn raw_parallel(
 ) -> Duration {
     let n = sessions.len() as u64;
     let start = Instant::now();
-    let moved: Vec<_> = sessions.drain(..).collect();
+    let moved = std::mem::take(sessions);
     let handles: Vec<_> = moved
         .into_iter()
         .enumerate()

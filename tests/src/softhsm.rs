@@ -229,6 +229,7 @@ pub fn in_own_process(test_path: &str, label: &str, body: impl FnOnce(&SoftHsmTo
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

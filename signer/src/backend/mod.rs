@@ -140,8 +140,7 @@ pub trait KeyBackend: Send + Sync + 'static {
     fn generate(&self, label: &str) -> impl Future<Output = Result<KeyInfo, BackendError>> + Send;
 
     /// Reads the public key of an existing key and derives its address.
-    fn key_info(&self, key: &KeyRef)
-    -> impl Future<Output = Result<KeyInfo, BackendError>> + Send;
+    fn key_info(&self, key: &KeyRef) -> impl Future<Output = Result<KeyInfo, BackendError>> + Send;
 
     /// Finds a key by its label alone (the id is looked up).
     fn find_by_label(

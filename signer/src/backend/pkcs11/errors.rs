@@ -93,6 +93,7 @@ pub(super) fn rv_name(rv: &RvError) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

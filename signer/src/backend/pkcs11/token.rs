@@ -451,6 +451,7 @@ fn check_label(label: &str) -> Result<(), OpError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use k256::ecdsa::SigningKey;
