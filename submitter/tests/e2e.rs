@@ -760,3 +760,141 @@ async fn private_transactions_reach_flashbots_and_bloxroute() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reorg_puts_a_tentative_inclusion_back_to_pending() {
+    let h = Harness::start(
+        vec![builder(
+            "titan",
+            Behavior::Normal,
+            "kind = \"builder\"\nsign = false",
+        )],
+        "",
+    )
+    .await;
+    let head = h.engine.head();
+    let req = h.request(
+        vec![signed_transfer(1, 0, recipient())],
+        head + 1,
+        head + 20,
+        "k",
+    );
+    let id = req.bundle_id;
+    h.engine.submit(req).await.unwrap();
+    let block = head + 1;
+    h.relay("titan")
+        .wait_for("bundle", Duration::from_secs(5), |r| {
+            r.bundle.as_ref().is_some_and(|b| b.block == block)
+        })
+        .await;
+    let snapshot: alloy::primitives::U256 = h
+        .anvil
+        .provider()
+        .raw_request("evm_snapshot".into(), ())
+        .await
+        .unwrap();
+    assert_eq!(
+        h.relay("titan")
+            .build_block(h.anvil.provider(), block)
+            .await,
+        1
+    );
+    h.mine().await;
+    let s = h.wait_status(id, "included", included).await;
+    assert_eq!(
+        (s.included_block, s.confirmed),
+        (Some(Quantity(block)), false)
+    );
+    // The block is dropped (the chain goes back to before it): pending again, and sent again
+    // for the same block number.
+    let reverted: bool = h
+        .anvil
+        .provider()
+        .raw_request("evm_revert".into(), (snapshot,))
+        .await
+        .unwrap();
+    assert!(reverted);
+    h.wait_head(head).await;
+    let s = h
+        .wait_status(id, "pending again", |s| s.state == BundleState::Pending)
+        .await;
+    assert_eq!(s.included_block, None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.relay("titan").blocks_for_uuid(&id.to_string()) != vec![block, block] {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            h.relay("titan").blocks_for_uuid(&id.to_string())
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_route_is_used_only_when_named() {
+    let h = Harness::start(
+        vec![builder(
+            "titan",
+            Behavior::Normal,
+            "kind = \"builder\"\nsign = false",
+        )],
+        "",
+    )
+    .await;
+    // Not a stand-in: the node itself, through an opt-in rpc relay.
+    let text = format!(
+        "name = \"mempool\"\nkind = \"rpc\"\nurl = \"{}\"",
+        h.anvil.url()
+    );
+    let rpc: castellan_submitter::config::RelayConfig = toml::from_str(&text).unwrap();
+    assert!(
+        !rpc.to_spec().unwrap().unwrap().default,
+        "never a silent default"
+    );
+    // Restart the engine over a configuration that adds the rpc route.
+    let mut h = h;
+    let config_text = format!(
+        "[api]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n[chain]\nchain_id = 31337\nnode_url = \"{}\"\nconfirmations = 0\n[store]\npath = \"{}\"\n\
+         [[relay]]\nname = \"titan\"\nkind = \"builder\"\nurl = \"{}\"\nsign = false\n\
+         [[relay]]\nname = \"mempool\"\nkind = \"rpc\"\nurl = \"{}\"\n",
+        h.anvil.url(),
+        h.dir.path().join("rpc.db").display(),
+        h.relay("titan").url(),
+        h.anvil.url()
+    );
+    h.config = castellan_submitter::config::Config::parse(&config_text).unwrap();
+    h.restart().await;
+    let head = h.engine.head();
+    // "All" does not include the rpc route.
+    let all = h.request(
+        vec![signed_transfer(1, 0, recipient())],
+        head + 1,
+        head + 5,
+        "k",
+    );
+    let (s, _) = h.engine.submit(all).await.unwrap();
+    assert_eq!(
+        s.relays
+            .iter()
+            .map(|r| r.relay.as_str())
+            .collect::<Vec<_>>(),
+        vec!["titan"]
+    );
+    // Named, it sends the raw transaction to the node's mempool, and the next block has it.
+    let mut named = h.request(
+        vec![signed_transfer(2, 0, recipient())],
+        head + 1,
+        head + 5,
+        "k",
+    );
+    named.relays = RelaySelection::Named {
+        relays: vec!["mempool".into()],
+    };
+    let id = named.bundle_id;
+    h.engine.submit(named).await.unwrap();
+    h.wait_status(id, "accepted by the node", |s| s.relays[0].accepted)
+        .await;
+    h.mine().await;
+    let s = h.wait_status(id, "included", |s| s.confirmed).await;
+    assert_eq!(s.included_block, Some(Quantity(head + 1)));
+}
