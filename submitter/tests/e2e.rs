@@ -172,9 +172,11 @@ async fn failing_relays_never_delay_healthy_ones_and_their_breakers_open() {
                         .is_some_and(|b| b.uuid.as_deref() == Some(id.to_string().as_str()))
                 })
                 .await;
+            // Loopback answers take ~1 ms; the bound is generous for a loaded CI box and still
+            // far below the hanging relay's 1.5 s timeout, which must not delay anyone.
             let latency = r.at.saturating_duration_since(submitted);
             assert!(
-                latency < Duration::from_millis(200),
+                latency < Duration::from_millis(500),
                 "{name} got bundle after {latency:?}"
             );
         }
@@ -243,7 +245,7 @@ async fn failing_relays_never_delay_healthy_ones_and_their_breakers_open() {
                 .await;
             let latency = r.at.saturating_duration_since(mined_at);
             assert!(
-                latency < Duration::from_millis(300),
+                latency < Duration::from_millis(500),
                 "{name} got block {block} after {latency:?}"
             );
         }
