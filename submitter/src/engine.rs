@@ -218,6 +218,16 @@ impl Engine {
         if let Some(existing) = self.existing(&bundle)? {
             return Ok((existing, false));
         }
+        if self.ready() && bundle.last_block <= self.head() {
+            return Err(ApiError::bad_request(
+                "block_range_passed",
+                format!(
+                    "lastBlock {} is not after the current head {}",
+                    bundle.last_block,
+                    self.head()
+                ),
+            ));
+        }
         let relays = self.select(&bundle.selection)?;
         let id = bundle.id;
         let status = {

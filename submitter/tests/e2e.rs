@@ -614,6 +614,24 @@ async fn same_bundle_id_is_never_duplicated_even_across_a_restart() {
         (code.as_u16(), err["error"]["code"].as_str()),
         (400, Some("unknown_relay"))
     );
+    let past = h.request(
+        vec![signed_transfer(2, 0, recipient())],
+        head - 1,
+        head,
+        "k",
+    );
+    let (code, err) = h
+        .call(
+            "POST",
+            "/v1/bundles",
+            Some(serde_json::to_string(&past).unwrap()),
+            Some(&[Role::Signer]),
+        )
+        .await;
+    assert_eq!(
+        (code.as_u16(), err["error"]["code"].as_str()),
+        (400, Some("block_range_passed"))
+    );
     let (code, err) = h
         .call(
             "GET",
