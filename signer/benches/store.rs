@@ -1,6 +1,7 @@
 //! Decision transactions per second through [`SqliteStore`] on a real file (fsync on every
 //! commit), with 1 and with 8 concurrent callers. Group commit lets the 8 callers share each
 //! fsync, so their combined rate should be several times the single caller's fsync-bound rate.
+//! 64 callers show where the writer thread becomes CPU-bound.
 //!
 //! Each decision is what the signing pipeline commits: freeze, key status and pause checks, a
 //! request-id check, three check-and-reserve windows (1 min request count, 1 h value, 24 h cost)
@@ -89,7 +90,7 @@ fn bench_decisions(c: &mut Criterion) {
     group.sample_size(10);
     group.warm_up_time(Duration::from_secs(2));
     group.measurement_time(Duration::from_secs(10));
-    for callers in [1u64, 8] {
+    for callers in [1u64, 8, 64] {
         group.bench_function(format!("{callers}_callers"), |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
