@@ -24,6 +24,10 @@ pub struct Config {
     /// Relay health and breaker.
     #[serde(default)]
     pub health: HealthConfig,
+    /// The signer (relay-auth signatures, outcome reports); without it, relays that sign are
+    /// refused and outcomes go to the log.
+    #[serde(default)]
+    pub signer: Option<crate::signer::SignerConfig>,
     /// Relays and builders.
     #[serde(rename = "relay", default)]
     pub relays: Vec<RelayConfig>,

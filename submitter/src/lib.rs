@@ -18,6 +18,7 @@ pub mod health;
 pub mod metrics;
 pub mod node;
 pub mod relay;
+pub mod signer;
 pub mod store;
 pub mod wire;
 

@@ -3,9 +3,9 @@
 //!
 //! PENDING (the lead adds it in `api::tls`): the mTLS listener and identity layer. Until then the
 //! API listens on plain HTTP and only on a loopback address, and every local caller gets a
-//! development identity with the `signer` and `admin` roles. The relay-auth signer (the signer's
-//! API) and the outcome client are pending too: relays that sign are refused at start, and
-//! outcomes go to the log.
+//! development identity with the `signer` and `admin` roles. Relay-auth signatures and outcome
+//! reports go to the signer named in `[signer]`; without it, relays that sign are refused at
+//! start and outcomes go to the log.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,9 +14,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use axum::Extension;
 use castellan_api::submitter::{CallerIdentity, Role};
+use castellan_submitter::auth::RelayAuthSigner;
 use castellan_submitter::config::Config;
+use castellan_submitter::signer::{SignerOutcomes, SignerRelayAuth};
 use castellan_submitter::store::Store;
-use castellan_submitter::{LogOutcomes, api};
+use castellan_submitter::{LogOutcomes, OutcomeSink, api};
 use clap::Parser;
 
 /// Command line.
@@ -50,8 +52,20 @@ async fn main() -> anyhow::Result<()> {
     }
     let store = Store::open(&config.store.path)
         .with_context(|| format!("opening {}", config.store.path.display()))?;
-    // No relay-auth client yet: a relay that signs makes this fail with a clear message.
-    let engine = castellan_submitter::build_engine(&config, None, store, Arc::new(LogOutcomes))?;
+    // With a [signer] section, relay-auth signatures and outcomes go through the signer's mTLS
+    // API; without one, a relay that signs makes this fail with a clear message.
+    let (auth, sink): (Option<Arc<dyn RelayAuthSigner>>, Arc<dyn OutcomeSink>) =
+        match &config.signer {
+            Some(signer) => {
+                let client = castellan_submitter::signer::client(signer)?;
+                (
+                    Some(Arc::new(SignerRelayAuth::new(client.clone()))),
+                    Arc::new(SignerOutcomes::new(client)),
+                )
+            }
+            None => (None, Arc::new(LogOutcomes)),
+        };
+    let engine = castellan_submitter::build_engine(&config, auth, store, sink)?;
     let live = engine.restore().await?;
     tracing::info!(live, relays = engine.relays().len(), "bundles restored");
     let tracker = engine.spawn_head_tracker(Duration::from_millis(config.chain.poll_interval_ms));
