@@ -918,3 +918,125 @@ async fn rpc_route_is_used_only_when_named() {
     let s = h.wait_status(id, "included", |s| s.confirmed).await;
     assert_eq!(s.included_block, Some(Quantity(head + 1)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_expires_after_its_last_block_or_max_timestamp() {
+    let h = Harness::start(vec![bloxroute("bloxroute")], "").await;
+    let head = h.engine.head();
+    let req = h.request(
+        vec![signed_transfer(1, 0, recipient())],
+        head + 1,
+        head + 2,
+        "k",
+    );
+    let id = req.bundle_id;
+    h.engine.submit(req).await.unwrap();
+    let mut stale = h.request(
+        vec![signed_transfer(2, 0, recipient())],
+        head + 1,
+        head + 10,
+        "k",
+    );
+    stale.max_timestamp = Some(Quantity(1_000_000_000)); // 2001: already past
+    let stale_id = stale.bundle_id;
+    h.engine.submit(stale).await.unwrap();
+    h.mine().await;
+    h.mine().await;
+    let s = h
+        .wait_status(id, "expired", |s| s.state == BundleState::Expired)
+        .await;
+    assert_eq!(s.reason.as_deref(), Some("expired"));
+    assert_eq!(
+        h.relay("bloxroute").blocks_for_uuid(&id.to_string()),
+        vec![head + 1, head + 2]
+    );
+    let s = h
+        .wait_status(stale_id, "expired", |s| s.state == BundleState::Expired)
+        .await;
+    assert_eq!(s.last_submitted_block, Some(Quantity(head + 1)));
+    h.mine().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        h.relay("bloxroute").blocks_for_uuid(&id.to_string()),
+        vec![head + 1, head + 2]
+    );
+    let outcome = h.outcomes.wait_for(id, Duration::from_secs(5)).await;
+    assert_eq!(
+        (outcome.outcome, outcome.state),
+        (OutcomeKind::NotIncluded, BundleState::Expired)
+    );
+    // bloXroute got object params, no 0x on txs and its Authorization on every request.
+    assert!(
+        h.relay("bloxroute").violations().is_empty(),
+        "{:?}",
+        h.relay("bloxroute").violations()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bloxroute_simulation_stops_a_reverting_bundle() {
+    let h = Harness::start(
+        vec![RelaySetup {
+            toml: "kind = \"bloxroute\"\nsimulate = true",
+            ..bloxroute("bloxroute")
+        }],
+        "",
+    )
+    .await;
+    let reverter = alloy::primitives::Address::repeat_byte(0xdd);
+    let () = h
+        .anvil
+        .provider()
+        .raw_request(
+            "anvil_setCode".into(),
+            (
+                reverter,
+                Bytes::from_static(&[0x60, 0x00, 0x60, 0x00, 0xfd]),
+            ),
+        )
+        .await
+        .unwrap();
+    let head = h.engine.head();
+    let mut bad = h.request(
+        vec![signed_call(1, 0, reverter, Bytes::new(), 100_000)],
+        head + 1,
+        head + 5,
+        "k",
+    );
+    bad.simulate = true;
+    h.engine.submit(bad.clone()).await.unwrap();
+    let s = h
+        .wait_status(bad.bundle_id, "failed", |s| s.state == BundleState::Failed)
+        .await;
+    assert_eq!(s.reason.as_deref(), Some("simulation_reverted"));
+    assert_eq!(s.simulation.unwrap().relay, "bloxroute");
+    assert!(
+        h.relay("bloxroute")
+            .received()
+            .iter()
+            .any(|r| r.method == "blxr_simulate_bundle")
+    );
+    assert!(
+        h.relay("bloxroute")
+            .blocks_for_uuid(&bad.bundle_id.to_string())
+            .is_empty()
+    );
+    // Allowed to revert: the same call listed in revertingTxHashes is sent.
+    let raw = signed_call(2, 0, reverter, Bytes::new(), 100_000);
+    let mut allowed = h.request(vec![raw.clone()], head + 1, head + 5, "k");
+    allowed.simulate = true;
+    allowed.reverting_tx_hashes = vec![alloy::primitives::keccak256(&raw)];
+    h.engine.submit(allowed.clone()).await.unwrap();
+    h.relay("bloxroute")
+        .wait_for("the allowed bundle", Duration::from_secs(5), |r| {
+            r.bundle
+                .as_ref()
+                .is_some_and(|b| b.uuid.as_deref() == Some(allowed.bundle_id.to_string().as_str()))
+        })
+        .await;
+    assert!(
+        h.relay("bloxroute").violations().is_empty(),
+        "{:?}",
+        h.relay("bloxroute").violations()
+    );
+}
