@@ -223,10 +223,12 @@ fn run(token: &SoftHsmToken) {
         group.finish();
     }
 
-    // One summary in signs/s with the ratios the issue asks for (fixed 3 s runs).
-    let window = Duration::from_secs(3);
+    // A summary in signs/s with the ratios the issue asks for. The machine may be shared, so the
+    // configurations are measured in interleaved rounds (1 s each) and the best round of each is
+    // reported next to the median: a transient load then hits both sides of a ratio alike.
+    let window = Duration::from_secs(1);
     let rate = |f: &mut dyn FnMut(u64) -> Duration| {
-        let mut n = 256u64;
+        let mut n = 64u64;
         loop {
             let elapsed = f(n);
             if elapsed >= window {
@@ -235,53 +237,73 @@ fn run(token: &SoftHsmToken) {
             n *= 2;
         }
     };
-    let raw1 = rate(&mut |n| {
-        let (session, key) = &raw[0];
-        let start = Instant::now();
-        for i in 0..n {
-            black_box(raw_sign(
-                session,
-                *key,
-                &digests[i as usize % digests.len()],
-            ));
-        }
-        start.elapsed()
-    });
-    let raw2 = rate(&mut |n| raw_parallel(&mut raw, &digests, n));
-    let seq1 = rate(&mut |n| backend_parallel(&rt, &backend1, &key, &digests, 1, n));
-    let be1 = rate(&mut |n| backend_parallel(&rt, &backend1, &key, &digests, 2, n));
-    let be2 = rate(&mut |n| backend_parallel(&rt, &backend2, &key, &digests, 4, n));
-    let convert = rate(&mut |n| {
-        let (session, handle) = &raw[0];
-        let rs = raw_sign(session, *handle, &digests[0]);
-        let start = Instant::now();
-        for _ in 0..n {
-            black_box(
-                castellan_signer::backend::ecdsa::eth_signature_from_rs(
-                    &digests[0],
-                    &key.public_key,
-                    black_box(&rs),
-                )
-                .unwrap(),
-            );
-        }
-        start.elapsed()
-    });
-    println!("summary (signs/s):");
+    let rounds = 5;
+    let mut samples: [Vec<f64>; 6] = Default::default();
+    for _ in 0..rounds {
+        samples[0].push(rate(&mut |n| {
+            let (session, key) = &raw[0];
+            let start = Instant::now();
+            for i in 0..n {
+                black_box(raw_sign(
+                    session,
+                    *key,
+                    &digests[i as usize % digests.len()],
+                ));
+            }
+            start.elapsed()
+        }));
+        samples[1].push(rate(&mut |n| {
+            backend_parallel(&rt, &backend1, &key, &digests, 2, n)
+        }));
+        samples[2].push(rate(&mut |n| {
+            backend_parallel(&rt, &backend1, &key, &digests, 1, n)
+        }));
+        samples[3].push(rate(&mut |n| raw_parallel(&mut raw, &digests, n)));
+        samples[4].push(rate(&mut |n| {
+            backend_parallel(&rt, &backend2, &key, &digests, 4, n)
+        }));
+        samples[5].push(rate(&mut |n| {
+            let (session, handle) = &raw[0];
+            let rs = raw_sign(session, *handle, &digests[0]);
+            let start = Instant::now();
+            for _ in 0..n {
+                black_box(
+                    castellan_signer::backend::ecdsa::eth_signature_from_rs(
+                        &digests[0],
+                        &key.public_key,
+                        black_box(&rs),
+                    )
+                    .unwrap(),
+                );
+            }
+            start.elapsed()
+        }));
+    }
+    let stats = |v: &Vec<f64>| {
+        let mut v = v.clone();
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[v.len() - 1])
+    };
+    let [raw1, be1, seq1, raw2, be2, convert] = samples.each_ref().map(stats);
+    println!("summary (signs/s, median / best of {rounds} interleaved 1 s rounds):");
+    let row = |name: &str, raw: (f64, f64), backend: (f64, f64)| {
+        println!(
+            "  {name:<34} raw C_Sign {:6.0} / {:6.0}   backend {:6.0} / {:6.0}   ratio {:.3} / {:.3}",
+            raw.0,
+            raw.1,
+            backend.0,
+            backend.1,
+            backend.0 / raw.0,
+            backend.1 / raw.1
+        );
+    };
+    row("1 session, 2 requests in flight", raw1, be1);
+    row("1 session, sequential caller", raw1, seq1);
+    row("2 sessions, 4 requests in flight", raw2, be2);
     println!(
-        "  1 session : raw C_Sign {raw1:8.0}   backend {be1:8.0} (2 in flight)   backend/raw {:.3}",
-        be1 / raw1
-    );
-    println!(
-        "  1 session : raw C_Sign {raw1:8.0}   backend {seq1:8.0} (sequential)   backend/raw {:.3}",
-        seq1 / raw1
-    );
-    println!(
-        "  2 sessions: raw C_Sign {raw2:8.0}   backend {be2:8.0} (4 in flight)   backend/raw {:.3}",
-        be2 / raw2
-    );
-    println!(
-        "  conversion alone (one core): {convert:8.0}/s = {:.1} us each",
-        1e6 / convert
+        "  conversion alone, one core: {:.0} / {:.0} per s ({:.1} us each at best)",
+        convert.0,
+        convert.1,
+        1e6 / convert.1
     );
 }
