@@ -91,6 +91,7 @@ fn bench_decisions(c: &mut Criterion) {
     group.warm_up_time(Duration::from_secs(2));
     group.measurement_time(Duration::from_secs(10));
     for callers in [1u64, 8, 64] {
+        let before = store.commit_stats();
         group.bench_function(format!("{callers}_callers"), |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
@@ -118,6 +119,12 @@ fn bench_decisions(c: &mut Criterion) {
                 })
             });
         });
+        let after = store.commit_stats();
+        let (jobs, commits) = (after.jobs - before.jobs, after.commits - before.commits);
+        eprintln!(
+            "{callers} callers: {jobs} decisions in {commits} commits ({:.1} per fsync)",
+            jobs as f64 / commits.max(1) as f64
+        );
     }
     group.finish();
 }

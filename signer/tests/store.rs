@@ -681,9 +681,19 @@ async fn eight_concurrent_callers_never_exceed_a_limit() {
     let (_dir, path) = tempdb();
     let store = Arc::new(SqliteStore::open(&path).expect("open"));
     let key = active_key(&store, "searcher-hot", 1).await;
+    let before = store.commit_stats();
     let committed = hammer(vec![Arc::clone(&store)], key, 8, 40).await;
     // 320 attempts of 7 against a limit of 1000: exactly floor(1000 / 7) fit.
     assert_eq!(committed, 142);
+    // Group commit: 320 decisions (committed or refused, each audited) in far fewer fsyncs.
+    let after = store.commit_stats();
+    let (jobs, commits) = (after.jobs - before.jobs, after.commits - before.commits);
+    assert_eq!(jobs, 320);
+    eprintln!("group commit: {jobs} decisions in {commits} commits");
+    assert!(
+        commits * 2 <= jobs,
+        "{jobs} decisions took {commits} commits"
+    );
     assert_eq!(sum(&store, "hot", 999).await, U256::from(994));
     verify_chain(&all_records(&store).await, None).expect("chain verifies");
 }

@@ -95,7 +95,7 @@ use serde_json::Value;
 use crate::audit::{AuditEntry, AuditError, AuditKey, AuditRecord, CheckpointPayload, UnixMillis};
 use crate::backend::{KeyBackend, KeyRef};
 
-pub use sqlite::{SqliteConfig, SqliteStore};
+pub use sqlite::{CommitStats, SqliteConfig, SqliteStore};
 
 /// A key name: `[a-z0-9][a-z0-9-]{0,62}`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

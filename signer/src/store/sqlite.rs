@@ -53,6 +53,23 @@ pub struct SqliteStore {
     writer: Option<JoinHandle<()>>,
     reader: Arc<Mutex<Connection>>,
     path: PathBuf,
+    stats: Arc<CommitCounters>,
+}
+
+/// Group-commit counters of one [`SqliteStore`] (for metrics: jobs per commit is the batching
+/// factor).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Write transactions committed (one fsync each).
+    pub commits: u64,
+    /// Write jobs (decisions, outcomes, changes) answered, committed or refused.
+    pub jobs: u64,
+}
+
+#[derive(Debug, Default)]
+struct CommitCounters {
+    commits: std::sync::atomic::AtomicU64,
+    jobs: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -77,21 +94,33 @@ impl SqliteStore {
         let reader = open_connection(&path, config.busy_timeout)?;
         let (sender, receiver) = mpsc::channel(config.queue_depth.max(1));
         let max_batch = config.max_batch.max(1);
+        let stats = Arc::new(CommitCounters::default());
+        let writer_stats = Arc::clone(&stats);
         let writer = std::thread::Builder::new()
             .name("castellan-store-writer".into())
-            .spawn(move || writer_loop(writer_conn, receiver, max_batch))
+            .spawn(move || writer_loop(writer_conn, receiver, max_batch, &writer_stats))
             .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             sender: Some(sender),
             writer: Some(writer),
             reader: Arc::new(Mutex::new(reader)),
             path,
+            stats,
         })
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How many transactions were committed for how many write jobs so far.
+    pub fn commit_stats(&self) -> CommitStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        CommitStats {
+            commits: self.stats.commits.load(Relaxed),
+            jobs: self.stats.jobs.load(Relaxed),
+        }
     }
 
     async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -1150,7 +1179,12 @@ impl WriteCtx<'_> {
     }
 }
 
-fn writer_loop(conn: Connection, mut receiver: mpsc::Receiver<Box<dyn Job>>, max_batch: usize) {
+fn writer_loop(
+    conn: Connection,
+    mut receiver: mpsc::Receiver<Box<dyn Job>>,
+    max_batch: usize,
+    stats: &CommitCounters,
+) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
     while let Some(job) = receiver.blocking_recv() {
         batch.push(job);
@@ -1160,12 +1194,15 @@ fn writer_loop(conn: Connection, mut receiver: mpsc::Receiver<Box<dyn Job>>, max
                 Err(_) => break,
             }
         }
-        run_batch(&conn, batch.drain(..));
+        stats
+            .jobs
+            .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        run_batch(&conn, batch.drain(..), stats);
     }
 }
 
 /// One transaction, one fsync, for every job in the batch; answers after the commit.
-fn run_batch(conn: &Connection, jobs: impl Iterator<Item = Box<dyn Job>>) {
+fn run_batch(conn: &Connection, jobs: impl Iterator<Item = Box<dyn Job>>, stats: &CommitCounters) {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let msg = format!("cannot begin a write transaction: {e}");
         for job in jobs {
@@ -1205,6 +1242,10 @@ fn run_batch(conn: &Connection, jobs: impl Iterator<Item = Box<dyn Job>>) {
     };
     if commit.is_err() {
         let _ = conn.execute_batch("ROLLBACK");
+    } else {
+        stats
+            .commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     for reply in replies {
         reply.send(commit.clone());
