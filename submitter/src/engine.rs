@@ -551,6 +551,10 @@ impl Engine {
             if target > entry.bundle.last_block || entry.last_submitted == Some(target) {
                 return;
             }
+            // Past maxTimestamp no block can take it: do not send (the next head expires it).
+            if entry.bundle.max_timestamp.is_some_and(|t| unix_now() > t) {
+                return;
+            }
             if entry.needs_simulation() {
                 entry.simulating = true;
                 Some((false, target))

@@ -953,7 +953,15 @@ async fn bundle_expires_after_its_last_block_or_max_timestamp() {
     let s = h
         .wait_status(stale_id, "expired", |s| s.state == BundleState::Expired)
         .await;
-    assert_eq!(s.last_submitted_block, Some(Quantity(head + 1)));
+    assert_eq!(
+        s.last_submitted_block, None,
+        "a bundle past its maxTimestamp is never sent"
+    );
+    assert!(
+        h.relay("bloxroute")
+            .blocks_for_uuid(&stale_id.to_string())
+            .is_empty()
+    );
     h.mine().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
