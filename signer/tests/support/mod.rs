@@ -148,6 +148,17 @@ impl Appliance {
         policy: &str,
         extra: &str,
     ) -> Self {
+        Self::start_full(token, keys, policy, extra, 2).await
+    }
+
+    /// Like [`Appliance::start_with`], with `sessions` HSM sessions.
+    pub async fn start_full(
+        token: &SoftHsmToken,
+        keys: &[&str],
+        policy: &str,
+        extra: &str,
+        sessions: usize,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let mut ca = DevCa::new("Castellan test CA").unwrap();
@@ -181,7 +192,14 @@ impl Appliance {
             .write(d, "stranger")
             .unwrap();
 
-        let pin_file = token.write_pin_file().unwrap();
+        let pin_file = match token.write_pin_file() {
+            Ok(p) => p,
+            // A second appliance on the same token reuses the PIN file.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                token.root().join("user.pin")
+            }
+            Err(e) => panic!("{e}"),
+        };
         let backend_cfg = Pkcs11Config::new(
             token.module(),
             token.label(),
@@ -193,7 +211,15 @@ impl Appliance {
             let backend = Pkcs11Backend::open(&backend_cfg).unwrap();
             let store = SqliteStore::open(&db).unwrap();
             for name in keys {
-                let info = backend.generate(&format!("{name}@1")).await.unwrap();
+                let label = format!("{name}@1");
+                // A second appliance on the same token reuses the key.
+                let info = match backend.generate(&label).await {
+                    Ok(info) => info,
+                    Err(castellan_signer::backend::BackendError::KeyExists(_)) => {
+                        backend.find_by_label(&label).await.unwrap()
+                    }
+                    Err(e) => panic!("{e}"),
+                };
                 let change = Change::new("test-provisioning", UnixMillis::now());
                 let kn = KeyName::new(*name).unwrap();
                 store
@@ -253,7 +279,7 @@ type = "pkcs11"
 module = "{module}"
 token_label = "{label}"
 pin_file = "{pin}"
-sessions = 2
+sessions = {sessions}
 
 [store]
 path = "{db}"
@@ -319,6 +345,11 @@ pending_ttl = "10m"
             }
         }
         self.child = Some(child);
+    }
+
+    /// The signer's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Stops the signer (SIGKILL) and waits for it.

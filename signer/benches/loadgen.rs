@@ -1,0 +1,429 @@
+//! Load generator: the signer binary over mTLS with keep-alive, with policy (3 velocity windows,
+//! a rate limit) and durable audit, against the raw backend rate measured in the same run at the
+//! same session count.
+//!
+//! `cargo bench -p castellan-signer --bench loadgen` (needs `source scripts/tools.sh`). Prints:
+//! - raw backend signs/s and signer signs/s at 1 and 2 HSM sessions, and their ratio;
+//! - the signer's CPU time per request outside the HSM (signer process CPU per request minus the
+//!   backend's own CPU per signature measured in-process);
+//! - p50/p99 latency at half the sustainable load, beside the HSM's own p50/p99.
+//!
+//! Environment: `LOADGEN_SECONDS` (default 8) per phase.
+#![allow(
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::exit,
+    dead_code
+)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, B256};
+use castellan_signer::backend::KeyBackend;
+use castellan_signer::backend::SignRequest;
+use castellan_signer::backend::pkcs11::{PinSource, Pkcs11Backend, Pkcs11Config};
+use castellan_tests::softhsm::{PIN_ENV, SoftHsmToken};
+use serde_json::json;
+
+fn main() -> ExitCode {
+    let Some(token) = SoftHsmToken::from_env() else {
+        let token = SoftHsmToken::new("castellan-loadgen").unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap());
+        child.args(std::env::args_os().skip(1));
+        token.configure(&mut child);
+        let status = child
+            .status()
+            .expect("cannot re-execute the load generator");
+        return if status.success() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    };
+    // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing: run only when
+    // benchmarking, so the test suite does not spend minutes here.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("loadgen: run with `cargo bench --bench loadgen`");
+        return ExitCode::SUCCESS;
+    }
+    let secs: u64 = std::env::var("LOADGEN_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(&token, Duration::from_secs(secs)));
+    ExitCode::SUCCESS
+}
+
+const POLICY: &str = r#"
+[approval_domain]
+chain_id = 31337
+
+[defaults]
+chain_ids = [31337]
+allow_contract_creation = false
+max_value = "10 ether"
+max_gas_limit = 1_000_000
+max_fee_per_gas = "100 gwei"
+max_priority_fee_per_gas = "10 gwei"
+max_cost = "20 ether"
+personal_sign = true
+typed_data = false
+
+[[defaults.velocity]]
+window = "1m"
+max_value = "1000000 ether"
+max_cost = "1000000 ether"
+
+[[defaults.velocity]]
+window = "1h"
+max_value = "1000000 ether"
+
+[[defaults.velocity]]
+window = "24h"
+max_cost = "1000000 ether"
+
+[[defaults.rate]]
+window = "1s"
+max_requests = 1000000
+
+[[keys]]
+name = "hot"
+
+[[keys]]
+name = "cold"
+
+[[clients]]
+identity = "spiffe://castellan/strategy/alpha"
+keys = ["hot", "cold"]
+"#;
+
+struct Raw {
+    rate: f64,
+    cpu_per_sign: Duration,
+    p50: Duration,
+    p99: Duration,
+}
+
+async fn raw_backend(token: &SoftHsmToken, sessions: usize, dur: Duration) -> Raw {
+    let mut config = Pkcs11Config::new(
+        token.module(),
+        token.label(),
+        PinSource::Env(PIN_ENV.into()),
+    );
+    config.sessions = sessions;
+    config.sign_timeout = Duration::from_secs(10);
+    let backend = Arc::new(Pkcs11Backend::open(&config).unwrap());
+    let key = backend.generate(&format!("raw-{sessions}")).await.unwrap();
+    // Latency of one signature at a time.
+    let mut lat = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < dur / 4 {
+        let d = random_digest();
+        let t = Instant::now();
+        backend
+            .sign(&key.key_ref, &key.public_key, SignRequest::digest(d))
+            .await
+            .unwrap();
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    // Throughput with enough concurrency to keep every session busy.
+    let count = Arc::new(AtomicU64::new(0));
+    let cpu0 = self_cpu();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..(2 * sessions) {
+        let b = backend.clone();
+        let k = key.clone();
+        let c = count.clone();
+        tasks.push(tokio::spawn(async move {
+            while t0.elapsed() < dur {
+                b.sign(
+                    &k.key_ref,
+                    &k.public_key,
+                    SignRequest::digest(random_digest()),
+                )
+                .await
+                .unwrap();
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = t0.elapsed();
+    let cpu = self_cpu() - cpu0;
+    let n = count.load(Ordering::Relaxed);
+    Raw {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        cpu_per_sign: cpu / u32::try_from(n.max(1)).unwrap(),
+        p50: pct(&lat, 50.0),
+        p99: pct(&lat, 99.0),
+    }
+}
+
+fn random_digest() -> B256 {
+    use rand::RngCore;
+    let mut d = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut d);
+    B256::from(d)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p / 100.0).round() as usize;
+    sorted[i]
+}
+
+/// CPU time (user + system) of a process, from /proc (clock ticks of 10 ms).
+fn cpu_of(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// CPU time of every thread of a process: tid → (name, time).
+fn thread_cpu(pid: &str) -> std::collections::HashMap<String, (String, Duration)> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let tid = e.file_name().to_string_lossy().into_owned();
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_owned();
+        let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+        out.insert(tid, (name, Duration::from_millis(ticks * 10)));
+    }
+    out
+}
+
+fn self_cpu() -> Duration {
+    cpu_of("self")
+}
+
+fn tx(nonce: u64) -> serde_json::Value {
+    json!({ "tx": {
+        "chainId": "31337",
+        "nonce": nonce.to_string(),
+        "to": Address::repeat_byte(0x11).to_string(),
+        "value": "1",
+        "gas": "21000",
+        "maxFeePerGas": "0x77359400",
+        "maxPriorityFeePerGas": "0x3b9aca00",
+    }})
+}
+
+struct Served {
+    rate: f64,
+    cpu_per_req: Duration,
+}
+
+async fn closed_loop(app: &support::Appliance, clients: usize, dur: Duration) -> Served {
+    let count = Arc::new(AtomicU64::new(0));
+    let nonce = Arc::new(AtomicU64::new(0));
+    let pid = app.pid().unwrap().to_string();
+    // Warm up connections.
+    let conns: Vec<_> = (0..clients).map(|_| app.client(Some("alpha"))).collect();
+    for c in &conns {
+        let r = c
+            .post(app.url("/v1/keys/hot/sign/transaction"))
+            .json(&tx(nonce.fetch_add(1, Ordering::Relaxed)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+    }
+    let cpu0 = cpu_of(&pid);
+    let threads0 = thread_cpu(&pid);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for c in conns {
+        let url = app.url("/v1/keys/hot/sign/transaction");
+        let count = count.clone();
+        let nonce = nonce.clone();
+        tasks.push(tokio::spawn(async move {
+            while t0.elapsed() < dur {
+                let r = c
+                    .post(&url)
+                    .json(&tx(nonce.fetch_add(1, Ordering::Relaxed)))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                let _ = r.bytes().await.unwrap();
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = t0.elapsed();
+    let cpu = cpu_of(&pid) - cpu0;
+    let n = count.load(Ordering::Relaxed);
+    // Where the signer's CPU went, by thread name (µs per request).
+    let mut by_name: std::collections::BTreeMap<String, Duration> = Default::default();
+    for (tid, (name, t1)) in thread_cpu(&pid) {
+        let t0 = threads0.get(&tid).map(|(_, t)| *t).unwrap_or_default();
+        *by_name.entry(name).or_default() += t1.saturating_sub(t0);
+    }
+    let per: Vec<String> = by_name
+        .iter()
+        .filter(|(_, d)| !d.is_zero())
+        .map(|(k, d)| format!("{k}={}µs", d.as_micros() / u128::from(n.max(1))))
+        .collect();
+    println!(
+        "  signer CPU by thread per request ({clients} clients): {}",
+        per.join(" ")
+    );
+    Served {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        cpu_per_req: cpu / u32::try_from(n.max(1)).unwrap(),
+    }
+}
+
+/// Open loop at `rate` requests/s: latency percentiles.
+async fn open_loop(
+    app: &support::Appliance,
+    rate: f64,
+    dur: Duration,
+) -> (Duration, Duration, usize) {
+    let nonce = Arc::new(AtomicU64::new(1_000_000));
+    let pool: Vec<_> = (0..16).map(|_| app.client(Some("alpha"))).collect();
+    for c in &pool {
+        let r = c
+            .post(app.url("/v1/keys/hot/sign/transaction"))
+            .json(&tx(nonce.fetch_add(1, Ordering::Relaxed)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    // (latencies, answers that were not 200)
+    let lats = Arc::new(std::sync::Mutex::new((Vec::new(), 0usize)));
+    let t0 = Instant::now();
+    let mut next = t0;
+    let mut tasks = Vec::new();
+    let mut i = 0usize;
+    while t0.elapsed() < dur {
+        tokio::time::sleep_until(next.into()).await;
+        next += interval;
+        let c = pool[i % pool.len()].clone();
+        i += 1;
+        let url = app.url("/v1/keys/hot/sign/transaction");
+        let body = tx(nonce.fetch_add(1, Ordering::Relaxed));
+        let lats = lats.clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = c
+                .post(&url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("request failed: {e:?}"));
+            let status = r.status().as_u16();
+            let _ = r.bytes().await.unwrap();
+            let elapsed = t.elapsed();
+            let mut l = lats.lock().unwrap();
+            l.0.push(elapsed);
+            if status != 200 {
+                l.1 += 1;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (mut l, errors) = lats.lock().unwrap().clone();
+    l.sort();
+    if errors > 0 {
+        println!(
+            "  open loop: {errors} of {} requests were not answered 200",
+            l.len()
+        );
+    }
+    (pct(&l, 50.0), pct(&l, 99.0), l.len())
+}
+
+async fn run(token: &SoftHsmToken, dur: Duration) {
+    let mut rows = Vec::new();
+    let mut half_load = None;
+    for sessions in [1usize, 2] {
+        let raw = raw_backend(token, sessions, dur).await;
+        let app = support::Appliance::start_full(token, &["hot"], POLICY, "", sessions).await;
+        let served = closed_loop(&app, 4 * sessions, dur).await;
+        if sessions == 1 {
+            let (p50, p99, n) = open_loop(&app, served.rate / 2.0, dur).await;
+            half_load = Some((served.rate / 2.0, p50, p99, n, raw.p50, raw.p99));
+        }
+        drop(app);
+        rows.push((sessions, raw, served));
+    }
+    println!();
+    println!(
+        "signer over mTLS (keep-alive, policy with 3 velocity windows + rate limit, durable audit) vs raw backend, same run"
+    );
+    println!(
+        "{:>8} {:>14} {:>14} {:>8} {:>18} {:>18}",
+        "sessions", "raw signs/s", "signer req/s", "ratio", "signer CPU/req", "outside-HSM CPU"
+    );
+    for (sessions, raw, served) in &rows {
+        let outside = served.cpu_per_req.saturating_sub(raw.cpu_per_sign);
+        println!(
+            "{:>8} {:>14.0} {:>14.0} {:>8.3} {:>15} µs {:>15} µs",
+            sessions,
+            raw.rate,
+            served.rate,
+            served.rate / raw.rate,
+            served.cpu_per_req.as_micros(),
+            outside.as_micros(),
+        );
+    }
+    if let Some((rate, p50, p99, n, hp50, hp99)) = half_load {
+        println!();
+        println!(
+            "latency at half the sustainable load (1 session, {rate:.0} req/s open loop, {n} requests):"
+        );
+        println!(
+            "  signer p50 {:>7} µs   p99 {:>7} µs",
+            p50.as_micros(),
+            p99.as_micros()
+        );
+        println!(
+            "  HSM    p50 {:>7} µs   p99 {:>7} µs   (one backend signature at a time)",
+            hp50.as_micros(),
+            hp99.as_micros()
+        );
+        println!(
+            "  added  p50 {:>7} µs   p99 {:>7} µs   (target: p99 added <= 1000 µs)",
+            p50.saturating_sub(hp50).as_micros(),
+            p99.saturating_sub(hp99).as_micros()
+        );
+    }
+}
