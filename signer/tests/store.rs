@@ -1132,3 +1132,24 @@ async fn window_sums_match_a_brute_force_sum() {
         }
     }
 }
+
+#[tokio::test]
+async fn database_is_wal_versioned_and_a_newer_schema_is_refused() {
+    let (_dir, path) = tempdb();
+    drop(SqliteStore::open(&path).expect("create"));
+    {
+        let raw = rusqlite::Connection::open(&path).expect("raw open");
+        let mode: String = raw
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .expect("journal_mode");
+        assert_eq!(mode, "wal");
+        let version: i64 = raw
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("user_version");
+        assert_eq!(version, 1);
+        raw.pragma_update(None, "user_version", 99)
+            .expect("set version");
+    }
+    let e = SqliteStore::open(&path).expect_err("newer schema");
+    assert!(matches!(e, StoreError::Schema(_)), "{e}");
+}

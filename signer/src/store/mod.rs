@@ -786,6 +786,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Step 5: re-checks freeze, key status, pause and request-id uniqueness, check-and-reserves
     /// every window, appends the decision record, commits durably. See the module docs.
+    ///
+    /// If the returned future is dropped after the decision was queued, it may still commit: the
+    /// request id is then used, and a retry learns so ([`Refusal::DuplicateRequest`] in state
+    /// [`RequestState::Reserved`]) instead of signing.
     fn commit_decision(
         &self,
         decision: DecisionTx,
