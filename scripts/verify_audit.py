@@ -48,7 +48,7 @@ def verify(lines, audit_address=None, anchor=None):
         if computed != stored:
             return f"FAIL seq {seq}: altered (contents hash to {computed}, stored {stored})"
         if seq != expected_seq:
-            what = "records dropped" if seq > expected_seq else "reordered or duplicated"
+            what = "records dropped or moved" if seq > expected_seq else "reordered or duplicated"
             return f"FAIL seq {seq}: seq gap, expected {expected_seq} ({what})"
         if rec["prev_hash"] != expected_prev:
             return f"FAIL seq {seq}: prev_hash does not link to record {seq - 1}"

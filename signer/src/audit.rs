@@ -556,7 +556,7 @@ impl fmt::Display for ChainProblem {
             ),
             Self::SeqGap { expected, found } if found > expected => write!(
                 f,
-                "seq gap: expected {expected}, found {found} (records dropped)"
+                "seq gap: expected {expected}, found {found} (records dropped or moved)"
             ),
             Self::SeqGap { expected, found } => write!(
                 f,
