@@ -182,7 +182,13 @@ impl Engine {
                     continue;
                 }
             };
-            let relays = self.select(&bundle.selection).unwrap_or_default();
+            let relays = match self.select(&bundle.selection) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(bundle = %id, error = %e.message, "stored bundle matches no configured relay");
+                    Vec::new()
+                }
+            };
             // An unconfirmed inclusion is re-detected from the chain.
             let (state, included) = match s.state {
                 BundleState::Included if s.reason.as_deref() != Some("confirmed") => {
