@@ -382,6 +382,8 @@ pub enum RequestState {
     Expired,
     /// Signing failed after the decision (device error).
     Failed,
+    /// An approved operation (unfreeze, policy change) was carried out.
+    Executed,
 }
 
 /// `GET /v1/requests/{id}`.

@@ -61,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         max_body_bytes: config.limits.max_body_bytes,
         upstream,
         submitter,
+        policy_path: Some(config.policy.path.clone()),
     };
     let signer = Arc::new(Signer::new(settings, policy, store, backend));
     match signer.self_check().await {

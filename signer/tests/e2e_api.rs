@@ -24,6 +24,13 @@ use support::{Appliance, CHAIN_ID, count_kind, policy_toml, refused_with, runtim
 const RECIPIENT: Address = address!("70997970C51812dc3A010C7d01b50e0d17dc79C8");
 const ETHER: u128 = 1_000_000_000_000_000_000;
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 fn approvers() -> Vec<PrivateKeySigner> {
     (1u8..=3)
         .map(|i| PrivateKeySigner::from_bytes(&B256::repeat_byte(0x40 + i)).unwrap())
@@ -292,6 +299,37 @@ fn freeze_stops_everything_and_revoking_one_key_spares_the_others() {
                         .contains("incident 42")
                 );
                 assert_eq!(count_kind(&app.audit().await, "signature"), 3);
+
+                // Unfreezing needs two of the three approvers.
+                let r = admin
+                    .post(app.url("/v1/admin/unfreeze"))
+                    .json(&json!({ "reason": "incident 42 resolved" }))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 202);
+                let pending: PendingResponse = r.json().await.unwrap();
+                let now = unix_now();
+                let [a1, a2, _] = <[PrivateKeySigner; 3]>::try_from(approvers()).unwrap();
+                for (who, signer) in [("approver1", &a1), ("approver2", &a2)] {
+                    // Still frozen before the second approval.
+                    let (s, _) = sign(&app, "alpha", "cold", &tx_json(2, 1)).await;
+                    assert_eq!(s, 409);
+                    let r = app
+                        .client(Some(who))
+                        .post(app.url(&format!("/v1/requests/{}/approvals", pending.request_id)))
+                        .json(&approval_signature(
+                            signer,
+                            pending.request_digest,
+                            now + 600,
+                        ))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+                }
+                assert_eq!(sign(&app, "alpha", "cold", &tx_json(2, 1)).await.0, 200);
+                assert_eq!(count_kind(&app.audit().await, "signature"), 4);
             })
         },
     );
@@ -647,6 +685,86 @@ fn a_bundle_is_judged_as_a_whole_and_signed_all_or_nothing() {
                     anvil.provider().get_transaction_count(from).await.unwrap(),
                     2
                 );
+            })
+        },
+    );
+}
+
+#[test]
+fn relay_auth_signs_only_hashes_for_the_submitter_and_outcomes_trip_the_breaker() {
+    in_own_process(
+        "relay_auth_signs_only_hashes_for_the_submitter_and_outcomes_trip_the_breaker",
+        "e2e-relay",
+        |token| {
+            runtime().block_on(async {
+                let app = start(token, &["hot", "cold", "relay"]).await;
+                let sub = app.client(Some("submitter"));
+                let body = br#"{"jsonrpc":"2.0","id":1,"method":"eth_sendBundle","params":[]}"#;
+                let hash = alloy::primitives::keccak256(body);
+                let r = sub
+                    .post(app.url("/v1/relay-auth"))
+                    .json(&json!({ "bodyHash": hash }))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                let v: Value = r.json().await.unwrap();
+                // Flashbots' verifier: EIP-191 over the 0x-prefixed lowercase hex of the hash.
+                let sig: alloy::primitives::Bytes =
+                    serde_json::from_value(v["signature"].clone()).unwrap();
+                let sig = alloy::primitives::Signature::try_from(sig.as_ref()).unwrap();
+                let text = format!("{hash:#x}");
+                assert_eq!(
+                    sig.recover_address_from_msg(text.as_bytes()).unwrap(),
+                    app.keys["relay"]
+                );
+                assert_eq!(v["address"], json!(app.keys["relay"]));
+
+                // The submitter signs nothing else; strategies may not sign relay-auth payloads.
+                let (s, b) = sign(&app, "submitter", "relay", &tx_json(0, 1)).await;
+                assert_eq!(
+                    (s, b["error"]["code"].as_str()),
+                    (403, Some("role_required")),
+                    "{b}"
+                );
+                let r = app
+                    .client(Some("alpha"))
+                    .post(app.url("/v1/keys/hot/sign/message"))
+                    .json(&json!({ "text": text }))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let b: Value = r.json().await.unwrap();
+                assert_eq!(
+                    (status, b["error"]["code"].as_str()),
+                    (422, Some("relay_auth_reserved")),
+                    "{b}"
+                );
+
+                // Three failed outcomes in a row trip the breaker of `hot` only.
+                for n in 1..=3 {
+                    assert_eq!(sign(&app, "alpha", "hot", &tx_json(n, 1)).await.0, 200);
+                    let r = sub
+                        .post(app.url("/v1/outcomes"))
+                        .json(&json!({
+                            "bundleId": format!("00000000-0000-4000-8000-{n:012}"),
+                            "keyName": "hot",
+                            "outcome": "not_included",
+                            "state": "expired",
+                        }))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+                }
+                let (s, b) = sign(&app, "alpha", "hot", &tx_json(4, 1)).await;
+                assert_eq!(
+                    (s, b["error"]["code"].as_str()),
+                    (409, Some("key_paused")),
+                    "{b}"
+                );
+                assert_eq!(sign(&app, "alpha", "cold", &tx_json(0, 1)).await.0, 200);
             })
         },
     );

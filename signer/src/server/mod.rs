@@ -66,6 +66,7 @@ pub struct Signer<B: KeyBackend, S: Store> {
     max_body_bytes: usize,
     upstream: Option<rpc::Upstream>,
     submitter: Option<SubmitterLink>,
+    policy_path: Option<std::path::PathBuf>,
 }
 
 /// The signer's mTLS link to the submitter.
@@ -159,6 +160,8 @@ pub struct SignerSettings {
     pub upstream: Option<rpc::Upstream>,
     /// The submitter, for bundles and sent transactions.
     pub submitter: Option<SubmitterLink>,
+    /// The policy file, for approved reloads.
+    pub policy_path: Option<std::path::PathBuf>,
 }
 
 /// The caller of a request, resolved from its certificate identity.
@@ -203,6 +206,7 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
             max_body_bytes: settings.max_body_bytes,
             upstream: settings.upstream,
             submitter: settings.submitter,
+            policy_path: settings.policy_path,
         }
     }
 
@@ -331,6 +335,63 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
         if let Err(e) = self.store.append_audit(entry).await {
             tracing::error!(error = %e, "cannot audit a refused connection");
         }
+    }
+
+    /// Reads and validates the policy file (not yet in force).
+    pub fn read_policy_file(&self) -> Result<Policy, ApiError> {
+        let path = self.policy_path.as_ref().ok_or_else(|| {
+            ApiError::conflict(
+                "no_policy_file",
+                "the signer was started without a policy file",
+            )
+        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ApiError::conflict(
+                "policy_unreadable",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        Policy::from_toml(&text)
+            .map_err(|e| ApiError::conflict("policy_invalid", format!("{}: {e}", path.display())))
+    }
+
+    /// Puts the policy file in force if its hash is the approved one; audits the change.
+    pub async fn reload_policy(
+        &self,
+        approved_hash: &[u8],
+        identity: &str,
+        request_id: &str,
+    ) -> Result<(), ApiError> {
+        let candidate = self.read_policy_file()?;
+        if candidate.hash().as_slice() != approved_hash {
+            return Err(ApiError::conflict(
+                "policy_changed_since_approval",
+                format!(
+                    "the policy file now hashes to {}, not to the approved {}",
+                    candidate.hash(),
+                    alloy::primitives::Bytes::copy_from_slice(approved_hash)
+                ),
+            ));
+        }
+        let old = self.policy().hash();
+        let entry = AuditEntry {
+            at: UnixMillis::now(),
+            kind: AuditKind::PolicyChange,
+            request_id: Some(request_id.to_owned()),
+            identity: Some(identity.to_owned()),
+            payload: json!({ "from": old, "to": candidate.hash() }),
+        };
+        // Audit first: a policy is never in force without its record.
+        self.store
+            .append_audit(entry)
+            .await
+            .map_err(|e| ApiError::unavailable("store_unavailable", e.to_string(), 1))?;
+        match self.policy.write() {
+            Ok(mut p) => *p = Arc::new(candidate),
+            Err(p) => *p.into_inner() = Arc::new(candidate),
+        }
+        tracing::info!(%old, "policy reloaded after approval");
+        Ok(())
     }
 
     /// Hands one signed transaction to the submitter as a one-transaction bundle for the next

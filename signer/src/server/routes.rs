@@ -56,6 +56,9 @@ pub fn router<B: KeyBackend, S: Store>(signer: Shared<B, S>) -> Router {
         .route("/v1/requests/{id}/approvals", post(approve::<B, S>))
         .route("/v1/relay-auth", post(relay_auth::<B, S>))
         .route("/v1/admin/freeze", post(freeze::<B, S>))
+        .route("/v1/admin/unfreeze", post(unfreeze::<B, S>))
+        .route("/v1/admin/policy/reload", post(policy_reload::<B, S>))
+        .route("/v1/outcomes", post(outcome::<B, S>))
         .route("/v1/admin/keys/{name}/revoke", post(revoke::<B, S>))
         .route("/v1/admin/keys/{name}/pause", post(pause::<B, S>))
         .route("/v1/admin/keys/{name}/resume", post(resume::<B, S>))
@@ -1076,6 +1079,11 @@ async fn status_of<B: KeyBackend, S: Store>(
                 details: json!({}),
             }),
         ),
+        (PendingStatus::Executed, None) => (
+            wire::RequestState::Executed,
+            Some(json!({ "executed": pending.request.get("operation") })),
+            None,
+        ),
         (PendingStatus::Rejected, _) => (wire::RequestState::Refused, None, None),
         (PendingStatus::Expired, _) => (wire::RequestState::Expired, None, None),
         (PendingStatus::Pending, _) if pending.expires_at <= now_ms() => {
@@ -1198,6 +1206,9 @@ async fn try_execute_pending<B: KeyBackend, S: Store>(
             })
         })
         .collect();
+    if pending.request.get("kind").and_then(Value::as_str) == Some("operation") {
+        return execute_operation(s, &pending, &signed).await;
+    }
     let job = match pending.request.get("kind").and_then(Value::as_str) {
         Some("transaction") => Job::Transaction(Box::new(
             serde_json::from_value(pending.request["tx"].clone()).map_err(ApiError::internal)?,
@@ -1243,6 +1254,232 @@ async fn try_execute_pending<B: KeyBackend, S: Store>(
             .map_err(store_error)?;
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations that need M-of-N admin approvals: unfreeze, policy change
+
+/// Records a pending operation; approvers approve it like any pending request.
+async fn propose_operation<B: KeyBackend, S: Store>(
+    s: &Signer<B, S>,
+    caller: &Caller,
+    rid: &str,
+    op: policy::Operation,
+    subject: Vec<u8>,
+    details: Value,
+) -> Result<Response, ApiError> {
+    let policy = s.policy();
+    let digest = op.digest(&subject);
+    // Refuse at once if no tier is configured for the operation (it could never pass).
+    let probe = policy.evaluate_operation(op, digest, &[], now_ms().0 / 1000);
+    if probe.code == policy::Code::OperationNotConfigured {
+        return Err(ApiError::denied(probe.code.as_str(), probe.reason));
+    }
+    let now = now_ms();
+    let expires_at = now.plus_ms(s.pending_ttl_ms);
+    let tier = probe.pending.first().cloned();
+    let pending = PendingRequest {
+        id: RequestId::new(rid)
+            .map_err(|e| ApiError::bad_request("invalid_request_id", e.to_string()))?,
+        // Operations are not tied to a key; the store wants a key name for its index.
+        key: store::KeyName::new("operations").map_err(ApiError::internal)?,
+        identity: caller.identity.to_string(),
+        request: json!({
+            "kind": "operation",
+            "operation": op.as_str(),
+            "subject": Bytes::from(subject),
+            "details": details,
+        }),
+        digest,
+        approvals_required: serde_json::to_value(&probe.pending).map_err(ApiError::internal)?,
+        created_at: now,
+        expires_at,
+        status: PendingStatus::Pending,
+    };
+    let mut change = Change::new(caller.identity.to_string(), now);
+    change.request_id = Some(rid.to_owned());
+    s.store
+        .create_pending(pending, change)
+        .await
+        .map_err(store_error)?;
+    let body = wire::PendingResponse {
+        request_id: rid.to_owned(),
+        request_digest: digest,
+        threshold: tier.as_ref().map(|t| t.threshold).unwrap_or(0),
+        approver_set: tier
+            .as_ref()
+            .map(|t| t.approvers.clone())
+            .unwrap_or_default(),
+        tier: tier.map(|t| t.tier).unwrap_or_default(),
+        expires_at: Quantity(expires_at.0 / 1000),
+    };
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// Carries out an approved operation.
+async fn execute_operation<B: KeyBackend, S: Store>(
+    s: &Signer<B, S>,
+    pending: &PendingRequest,
+    approvals: &[policy::SignedApproval],
+) -> Result<(), ApiError> {
+    let op = match pending.request["operation"].as_str() {
+        Some("unfreeze") => policy::Operation::Unfreeze,
+        Some("policy_change") => policy::Operation::PolicyChange,
+        other => {
+            return Err(ApiError::internal(format!("pending operation {other:?}")));
+        }
+    };
+    let now = now_ms();
+    let decision = s
+        .policy()
+        .evaluate_operation(op, pending.digest, approvals, now.0 / 1000);
+    if !decision.is_allowed() {
+        return Ok(());
+    }
+    let mut change = Change::new(pending.identity.clone(), now);
+    change.request_id = Some(pending.id.to_string());
+    match op {
+        policy::Operation::Unfreeze => {
+            s.store
+                .unfreeze(change.clone())
+                .await
+                .map_err(store_error)?;
+        }
+        policy::Operation::PolicyChange => {
+            let expected: Bytes = serde_json::from_value(pending.request["subject"].clone())
+                .map_err(ApiError::internal)?;
+            s.reload_policy(&expected, &pending.identity, &pending.id.to_string())
+                .await?;
+        }
+        policy::Operation::KeyDestruction => {}
+    }
+    s.store
+        .set_pending_status(pending.id.clone(), PendingStatus::Executed, change)
+        .await
+        .map_err(store_error)?;
+    Ok(())
+}
+
+async fn unfreeze<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+    body: Result<ApiJson<wire::AdminAction>, ApiError>,
+) -> Response {
+    let rid = request_id(&headers).unwrap_or_default();
+    let result: Result<Response, ApiError> = async {
+        let caller = authenticate(&s, peer, &rid, Role::Admin).await?;
+        let ApiJson(a) = body?;
+        if s.store.freeze_state().await.map_err(store_error)?.is_none() {
+            return Err(ApiError::conflict("not_frozen", "signing is not frozen"));
+        }
+        // The subject is the request id: each unfreeze proposal has its own digest.
+        propose_operation(
+            &s,
+            &caller,
+            &rid,
+            policy::Operation::Unfreeze,
+            rid.as_bytes().to_vec(),
+            json!({ "reason": a.reason }),
+        )
+        .await
+    }
+    .await;
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+async fn policy_reload<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+) -> Response {
+    let rid = request_id(&headers).unwrap_or_default();
+    let result: Result<Response, ApiError> = async {
+        let caller = authenticate(&s, peer, &rid, Role::Admin).await?;
+        let candidate = s.read_policy_file()?;
+        let current = s.policy().hash();
+        if candidate.hash() == current {
+            return Err(ApiError::conflict(
+                "policy_unchanged",
+                format!("the policy file's hash {current} is the policy in force"),
+            ));
+        }
+        // Approvers approve exactly this policy: its hash is the operation's subject.
+        propose_operation(
+            &s,
+            &caller,
+            &rid,
+            policy::Operation::PolicyChange,
+            candidate.hash().to_vec(),
+            json!({ "from": current, "to": candidate.hash() }),
+        )
+        .await
+    }
+    .await;
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outcomes reported by the submitter (feed the breaker)
+
+async fn outcome<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+    body: Result<ApiJson<castellan_api::submitter::BundleOutcome>, ApiError>,
+) -> Response {
+    let rid = request_id(&headers).unwrap_or_default();
+    let result: Result<Response, ApiError> = async {
+        let caller = authenticate(&s, peer, &rid, Role::Submitter).await?;
+        let ApiJson(o) = body?;
+        let kn = store::KeyName::new(&o.key_name)
+            .map_err(|e| ApiError::bad_request("invalid_key_name", e.to_string()))?;
+        let success = o.outcome == castellan_api::submitter::OutcomeKind::Included;
+        let now = now_ms();
+        let mut change = Change::new(caller.identity.to_string(), now);
+        change.request_id = Some(rid.clone());
+        let failures = s
+            .store
+            .record_key_result(kn.clone(), success, change.clone())
+            .await
+            .map_err(store_error)?;
+        let outcome = match o.outcome {
+            castellan_api::submitter::OutcomeKind::Included => policy::TxOutcome::Included,
+            castellan_api::submitter::OutcomeKind::Reverted => policy::TxOutcome::Reverted,
+            castellan_api::submitter::OutcomeKind::NotIncluded => policy::TxOutcome::NotIncluded,
+        };
+        // The breaker transition is the policy's; the pause it causes is the store's.
+        let before = policy::KeyControl {
+            consecutive_failures: failures.saturating_sub(1),
+            ..Default::default()
+        };
+        let now_s = now.0 / 1000;
+        let after = s.policy().breaker_on_outcome(
+            &policy::KeyName::new(&o.key_name),
+            before,
+            outcome,
+            now_s,
+        );
+        let tripped = after.breaker_open_until > now_s;
+        if tripped {
+            s.store
+                .pause_key(
+                    kn,
+                    UnixMillis(after.breaker_open_until.saturating_mul(1000)),
+                    format!("breaker: {failures} consecutive failed outcomes"),
+                    change,
+                )
+                .await
+                .map_err(store_error)?;
+        }
+        Ok(Json(json!({
+            "consecutiveFailures": failures,
+            "breakerOpenUntil": tripped.then_some(after.breaker_open_until),
+        }))
+        .into_response())
+    }
+    .await;
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -54,6 +54,12 @@ pub const CALLERS: &[Caller] = &[
         keys: &["*"],
     },
     Caller {
+        stem: "submitter",
+        uri: "spiffe://castellan/submitter",
+        roles: &["submitter"],
+        keys: &["relay"],
+    },
+    Caller {
         stem: "approver1",
         uri: "spiffe://castellan/approver/1",
         roles: &["approver"],
@@ -96,12 +102,17 @@ max_priority_fee_per_gas = "10 gwei"
 max_cost = "20 ether"
 personal_sign = true
 typed_data = false
+breaker = {{ failures = 3, cooldown = "10m" }}
 
 [[keys]]
 name = "hot"
 
 [[keys]]
 name = "cold"
+
+[[keys]]
+name = "relay"
+relay_auth = true
 
 [[clients]]
 identity = "spiffe://castellan/strategy/alpha"
@@ -111,6 +122,10 @@ keys = ["hot", "cold"]
 identity = "spiffe://castellan/strategy/beta"
 keys = ["cold"]
 
+[[clients]]
+identity = "spiffe://castellan/submitter"
+keys = ["relay"]
+
 [approvers]
 risk = [{set}]
 
@@ -119,6 +134,18 @@ name = "large-transfer"
 approvers = "risk"
 threshold = 2
 above_value = "1 ether"
+
+[[tiers]]
+name = "unfreeze"
+approvers = "risk"
+threshold = 2
+operation = "unfreeze"
+
+[[tiers]]
+name = "policy-change"
+approvers = "risk"
+threshold = 2
+operation = "policy_change"
 "#
     )
 }
