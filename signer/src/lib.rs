@@ -3,9 +3,9 @@
 //! The signer is the only Castellan process that can produce a signature, and it holds no key
 //! material itself: every signature is made by a [`backend::KeyBackend`].
 
+pub mod audit;
 pub mod backend;
 pub mod config;
 pub mod eth;
-pub mod audit;
-pub mod store;
 pub mod server;
+pub mod store;
