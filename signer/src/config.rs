@@ -12,7 +12,9 @@ use castellan_api::submitter::Role;
 use castellan_api::tls::{ClientTlsConfig, Identity, ServerTlsConfig};
 use serde::{Deserialize, Deserializer};
 
+use crate::backend::ledger::LedgerConfig;
 use crate::backend::pkcs11::Pkcs11Config;
+use crate::backend::yubihsm::YubiHsmConfig;
 
 /// The whole configuration.
 #[derive(Debug, Deserialize)]
@@ -72,6 +74,11 @@ pub struct IdentityConfig {
 pub enum BackendConfig {
     /// A PKCS#11 token.
     Pkcs11(Pkcs11Config),
+    /// A YubiHSM 2 over its native protocol (`type = "yubihsm"`).
+    #[serde(rename = "yubihsm")]
+    YubiHsm(YubiHsmConfig),
+    /// A Ledger's Ethereum app over USB HID (`type = "ledger"`).
+    Ledger(LedgerConfig),
 }
 
 /// The store.
@@ -100,6 +107,9 @@ pub struct AuditConfig {
     /// Name of the key that signs checkpoints (its policy must allow nothing else).
     #[serde(default)]
     pub key: Option<String>,
+    /// How often upkeep runs (pruning expired reservations, checkpointing when due).
+    #[serde(default = "default_upkeep_interval", deserialize_with = "duration")]
+    pub interval: Duration,
 }
 
 impl Default for AuditConfig {
@@ -107,6 +117,7 @@ impl Default for AuditConfig {
         Self {
             checkpoint_every: default_checkpoint_every(),
             key: None,
+            interval: default_upkeep_interval(),
         }
     }
 }
@@ -282,6 +293,12 @@ impl SignerConfig {
             BackendConfig::Pkcs11(p) => p
                 .validate()
                 .map_err(|e| ConfigError::Invalid(format!("backend: {e}")))?,
+            BackendConfig::YubiHsm(y) => y
+                .validate()
+                .map_err(|e| ConfigError::Invalid(format!("backend: {e}")))?,
+            BackendConfig::Ledger(l) => l
+                .validate()
+                .map_err(|e| ConfigError::Invalid(format!("backend: {e}")))?,
         }
         Ok(())
     }
@@ -317,6 +334,9 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 
 fn default_checkpoint_every() -> u64 {
     1000
+}
+fn default_upkeep_interval() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_submitter_timeout() -> Duration {
     Duration::from_secs(2)

@@ -10,11 +10,11 @@ use anyhow::{Context, bail};
 use castellan_api::serve::{Refusal, ServeOptions, serve_mtls, watch_tls_reload};
 use castellan_api::tls::ReloadableServerConfig;
 use castellan_policy::Policy;
-use castellan_signer::backend::pkcs11::Pkcs11Backend;
+use castellan_signer::backend::any::AnyBackend;
 use castellan_signer::config::{BackendConfig, SignerConfig};
 use castellan_signer::server::rpc::Upstream;
 use castellan_signer::server::{Signer, SignerSettings, SubmitterLink, router};
-use castellan_signer::store::SqliteStore;
+use castellan_signer::store::{SqliteStore, run_maintenance};
 use clap::Parser;
 
 /// Castellan signer: the only process that can make a signature, and only inside an HSM.
@@ -41,9 +41,13 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("loading policy {}", config.policy.path.display()))?;
     let store = SqliteStore::open(&config.store.path)
         .with_context(|| format!("opening store {}", config.store.path.display()))?;
-    let backend = match &config.backend {
-        BackendConfig::Pkcs11(p) => Pkcs11Backend::open(p).context("opening the PKCS#11 token")?,
-    };
+    let backend = AnyBackend::open(&config.backend)
+        .await
+        .context(match &config.backend {
+            BackendConfig::Pkcs11(_) => "opening the PKCS#11 token",
+            BackendConfig::YubiHsm(_) => "connecting to the YubiHSM 2",
+            BackendConfig::Ledger(_) => "opening the Ledger",
+        })?;
     // reqwest is built without a default TLS provider (no aws-lc); use ring everywhere.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let upstream = match &config.upstream {
@@ -68,6 +72,36 @@ async fn main() -> anyhow::Result<()> {
         Ok(n) => tracing::info!(keys = n, "self-check passed: every key matches its device"),
         Err(e) => bail!("self-check failed, refusing to serve: {e}"),
     }
+
+    // Upkeep: prune expired reservations; checkpoint the audit chain with the audit key.
+    let audit_key = match &config.audit.key {
+        Some(name) => Some(
+            signer
+                .audit_key(name)
+                .with_context(|| format!("audit key {name:?} has no active, verified version"))?,
+        ),
+        None => None,
+    };
+    let (stop_upkeep, upkeep_stopped) = tokio::sync::watch::channel(false);
+    let upkeep = {
+        let signer = signer.clone();
+        let every = config.audit.checkpoint_every;
+        let interval = config.audit.interval;
+        tokio::spawn(async move {
+            let mut stopped = upkeep_stopped;
+            run_maintenance(
+                signer.store(),
+                signer.backend(),
+                audit_key.as_ref(),
+                every,
+                interval,
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            )
+            .await;
+        })
+    };
 
     let tls = Arc::new(ReloadableServerConfig::new(config.tls.clone())?);
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -96,6 +130,8 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     reload.abort();
+    let _ = stop_upkeep.send(true);
+    let _ = upkeep.await;
     tracing::info!("signer stopped");
     Ok(())
 }

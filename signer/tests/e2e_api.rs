@@ -769,3 +769,63 @@ fn relay_auth_signs_only_hashes_for_the_submitter_and_outcomes_trip_the_breaker(
         },
     );
 }
+
+#[test]
+fn the_running_signer_checkpoints_its_audit_chain_with_the_audit_key() {
+    in_own_process(
+        "the_running_signer_checkpoints_its_audit_chain_with_the_audit_key",
+        "e2e-checkpoint",
+        |token| {
+            runtime().block_on(async {
+                let addrs: Vec<Address> = approvers().iter().map(|s| s.address()).collect();
+                let extra = "[audit]\nkey = \"audit\"\ncheckpoint_every = 3\ninterval = \"1s\"\n";
+                let app = support::Appliance::start_with(
+                    token,
+                    &["hot", "audit"],
+                    &policy_toml(&addrs),
+                    extra,
+                )
+                .await;
+                for n in 0..4 {
+                    assert_eq!(sign(&app, "alpha", "hot", &tx_json(n, 1)).await.0, 200);
+                }
+                let mut export = String::new();
+                for _ in 0..100 {
+                    export = app.audit_export().await;
+                    if export.contains("\"kind\":\"checkpoint\"") {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                assert!(export.contains("\"kind\":\"checkpoint\""), "{export}");
+                let path = app.path("audit.jsonl");
+                std::fs::write(&path, &export).unwrap();
+                let python = std::env::var("CASTELLAN_PYTHON")
+                    .expect("CASTELLAN_PYTHON is not set: run the tests with scripts/test");
+                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/verify_audit.py");
+                let run = |audit: Address| {
+                    std::process::Command::new(&python)
+                        .arg(script)
+                        .arg(&path)
+                        .arg("--audit-address")
+                        .arg(audit.to_string())
+                        .output()
+                        .unwrap()
+                };
+                let ok = run(app.keys["audit"]);
+                assert!(
+                    ok.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&ok.stdout)
+                );
+                // Checkpoints by any other key are refused.
+                let bad = run(app.keys["hot"]);
+                assert!(
+                    !bad.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&bad.stdout)
+                );
+            })
+        },
+    );
+}

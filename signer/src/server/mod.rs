@@ -443,6 +443,15 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
         link.submit(&bundle).await
     }
 
+    /// The audit key for checkpoints: the active version of `name`, verified at start.
+    pub fn audit_key(&self, name: &str) -> Option<crate::audit::AuditKey> {
+        self.active_key(name).map(|k| crate::audit::AuditKey {
+            key_ref: k.record.key_ref.clone(),
+            public_key: k.info.public_key,
+            address: k.info.address,
+        })
+    }
+
     /// The version that signs for `name` now (the active one).
     fn active_key(&self, name: &str) -> Option<LiveKey> {
         let keys = match self.keys.read() {
