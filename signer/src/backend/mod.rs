@@ -3,8 +3,8 @@
 //! Three kinds of device implement [`KeyBackend`]:
 //! - PKCS#11 tokens ([`pkcs11`]): SoftHSM in tests; YubiHSM 2's PKCS#11 module, Nitrokey HSM,
 //!   AWS CloudHSM and Thales Luna in production. They sign bare 32-byte digests.
-//! - a YubiHSM 2 over its native protocol: also digests.
-//! - a Ledger: signs whole payloads (it shows the transaction or message on its screen and hashes
+//! - a YubiHSM 2 over its native protocol ([`yubihsm`]): also digests.
+//! - a Ledger ([`ledger`]): signs whole payloads (it shows the transaction or message on its screen and hashes
 //!   it itself), never a bare digest.
 //!
 //! So a [`SignRequest`] always carries both the digest and the payload it was computed from. A
@@ -17,8 +17,11 @@
 //! "destroy". Every [`EthSignature`] a backend returns is low-s, carries its y-parity, and has been
 //! checked to verify against the key's public key over the request's digest.
 
+pub mod any;
 pub mod ecdsa;
+pub mod ledger;
 pub mod pkcs11;
+pub mod yubihsm;
 
 use std::fmt;
 use std::future::Future;
@@ -42,12 +45,24 @@ pub enum KeyRef {
         /// `CKA_ID` of both objects, as lowercase hex.
         id: String,
     },
+    /// An asymmetric key object on a YubiHSM 2, by its object id.
+    YubiHsm {
+        /// The object id (1..=0xfffe) of the `EcK256` asymmetric key.
+        object_id: u16,
+    },
+    /// A key a Ledger derives from its seed, by its BIP-32 path (e.g. `m/44'/60'/0'/0/0`).
+    Ledger {
+        /// The derivation path, `m/` followed by `/`-separated indices, `'` marking hardened.
+        path: String,
+    },
 }
 
 impl fmt::Display for KeyRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Pkcs11 { label, id } => write!(f, "pkcs11:{label}#{id}"),
+            Self::YubiHsm { object_id } => write!(f, "yubihsm:{object_id:#06x}"),
+            Self::Ledger { path } => write!(f, "ledger:{path}"),
         }
     }
 }
@@ -229,6 +244,39 @@ pub enum BackendError {
     /// The backend has been shut down.
     #[error("backend stopped")]
     Stopped,
+    /// Authentication to the device was refused (a YubiHSM auth key id or password is wrong).
+    #[error("authentication to {device} refused: {reason}")]
+    AuthFailed {
+        /// The device (e.g. `YubiHSM 2 at http://127.0.0.1:12345`, auth key 1).
+        device: String,
+        /// What the device or library said (never the password).
+        reason: String,
+    },
+    /// A YubiHSM 2 command failed; carries the command and the device's or library's error.
+    #[error("YubiHSM {command} failed: {reason}")]
+    YubiHsm {
+        /// The command, for example `Sign ECDSA`.
+        command: String,
+        /// The error, for example `HSM error: object not found`.
+        reason: String,
+    },
+    /// The person at the Ledger refused the request on the device (status word 0x6985).
+    #[error("the request was rejected on the Ledger")]
+    UserRejected,
+    /// The Ledger is locked: unlock it with its PIN (status word 0x5515).
+    #[error("the Ledger is locked: unlock it with its PIN")]
+    DeviceLocked,
+    /// The Ethereum app is not open on the Ledger (status word 0x6d00 or 0x6e00).
+    #[error("the Ethereum app is not open on the Ledger (status word {0:#06x})")]
+    AppNotOpen(u16),
+    /// The Ledger answered with another error status word.
+    #[error("the Ledger answered {instruction} with status word {status:#06x}")]
+    LedgerStatus {
+        /// The instruction, for example `SIGN`.
+        instruction: String,
+        /// The status word.
+        status: u16,
+    },
 }
 
 impl BackendError {
