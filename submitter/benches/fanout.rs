@@ -69,7 +69,7 @@ async fn setup(signed: bool) -> Bench {
     }
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
-        "[api]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+        "[api]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n[tls]\ncert = \"/unused/server.pem\"\nkey = \"/unused/server.key\"\nclient_ca = \"/unused/ca.pem\"\n\
          [chain]\nchain_id = 31337\nnode_url = \"http://127.0.0.1:9\"\n\
          [store]\npath = \"{}\"\n\n{relays}",
         dir.path().join("bench.db").display()

@@ -1,9 +1,15 @@
 //! The submitter's HTTP API (wire types in `castellan_api::submitter`).
 //!
-//! The caller's identity comes from a request extension ([`CallerIdentity`]) that the listener
-//! sets (the mTLS layer, from the client certificate); a request without one is refused (401).
-//! Roles: `signer` for submit, status, cancel and relay health; `signer` or `admin` for
-//! cancel-by-key.
+//! The caller's identity comes from a request extension ([`CallerIdentity`]). In the binary,
+//! [`mtls_router`] sets it from the [`Peer`] that `castellan_api::serve::serve_mtls` puts into
+//! every request (the verified client certificate's SAN or CN), looked up in the configured
+//! identity table; an identity that is not in the table gets 403 `unknown_identity`. [`router`]
+//! leaves it to the caller (in-process tests insert it); a request without one is refused (401).
+//! Roles: `signer` to submit; `signer` or `admin` for status, cancel and cancel-by-key; `signer`,
+//! `admin` or `auditor` for relay health. `/live` and `/ready` need only the TLS handshake.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
@@ -14,9 +20,11 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use uuid::Uuid;
 
+use castellan_api::serve::Peer;
 use castellan_api::submitter::{
     CallerIdentity, CancelByKeyResponse, RelaysResponse, Role, SubmitBundleRequest,
 };
+use castellan_api::tls::Identity;
 
 use crate::engine::Engine;
 use crate::error::ApiError;
@@ -24,15 +32,55 @@ use crate::error::ApiError;
 /// `X-Request-Id`.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The API router. `max_body_bytes` bounds every request body.
+/// Certificate identity → roles at the submitter (`[[identities]]` in `submitter.toml`).
+#[derive(Clone, Debug, Default)]
+pub struct Identities(Arc<BTreeMap<Identity, Vec<Role>>>);
+
+impl Identities {
+    /// The table as configured.
+    pub fn new(table: BTreeMap<Identity, Vec<Role>>) -> Self {
+        Self(Arc::new(table))
+    }
+
+    /// The caller an identity stands for, if it is configured.
+    pub fn caller(&self, identity: &Identity) -> Option<CallerIdentity> {
+        self.0.get(identity).map(|roles| CallerIdentity {
+            id: identity.as_str().to_owned(),
+            roles: roles.clone(),
+        })
+    }
+}
+
+/// The API router for in-process use: the caller's [`CallerIdentity`] must already be in the
+/// request's extensions. `max_body_bytes` bounds every request body.
 pub fn router(engine: Engine, max_body_bytes: usize) -> Router {
-    Router::new()
+    build(engine, max_body_bytes, None)
+}
+
+/// The API router behind `serve_mtls`: every `/v1` request's [`Peer`] is resolved through
+/// `identities` into a [`CallerIdentity`].
+///
+/// # Security
+/// A request reaches a `/v1` handler only if its certificate identity is configured; an unknown
+/// identity gets 403 `unknown_identity` (and a log line with the identity and address), and a
+/// request without a `Peer` (not from the mTLS listener) gets 401. A `CallerIdentity` a request
+/// might already carry is replaced, never trusted.
+pub fn mtls_router(engine: Engine, max_body_bytes: usize, identities: Identities) -> Router {
+    build(engine, max_body_bytes, Some(identities))
+}
+
+fn build(engine: Engine, max_body_bytes: usize, identities: Option<Identities>) -> Router {
+    let mut v1 = Router::new()
         .route("/v1/bundles", post(submit))
         .route("/v1/bundles/{id}", get(status))
         .route("/v1/bundles/{id}/cancel", post(cancel))
         .route("/v1/keys/{key}/cancel", post(cancel_key))
-        .route("/v1/relays", get(relays))
-        .route("/live", get(|| async { "live" }))
+        .route("/v1/relays", get(relays));
+    if let Some(identities) = identities {
+        // Added before /live and /ready, so it wraps the /v1 routes and the 404 fallback only.
+        v1 = v1.layer(middleware::from_fn_with_state(identities, identify));
+    }
+    v1.route("/live", get(|| async { "live" }))
         .route("/ready", get(ready))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn(request_id))
@@ -166,6 +214,38 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::bad_request("malformed_request", format!("{id:?} is not a uuid")))
 }
 
+/// Maps the mTLS [`Peer`] to a [`CallerIdentity`], or refuses the request.
+async fn identify(
+    State(identities): State<Identities>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    request.extensions_mut().remove::<CallerIdentity>();
+    let Some(peer) = request.extensions().get::<Peer>().cloned() else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "no client certificate".into(),
+        )
+        .into_response();
+    };
+    match identities.caller(&peer.identity) {
+        Some(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        None => {
+            tracing::warn!(identity = %peer.identity, addr = %peer.addr, "unknown identity refused");
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "unknown_identity",
+                format!("identity {} is not configured", peer.identity),
+            )
+            .into_response()
+        }
+    }
+}
+
 /// Accepts `X-Request-Id` (or makes one), logs it with the route, returns it.
 async fn request_id(mut request: Request, next: Next) -> Response {
     let id = request
@@ -184,4 +264,87 @@ async fn request_id(mut request: Request, next: Next) -> Response {
     tracing::info!(request_id = %id, %method, %path, status = response.status().as_u16(), "request");
     response.headers_mut().insert(REQUEST_ID.clone(), value);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    fn peer(identity: &str) -> Peer {
+        Peer {
+            identity: Identity::new(identity),
+            addr: "127.0.0.1:4242".parse().unwrap(),
+        }
+    }
+
+    /// A router that answers with the caller the middleware resolved.
+    fn who(identities: Identities) -> Router {
+        Router::new()
+            .route(
+                "/who",
+                get(|Extension(c): Extension<CallerIdentity>| async move {
+                    format!("{} {:?}", c.id, c.roles)
+                }),
+            )
+            .layer(middleware::from_fn_with_state(identities, identify))
+    }
+
+    async fn call(router: Router, request: axum::http::Request<Body>) -> (StatusCode, String) {
+        let response = router.oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn table() -> Identities {
+        Identities::new(BTreeMap::from([(
+            Identity::new("spiffe://castellan/signer"),
+            vec![Role::Signer],
+        )]))
+    }
+
+    #[tokio::test]
+    async fn a_configured_identity_gets_its_roles() {
+        let request = axum::http::Request::get("/who")
+            .extension(peer("spiffe://castellan/signer"))
+            .body(Body::empty())
+            .unwrap();
+        let (status, body) = call(who(table()), request).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, "spiffe://castellan/signer [Signer]");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_identity_is_refused_even_with_a_forged_caller() {
+        let request = axum::http::Request::get("/who")
+            .extension(peer("spiffe://castellan/strategy/alpha"))
+            .extension(CallerIdentity {
+                id: "forged".into(),
+                roles: vec![Role::Admin],
+            })
+            .body(Body::empty())
+            .unwrap();
+        let (status, body) = call(who(table()), request).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(body.contains("\"unknown_identity\""), "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_request_without_a_peer_is_unauthenticated() {
+        let request = axum::http::Request::get("/who")
+            .extension(CallerIdentity {
+                id: "forged".into(),
+                roles: vec![Role::Signer],
+            })
+            .body(Body::empty())
+            .unwrap();
+        let (status, body) = call(who(table()), request).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(body.contains("\"unauthenticated\""), "{body}");
+    }
 }

@@ -1,11 +1,13 @@
 //! `submitter.toml`: parsed once into typed values (unknown fields rejected), then validated.
 //! A commented example lives at `deploy/submitter.toml`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use castellan_api::submitter::Role;
+use castellan_api::tls::{Identity, ServerTlsConfig};
 use secrecy::SecretString;
 use serde::Deserialize;
 
@@ -17,6 +19,13 @@ use crate::Error;
 pub struct Config {
     /// API listener.
     pub api: ApiConfig,
+    /// TLS of the API listener: TLS 1.3 with a required client certificate (there is no
+    /// plain-HTTP mode).
+    pub tls: ServerTlsConfig,
+    /// Who may call the API, with which roles (`[[identities]]`); any other certificate identity
+    /// is refused with 403 `unknown_identity`.
+    #[serde(default, rename = "identities")]
+    pub identity_list: Vec<IdentityConfig>,
     /// The chain and the node the submitter follows.
     pub chain: ChainConfig,
     /// Durable store of accepted bundles.
@@ -33,13 +42,25 @@ pub struct Config {
     pub relays: Vec<RelayConfig>,
 }
 
+/// One `[[identities]]` table: a certificate identity and its roles.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The identity as read from the client certificate (SAN URI, SAN DNS or CN).
+    pub identity: String,
+    /// Its roles: `signer` (the signer process: submit, status, cancel, relay health), `admin`
+    /// (an operator: status, cancel, cancel by key, relay health), `auditor` (relay health).
+    pub roles: Vec<Role>,
+}
+
 /// API listener settings.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
-    /// Address of the API listener (plain HTTP on loopback until the mTLS layer lands).
+    /// Address of the mTLS API listener (port 0: any free port, printed at start).
     pub listen: SocketAddr,
-    /// Address of the Prometheus metrics listener.
+    /// Address of the Prometheus metrics listener: plain HTTP without authentication, so bind
+    /// it to a private (loopback or management-network) address.
     pub metrics_listen: SocketAddr,
     /// Largest accepted request body, in bytes.
     #[serde(default = "default_max_body")]
@@ -270,7 +291,37 @@ impl Config {
         if self.chain.poll_interval_ms == 0 {
             return Err(Error::Config("chain.poll_interval_ms must be ≥ 1".into()));
         }
+        let mut seen = BTreeSet::new();
+        for id in &self.identity_list {
+            let err = |m: &str| Error::Config(format!("identity {:?}: {m}", id.identity));
+            if id.identity.is_empty() {
+                return Err(Error::Config("an identity must not be empty".into()));
+            }
+            if !seen.insert(id.identity.as_str()) {
+                return Err(err("listed twice"));
+            }
+            if id.roles.is_empty() {
+                return Err(err("has no roles"));
+            }
+            if let Some(r) = id
+                .roles
+                .iter()
+                .find(|r| !matches!(r, Role::Signer | Role::Admin | Role::Auditor))
+            {
+                return Err(err(&format!(
+                    "role {r:?} means nothing at the submitter (signer, admin, auditor)"
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// The identity table: certificate identity → roles.
+    pub fn identities(&self) -> BTreeMap<Identity, Vec<Role>> {
+        self.identity_list
+            .iter()
+            .map(|i| (Identity::new(i.identity.clone()), i.roles.clone()))
+            .collect()
     }
 
     /// Validated specs of the enabled relays (reads secret files).
@@ -469,21 +520,96 @@ mod tests {
         }
     }
 
-    #[test]
-    fn unknown_fields_are_rejected() {
-        let text = r#"
+    /// A minimal valid file; `api_extra` goes into `[api]`, `tail` after everything.
+    fn minimal(api_extra: &str, tail: &str) -> String {
+        format!(
+            r#"
             [api]
             listen = "127.0.0.1:1"
             metrics_listen = "127.0.0.1:2"
-            surprise = 1
+            {api_extra}
+            [tls]
+            cert = "/etc/castellan/tls/submitter-server.pem"
+            key = "/etc/castellan/tls/submitter-server.key"
+            client_ca = "/etc/castellan/tls/ca.pem"
             [chain]
             chain_id = 1
             node_url = "http://127.0.0.1:8545"
             [store]
             path = "/tmp/x.db"
-        "#;
-        let err = Config::parse(text).unwrap_err().to_string();
+            {tail}
+        "#
+        )
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = Config::parse(&minimal("surprise = 1", ""))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("surprise"), "{err}");
+        let err = Config::parse(&minimal(
+            "",
+            "[[identities]]\nidentity = \"a\"\nroles = [\"signer\"]\nkeys = [\"*\"]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("keys"), "{err}");
+    }
+
+    #[test]
+    fn tls_is_required() {
+        let text = minimal("", "").replace("[tls]", "[unused_tls]");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("tls"), "{err}");
+    }
+
+    #[test]
+    fn identities_map_to_roles() {
+        let config = Config::parse(&minimal(
+            "",
+            r#"
+            [[identities]]
+            identity = "spiffe://castellan/signer"
+            roles = ["signer"]
+            [[identities]]
+            identity = "ops.castellan.internal"
+            roles = ["admin", "auditor"]
+            "#,
+        ))
+        .unwrap();
+        let ids = config.identities();
+        assert_eq!(
+            ids[&Identity::new("spiffe://castellan/signer")],
+            vec![Role::Signer]
+        );
+        assert_eq!(
+            ids[&Identity::new("ops.castellan.internal")],
+            vec![Role::Admin, Role::Auditor]
+        );
+        assert_eq!(ids.len(), 2);
+    }
+
+    #[test]
+    fn bad_identity_tables_are_refused() {
+        let one = |identity: &str, roles: &str| {
+            format!("[[identities]]\nidentity = \"{identity}\"\nroles = [{roles}]\n")
+        };
+        let cases = [
+            (
+                one("a", "\"signer\"") + &one("a", "\"admin\""),
+                "listed twice",
+            ),
+            (one("a", ""), "no roles"),
+            (one("a", "\"strategy\""), "means nothing"),
+            (one("a", "\"submitter\""), "means nothing"),
+            (one("", "\"admin\""), "must not be empty"),
+            (one("a", "\"root\""), "unknown variant"),
+        ];
+        for (tail, expected) in cases {
+            let err = Config::parse(&minimal("", &tail)).unwrap_err().to_string();
+            assert!(err.contains(expected), "{tail}: {err}");
+        }
     }
 
     #[test]

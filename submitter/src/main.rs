@@ -1,25 +1,27 @@
-//! The `submitter` binary: loads `submitter.toml`, opens the store and reloads accepted bundles,
-//! follows the chain, and serves the API and the metrics.
+//! The `submitter` binary: loads `submitter.toml`, builds the API's TLS configuration, opens the
+//! store and reloads accepted bundles, follows the chain, and only then serves the API over
+//! mutual TLS (`[tls]`, callers mapped to roles by `[[identities]]`) and the metrics on their own
+//! plain-HTTP listener (bind it to a private address). On SIGTERM or Ctrl-C it drains with a
+//! deadline.
 //!
-//! PENDING (the lead adds it in `api::tls`): the mTLS listener and identity layer. Until then the
-//! API listens on plain HTTP and only on a loopback address, and every local caller gets a
-//! development identity with the `signer` and `admin` roles. Relay-auth signatures and outcome
-//! reports go to the signer named in `[signer]`; without it, relays that sign are refused at
-//! start and outcomes go to the log.
+//! Relay-auth signatures and outcome reports go to the signer named in `[signer]`; without it,
+//! relays that sign are refused at start and outcomes go to the log.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use axum::Extension;
-use castellan_api::submitter::{CallerIdentity, Role};
+use anyhow::Context;
+use castellan_api::serve::{ServeOptions, serve_mtls, watch_tls_reload};
+use castellan_api::tls::ReloadableServerConfig;
+use castellan_submitter::api::{self, Identities};
 use castellan_submitter::auth::RelayAuthSigner;
 use castellan_submitter::config::Config;
 use castellan_submitter::signer::{SignerOutcomes, SignerRelayAuth};
 use castellan_submitter::store::Store;
-use castellan_submitter::{LogOutcomes, OutcomeSink, api};
+use castellan_submitter::{LogOutcomes, OutcomeSink};
 use clap::Parser;
+use tokio::sync::watch;
 
 /// Command line.
 #[derive(Parser, Debug)]
@@ -42,14 +44,19 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_writer(std::io::stderr)
         .json()
         .init();
     let config = Config::load(&args.config)?;
-    if !config.api.listen.ip().is_loopback() || !config.api.metrics_listen.ip().is_loopback() {
-        bail!(
-            "until the mTLS listener lands, api.listen and api.metrics_listen must be loopback addresses"
-        );
+    // Built first: a missing or wrong certificate, key or CA stops the start before anything else.
+    let tls = Arc::new(
+        ReloadableServerConfig::new(config.tls.clone())
+            .context("building the API's TLS configuration ([tls])")?,
+    );
+    if config.identity_list.is_empty() {
+        tracing::warn!("no [[identities]] configured: every caller will be refused");
     }
+    let identities = Identities::new(config.identities());
     let store = Store::open(&config.store.path)
         .with_context(|| format!("opening {}", config.store.path.display()))?;
     // With a [signer] section, relay-auth signatures and outcomes go through the signer's mTLS
@@ -70,28 +77,54 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(live, relays = engine.relays().len(), "bundles restored");
     let tracker = engine.spawn_head_tracker(Duration::from_millis(config.chain.poll_interval_ms));
 
-    let identity = CallerIdentity {
-        id: "loopback-development".into(),
-        roles: vec![Role::Signer, Role::Admin],
-    };
-    let app = api::router(engine.clone(), config.api.max_body_bytes).layer(Extension(identity));
+    let app = api::mtls_router(engine.clone(), config.api.max_body_bytes, identities);
     let api_listener = tokio::net::TcpListener::bind(config.api.listen)
         .await
         .with_context(|| format!("binding {}", config.api.listen))?;
     let metrics_listener = tokio::net::TcpListener::bind(config.api.metrics_listen)
         .await
         .with_context(|| format!("binding {}", config.api.metrics_listen))?;
-    tracing::warn!(listen = %config.api.listen, "serving the API on plain HTTP (mTLS pending)");
-    let metrics =
-        tokio::spawn(
-            async move { axum::serve(metrics_listener, api::metrics_router(engine)).await },
-        );
-    axum::serve(api_listener, app)
-        .with_graceful_shutdown(shutdown())
-        .await?;
+    let addr = api_listener.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    // Tests and supervisors read the bound addresses from these lines.
+    println!("submitter listening on {addr}");
+    println!("submitter metrics on {metrics_addr}");
+    tracing::info!(%addr, %metrics_addr, "submitter ready");
+
+    // One signal, two listeners: the API drains with a deadline, the metrics stop with it.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let reload = tokio::spawn(watch_tls_reload(tls.clone(), Duration::from_secs(2)));
+    let metrics = tokio::spawn(async move {
+        axum::serve(metrics_listener, api::metrics_router(engine))
+            .with_graceful_shutdown(stopped(stop_rx))
+            .await
+    });
+    serve_mtls(
+        api_listener,
+        tls,
+        app,
+        ServeOptions::default(),
+        async move {
+            shutdown().await;
+            let _ = stop_tx.send(true);
+        },
+    )
+    .await?;
+    reload.abort();
     tracker.abort();
-    metrics.abort();
+    if tokio::time::timeout(Duration::from_secs(2), metrics)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the metrics listener did not stop in time");
+    }
+    tracing::info!("submitter stopped");
     Ok(())
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    // An error means the sender is gone, which also means shutdown.
+    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 async fn shutdown() {

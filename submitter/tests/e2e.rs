@@ -874,7 +874,7 @@ async fn rpc_route_is_used_only_when_named() {
     // Restart the engine over a configuration that adds the rpc route.
     let mut h = h;
     let config_text = format!(
-        "[api]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n[chain]\nchain_id = 31337\nnode_url = \"{}\"\nconfirmations = 0\n[store]\npath = \"{}\"\n\
+        "[api]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n[tls]\ncert = \"/unused/server.pem\"\nkey = \"/unused/server.key\"\nclient_ca = \"/unused/ca.pem\"\n[chain]\nchain_id = 31337\nnode_url = \"{}\"\nconfirmations = 0\n[store]\npath = \"{}\"\n\
          [[relay]]\nname = \"titan\"\nkind = \"builder\"\nurl = \"{}\"\nsign = false\n\
          [[relay]]\nname = \"mempool\"\nkind = \"rpc\"\nurl = \"{}\"\n",
         h.anvil.url(),

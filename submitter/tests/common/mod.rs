@@ -167,8 +167,10 @@ impl Harness {
             }
             relays.push((s.name, relay));
         }
+        // The engine runs in-process: [tls] is required by the file format but never opened here
+        // (the real-socket mTLS tests are in binary.rs).
         let text = format!(
-            "[api]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\n\
+            "[api]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n[tls]\ncert = \"/unused/server.pem\"\nkey = \"/unused/server.key\"\nclient_ca = \"/unused/ca.pem\"\n\n\
              [chain]\nchain_id = 31337\nnode_url = \"{}\"\npoll_interval_ms = 25\nconfirmations = 1\n\n\
              [store]\npath = \"{}\"\n\n[health]\n{health}\n\n{relay_toml}",
             anvil.url(),
