@@ -1,0 +1,123 @@
+//! `keyctl.toml`: where the signer, the store and the key backend are.
+//!
+//! No secret is ever written here: the token PIN comes from its own 0600 file or the environment
+//! (the backend's `pin_file` / `pin_env`), and TLS private keys are files of mode 0600.
+//! `deploy/keyctl.toml` is a commented example; `keyctl dev init` writes a complete one.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use castellan_api::tls::ClientTlsConfig;
+use castellan_signer::config::BackendConfig;
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyctlConfig {
+    /// Who this operator is, as written in the audit records of direct store changes.
+    #[serde(default = "default_operator")]
+    pub operator: String,
+    /// The running signer's admin API.
+    #[serde(default)]
+    pub signer: Option<SignerApi>,
+    /// The signer's store (direct access, also when the signer is down).
+    pub store: StorePath,
+    /// The key backend new versions are generated on.
+    pub backend: BackendConfig,
+    /// The policy file the signer runs (for the approval domain and `status`).
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
+    /// The submitter's API base URL, for `status` reachability.
+    #[serde(default)]
+    pub submitter_url: Option<String>,
+    /// Development only: the SoftHSM configuration keyctl sets for itself (it re-executes itself
+    /// with `SOFTHSM2_CONF` set, never changing its own environment).
+    #[serde(default)]
+    pub softhsm2_conf: Option<PathBuf>,
+    /// Approvers that sign with a key on the backend's token, by name.
+    #[serde(default, rename = "approvers")]
+    pub approvers: Vec<ApproverConfig>,
+    /// Default grace period of a rotated-out version (`"24h"`).
+    #[serde(default)]
+    pub rotate_grace: Option<String>,
+}
+
+/// The signer's API, as an admin client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignerApi {
+    /// Base URL, e.g. `https://127.0.0.1:8443`.
+    pub url: String,
+    /// Client TLS with the admin certificate.
+    pub tls: ClientTlsConfig,
+    /// Seconds before a call is given up (default 5).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// The store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorePath {
+    /// Path of the SQLite database.
+    pub path: PathBuf,
+}
+
+/// One approver whose EIP-712 key lives on the token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproverConfig {
+    /// Name used on the command line (`keyctl approve --as <name>`).
+    pub name: String,
+    /// `CKA_LABEL` of the approver's key on the token.
+    pub key_label: String,
+    /// The approver's client certificate (role `approver` at the signer).
+    pub tls: ClientTlsConfig,
+}
+
+impl KeyctlConfig {
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let config: Self = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {}",
+                path.display(),
+                e.to_string().trim_end().replace('\n', " ")
+            )
+        })?;
+        if let BackendConfig::Pkcs11(p) = &config.backend {
+            p.validate()
+                .map_err(|e| anyhow::anyhow!("{}: backend: {e}", path.display()))?;
+        }
+        if let Some(g) = &config.rotate_grace {
+            crate::parse_duration_ms(g)
+                .with_context(|| format!("{}: rotate_grace", path.display()))?;
+        }
+        Ok(config)
+    }
+
+    /// The signer API settings, or a one-line error telling what is missing.
+    pub fn signer_api(&self) -> anyhow::Result<&SignerApi> {
+        match &self.signer {
+            Some(s) => Ok(s),
+            None => {
+                bail!("keyctl.toml has no [signer] section: the signer's API is not configured")
+            }
+        }
+    }
+
+    /// An approver by name.
+    pub fn approver(&self, name: &str) -> anyhow::Result<&ApproverConfig> {
+        match self.approvers.iter().find(|a| a.name == name) {
+            Some(a) => Ok(a),
+            None => bail!("no approver named {name:?} in keyctl.toml"),
+        }
+    }
+}
+
+fn default_operator() -> String {
+    "keyctl".into()
+}

@@ -1,0 +1,471 @@
+//! Commands that go through the running signer's admin API (mTLS, admin identity).
+//!
+//! Tightening actions (revoke, freeze, pause) fall back to the store when the signer cannot be
+//! reached: the signer re-checks key status, freeze and pause inside every decision transaction,
+//! so it refuses at its next request either way. Loosening actions (unfreeze, resume) and
+//! approvals need the signer's own checks and never go around it.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use alloy::primitives::Bytes;
+use alloy::sol_types::SolStruct;
+use anyhow::{Context, bail};
+use castellan_api::client::{ClientError, SignerClient};
+use castellan_api::signer::{AdminAction, ApprovalSubmission, CheckedAddress, RequestStatus};
+use castellan_api::submitter::Quantity;
+use castellan_api::tls::ClientTlsConfig;
+use castellan_policy::{APPROVE, Approval, Policy, castellan_domain};
+use castellan_signer::audit::UnixMillis;
+use castellan_signer::backend::{KeyBackend, SignRequest};
+use castellan_signer::store::{KeyVersion, Store};
+use serde_json::{Value, json};
+
+use crate::config::KeyctlConfig;
+use crate::ops::{self, key_name};
+use crate::{Globals, Report, fail, parse_duration_ms};
+
+fn client(c: &KeyctlConfig, tls: Option<&ClientTlsConfig>) -> anyhow::Result<SignerClient> {
+    let api = c.signer_api()?;
+    let timeout = Duration::from_secs(api.timeout_secs.unwrap_or(5));
+    SignerClient::with_builder(
+        api.url.clone(),
+        tls.unwrap_or(&api.tls),
+        reqwest_builder(timeout),
+    )
+    .map_err(|e| anyhow::anyhow!("signer client: {e}"))
+}
+
+fn reqwest_builder(timeout: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(timeout)
+        .timeout(timeout)
+}
+
+fn api_error(what: &str, e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::Transport(t) => fail(4, format!("{what}: signer unreachable: {t}")),
+        ClientError::Api {
+            status,
+            code,
+            message,
+        } => fail(
+            1,
+            format!("{what}: signer refused ({status} {code}): {message}"),
+        ),
+        other => fail(1, format!("{what}: {other}")),
+    }
+}
+
+/// `keyctl revoke <name>[@N] --reason`.
+pub async fn revoke(
+    c: &KeyctlConfig,
+    g: &Globals,
+    key: &str,
+    reason: &str,
+    direct: bool,
+) -> anyhow::Result<Report> {
+    let (name, version) = match key.split_once('@') {
+        Some(_) => {
+            let kv: KeyVersion = key.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+            (kv.name, Some(kv.version))
+        }
+        None => (key_name(key)?, None),
+    };
+    if reason.trim().is_empty() {
+        bail!("--reason must not be empty");
+    }
+    // Refuse an unknown key before asking for confirmation, and never half-way.
+    {
+        let store = ops::open_store(c)?;
+        let versions = store.list_keys(Some(name.clone())).await?;
+        if versions.is_empty() {
+            bail!("unknown key {name}");
+        }
+        if let Some(v) = version
+            && !versions.iter().any(|r| r.version.version == v)
+        {
+            bail!("unknown key version {name}@{v}");
+        }
+    }
+    g.confirm(&format!("revoke {key} (signs nothing, ever again)"))?;
+    let mut via = "signer";
+    let mut warning = None;
+    let revoked: Vec<String> = if direct || c.signer.is_none() {
+        via = "store";
+        ops::revoke_direct(c, g, &name, version, reason)
+            .await?
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    } else {
+        let action = AdminAction {
+            reason: reason.to_owned(),
+            version,
+            cooldown: None,
+        };
+        let answer: Result<Value, ClientError> = client(c, None)?
+            .post(&format!("/v1/admin/keys/{name}/revoke"), &action)
+            .await;
+        match answer {
+            Ok(v) => v
+                .get("revoked")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Err(ClientError::Transport(t)) => {
+                via = "store";
+                let w = format!(
+                    "signer unreachable ({t}); revoked directly in the store — the signer refuses \
+                     the key at its next request"
+                );
+                eprintln!("keyctl: warning: {w}");
+                warning = Some(w);
+                ops::revoke_direct(c, g, &name, version, reason)
+                    .await?
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect()
+            }
+            Err(e) => return Err(api_error("revoke", e)),
+        }
+    };
+    let text = if revoked.is_empty() {
+        format!("{key}: nothing to revoke (already revoked or destroyed)")
+    } else {
+        format!("revoked {} (via {via})", revoked.join(", "))
+    };
+    Ok(Report::new(
+        text,
+        json!({"revoked": revoked, "via": via, "warning": warning}),
+    ))
+}
+
+/// `keyctl freeze --reason`.
+pub async fn freeze(c: &KeyctlConfig, g: &Globals, reason: &str) -> anyhow::Result<Report> {
+    if reason.trim().is_empty() {
+        bail!("--reason must not be empty");
+    }
+    g.confirm("freeze all signing")?;
+    let action = AdminAction {
+        reason: reason.to_owned(),
+        version: None,
+        cooldown: None,
+    };
+    let answer: Result<Value, ClientError> = match c.signer {
+        Some(_) => client(c, None)?.post("/v1/admin/freeze", &action).await,
+        None => Err(ClientError::Transport("no [signer] configured".into())),
+    };
+    match answer {
+        Ok(_) => Ok(Report::new(
+            "signing frozen (via signer)",
+            json!({"frozen": true, "via": "signer"}),
+        )),
+        Err(ClientError::Transport(t)) => {
+            eprintln!("keyctl: warning: signer unreachable ({t}); freezing directly in the store");
+            let store = ops::open_store(c)?;
+            store.freeze(reason.to_owned(), ops::change(c, g)).await?;
+            Ok(Report::new(
+                "signing frozen (via store)",
+                json!({"frozen": true, "via": "store"}),
+            ))
+        }
+        Err(e) => Err(api_error("freeze", e)),
+    }
+}
+
+/// `keyctl unfreeze --reason`: proposes; approvers approve the returned request.
+pub async fn unfreeze(c: &KeyctlConfig, _g: &Globals, reason: &str) -> anyhow::Result<Report> {
+    let action = AdminAction {
+        reason: reason.to_owned(),
+        version: None,
+        cooldown: None,
+    };
+    match client(c, None)?
+        .post::<_, Value>("/v1/admin/unfreeze", &action)
+        .await
+    {
+        Ok(v) => Ok(Report::new(format!("unfrozen: {v}"), v)),
+        Err(ClientError::Pending(p)) => Ok(Report::new(
+            format!(
+                "unfreeze proposed as request {}: needs {} approvals of {} (digest {}); \
+                 approvers run `keyctl approve {}`",
+                p.request_id, p.threshold, p.approver_set, p.request_digest, p.request_id
+            ),
+            serde_json::to_value(&*p)?,
+        )),
+        Err(e) => Err(api_error("unfreeze", e)),
+    }
+}
+
+/// `keyctl pause <key>`.
+pub async fn pause(
+    c: &KeyctlConfig,
+    g: &Globals,
+    key: &str,
+    reason: &str,
+    cooldown: Option<&str>,
+) -> anyhow::Result<Report> {
+    let name = key_name(key)?;
+    let cooldown_ms = cooldown.map(parse_duration_ms).transpose()?;
+    {
+        let store = ops::open_store(c)?;
+        if store.list_keys(Some(name.clone())).await?.is_empty() {
+            bail!("unknown key {name}");
+        }
+    }
+    g.confirm(&format!("pause key {name}"))?;
+    let action = AdminAction {
+        reason: reason.to_owned(),
+        version: None,
+        cooldown: cooldown_ms.map(|ms| Quantity(ms / 1000)),
+    };
+    let answer: Result<Value, ClientError> = match c.signer {
+        Some(_) => {
+            client(c, None)?
+                .post(&format!("/v1/admin/keys/{name}/pause"), &action)
+                .await
+        }
+        None => Err(ClientError::Transport("no [signer] configured".into())),
+    };
+    match answer {
+        Ok(v) => Ok(Report::new(format!("paused {name} (via signer)"), v)),
+        Err(ClientError::Transport(t)) => {
+            eprintln!("keyctl: warning: signer unreachable ({t}); pausing directly in the store");
+            let until = match cooldown_ms {
+                Some(ms) => g.now.plus_ms(ms),
+                None => UnixMillis(u64::MAX / 2),
+            };
+            let store = ops::open_store(c)?;
+            store
+                .pause_key(name.clone(), until, reason.to_owned(), ops::change(c, g))
+                .await?;
+            Ok(Report::new(
+                format!("paused {name} (via store)"),
+                json!({"paused": name.as_str(), "via": "store"}),
+            ))
+        }
+        Err(e) => Err(api_error("pause", e)),
+    }
+}
+
+/// `keyctl resume <key>` (through the signer only).
+pub async fn resume(c: &KeyctlConfig, _g: &Globals, key: &str) -> anyhow::Result<Report> {
+    let name = key_name(key)?;
+    let v: Value = client(c, None)?
+        .post(&format!("/v1/admin/keys/{name}/resume"), &json!({}))
+        .await
+        .map_err(|e| api_error("resume", e))?;
+    Ok(Report::new(format!("resumed {name}"), v))
+}
+
+/// `keyctl approve|reject <id> --as <approver>`: signs the EIP-712 approval with the approver's
+/// key on the token and submits it with the approver's certificate.
+pub async fn approve(
+    c: &KeyctlConfig,
+    g: &Globals,
+    id: &str,
+    approver: &str,
+    ttl: &str,
+    approve: bool,
+) -> anyhow::Result<Report> {
+    let who = c.approver(approver)?;
+    let ttl_ms = parse_duration_ms(ttl)?;
+    let policy_path = c
+        .policy
+        .as_ref()
+        .context("keyctl.toml names no policy file (needed for the approval domain)")?;
+    let policy_text = std::fs::read_to_string(policy_path)
+        .with_context(|| format!("cannot read {}", policy_path.display()))?;
+    let policy = Policy::from_toml(&policy_text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", policy_path.display()))?;
+    let domain = policy.approval_domain().clone();
+    let chain_id = domain.chain_id.map(|c| c.to::<u64>()).unwrap_or(1);
+    let api = client(c, Some(&who.tls))?;
+    let status: RequestStatus = api
+        .get(&format!("/v1/requests/{id}"))
+        .await
+        .map_err(|e| api_error("reading the request", e))?;
+    let decision = if approve { APPROVE } else { "reject" };
+    let expiry = g.now.plus_ms(ttl_ms).0 / 1000;
+    let approval = Approval {
+        request: status.request_digest,
+        decision: decision.to_owned(),
+        expiry,
+    };
+    let hash = approval.eip712_signing_hash(&castellan_domain(chain_id));
+    let backend = ops::open_backend(c).await?;
+    let info = backend
+        .find_by_label(&who.key_label)
+        .await
+        .with_context(|| format!("approver key {:?}", who.key_label))?;
+    let sig = backend
+        .sign(&info.key_ref, &info.public_key, SignRequest::digest(hash))
+        .await
+        .with_context(|| format!("signing with {:?}", who.key_label))?
+        .signature();
+    let submission = ApprovalSubmission {
+        approver: CheckedAddress(info.address),
+        decision: decision.to_owned(),
+        expiry: Quantity(expiry),
+        signature: Bytes::from(sig.as_bytes().to_vec()),
+    };
+    let after: RequestStatus = api
+        .post(&format!("/v1/requests/{id}/approvals"), &submission)
+        .await
+        .map_err(|e| api_error(decision, e))?;
+    let mut text = String::new();
+    let _ = write!(
+        text,
+        "{decision} of {id} by {approver} ({}) submitted: state {:?}, {}/{} approvals",
+        info.address, after.state, after.approvals, after.threshold
+    );
+    Ok(Report::new(text, serde_json::to_value(&after)?))
+}
+
+/// `keyctl status`.
+pub async fn status(c: &KeyctlConfig, g: &Globals) -> anyhow::Result<Report> {
+    let mut problems: Vec<String> = Vec::new();
+    let mut text = String::new();
+    // Store.
+    let store = ops::open_store(c);
+    let (frozen, store_ok, paused, due, head) = match &store {
+        Ok(s) => {
+            let frozen = s.freeze_state().await.ok().flatten();
+            let head = s.audit_head().await;
+            let mut paused = Vec::new();
+            let mut names: Vec<String> = s
+                .list_keys(None)
+                .await
+                .unwrap_or_default()
+                .iter()
+                .map(|r| r.version.name.to_string())
+                .collect();
+            names.dedup();
+            for n in names {
+                if let Ok(kn) = key_name(&n)
+                    && let Ok(ctl) = s.key_control(kn).await
+                    && ctl.paused_until.is_some_and(|u| u > g.now)
+                {
+                    paused.push(n);
+                }
+            }
+            let due: Vec<String> = s
+                .keys_due_for_rotation(g.now)
+                .await
+                .unwrap_or_default()
+                .iter()
+                .map(|r| r.version.to_string())
+                .collect();
+            (frozen, head.is_ok(), paused, due, head.ok().flatten())
+        }
+        Err(e) => {
+            problems.push(format!("store: {e:#}"));
+            (None, false, vec![], vec![], None)
+        }
+    };
+    drop(store);
+    let pending = ops::pending(c, g)
+        .ok()
+        .and_then(|r| r.json.as_array().map(Vec::len))
+        .unwrap_or(0);
+    if let Some(f) = &frozen {
+        problems.push(format!("FROZEN by {}: {}", f.by, f.reason));
+    }
+    // HSM.
+    let hsm = match ops::open_backend(c).await {
+        Ok(b) => format!("{:?}", b.health()),
+        Err(e) => {
+            problems.push(format!("hsm: {e:#}"));
+            format!("error: {e:#}")
+        }
+    };
+    // Signer.
+    let signer = match &c.signer {
+        None => "not configured".to_owned(),
+        Some(_) => match client(c, None)?.get::<Value>("/v1/keys").await {
+            Ok(_) => "reachable".to_owned(),
+            Err(ClientError::Transport(t)) => {
+                problems.push(format!("signer unreachable: {t}"));
+                format!("unreachable: {t}")
+            }
+            Err(e) => format!("reachable, answered: {e}"),
+        },
+    };
+    // Submitter.
+    let submitter = match &c.submitter_url {
+        None => "not configured".to_owned(),
+        Some(u) => match tcp_reachable(u).await {
+            Ok(()) => "reachable".to_owned(),
+            Err(e) => {
+                problems.push(format!("submitter unreachable: {e}"));
+                format!("unreachable: {e}")
+            }
+        },
+    };
+    let _ = writeln!(
+        text,
+        "freeze:     {}",
+        frozen.as_ref().map_or("not frozen".to_owned(), |f| format!(
+            "FROZEN by {}: {}",
+            f.by, f.reason
+        ))
+    );
+    let _ = writeln!(text, "paused:     {}", list_or_none(&paused));
+    let _ = writeln!(text, "due:        {}", list_or_none(&due));
+    let _ = writeln!(
+        text,
+        "pending:    {pending} request(s) waiting for approvals"
+    );
+    let _ = writeln!(
+        text,
+        "store:      {}{}",
+        if store_ok { "ok" } else { "ERROR" },
+        head.map_or(String::new(), |(s, _)| format!(" (audit head {s})"))
+    );
+    let _ = writeln!(text, "hsm:        {hsm}");
+    let _ = writeln!(text, "signer:     {signer}");
+    let _ = writeln!(text, "submitter:  {submitter}");
+    let json = json!({
+        "frozen": frozen.as_ref().map(|f| json!({"by": f.by, "reason": f.reason, "at": f.at.0 / 1000})),
+        "paused": paused, "dueForRotation": due, "pendingApprovals": pending,
+        "store": store_ok, "auditHead": head.map(|h| h.0), "hsm": hsm,
+        "signer": signer, "submitter": submitter, "problems": problems,
+    });
+    let mut r = Report::new(text, json);
+    if !problems.is_empty() {
+        r.code = 6;
+    }
+    Ok(r)
+}
+
+fn list_or_none(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+async fn tcp_reachable(url: &str) -> anyhow::Result<()> {
+    let u = reqwest::Url::parse(url).with_context(|| format!("bad submitter_url {url:?}"))?;
+    let host = u
+        .host_str()
+        .context("submitter_url has no host")?
+        .to_owned();
+    let port = u
+        .port_or_known_default()
+        .context("submitter_url has no port")?;
+    tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("connect to {host}:{port} timed out"))?
+    .with_context(|| format!("connect to {host}:{port}"))?;
+    Ok(())
+}
