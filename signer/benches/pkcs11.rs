@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use alloy::primitives::B256;
+use castellan_signer::backend::ecdsa::{self, PreparedKey};
 use castellan_signer::backend::pkcs11::{PinSource, Pkcs11Backend, Pkcs11Config};
 use castellan_signer::backend::{KeyBackend, KeyInfo, SignRequest};
 use castellan_tests::softhsm::{PIN_ENV, SoftHsmToken, USER_PIN};
@@ -238,7 +239,16 @@ fn run(token: &SoftHsmToken) {
         }
     };
     let rounds = 5;
-    let mut samples: [Vec<f64>; 6] = Default::default();
+    let rs = raw_sign(&raw[0].0, raw[0].1, &digests[0]);
+    // Table builds: the first also builds the process-wide table of G.
+    let build = |key: &k256::ecdsa::VerifyingKey| {
+        let start = Instant::now();
+        let prepared = PreparedKey::new(key);
+        (prepared, start.elapsed())
+    };
+    let (_, first_build) = build(&key.public_key);
+    let (prepared, key_build) = build(&key.public_key);
+    let mut samples: [Vec<f64>; 7] = Default::default();
     for _ in 0..rounds {
         samples[0].push(rate(&mut |n| {
             let (session, key) = &raw[0];
@@ -262,18 +272,23 @@ fn run(token: &SoftHsmToken) {
         samples[4].push(rate(&mut |n| {
             backend_parallel(&rt, &backend2, &key, &digests, 4, n)
         }));
+        // The conversion alone (verification included), old and new path, same signature.
         samples[5].push(rate(&mut |n| {
-            let (session, handle) = &raw[0];
-            let rs = raw_sign(session, *handle, &digests[0]);
             let start = Instant::now();
             for _ in 0..n {
                 black_box(
-                    castellan_signer::backend::ecdsa::eth_signature_from_rs(
-                        &digests[0],
-                        &key.public_key,
-                        black_box(&rs),
-                    )
-                    .unwrap(),
+                    ecdsa::eth_signature_from_rs(&digests[0], &key.public_key, black_box(&rs))
+                        .unwrap(),
+                );
+            }
+            start.elapsed()
+        }));
+        samples[6].push(rate(&mut |n| {
+            let start = Instant::now();
+            for _ in 0..n {
+                black_box(
+                    ecdsa::eth_signature_from_rs_prepared(&digests[0], &prepared, black_box(&rs))
+                        .unwrap(),
                 );
             }
             start.elapsed()
@@ -284,7 +299,7 @@ fn run(token: &SoftHsmToken) {
         v.sort_by(f64::total_cmp);
         (v[v.len() / 2], v[v.len() - 1])
     };
-    let [raw1, be1, seq1, raw2, be2, convert] = samples.each_ref().map(stats);
+    let [raw1, be1, seq1, raw2, be2, lincomb, prepared] = samples.each_ref().map(stats);
     println!("summary (signs/s, median / best of {rounds} interleaved 1 s rounds):");
     let row = |name: &str, raw: (f64, f64), backend: (f64, f64)| {
         println!(
@@ -300,10 +315,22 @@ fn run(token: &SoftHsmToken) {
     row("1 session, 2 requests in flight", raw1, be1);
     row("1 session, sequential caller", raw1, seq1);
     row("2 sessions, 4 requests in flight", raw2, be2);
+    for (name, rate) in [("lincomb", lincomb), ("prepared key", prepared)] {
+        println!(
+            "  conversion alone, one core, {name:<12}: {:6.0} / {:6.0} per s ({:5.1} us each at best)",
+            rate.0,
+            rate.1,
+            1e6 / rate.1
+        );
+    }
     println!(
-        "  conversion alone, one core: {:.0} / {:.0} per s ({:.1} us each at best)",
-        convert.0,
-        convert.1,
-        1e6 / convert.1
+        "  prepared key build: {:.2} ms per key ({:.2} ms for the first, with the table of G)",
+        key_build.as_secs_f64() * 1e3,
+        first_build.as_secs_f64() * 1e3
+    );
+    println!(
+        "  conversion speed-up, prepared vs lincomb: {:.2}x / {:.2}x",
+        prepared.0 / lincomb.0,
+        prepared.1 / lincomb.1
     );
 }

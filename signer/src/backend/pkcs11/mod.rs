@@ -9,7 +9,9 @@
 //!   and the queue is full a request fails at once with [`BackendError::Unavailable`].
 //! - Signatures go through a second stage of verifier threads (one per session, at most one per
 //!   core) that convert `r‖s` to a verified Ethereum signature, so a session starts its next
-//!   `C_Sign` while the previous signature is being verified.
+//!   `C_Sign` while the previous signature is being verified. They share a cache of each key's
+//!   precomputed verification table ([`super::ecdsa::PreparedKeyCache`], built on a key's first
+//!   signature, ≈ 120 KiB a key, at most 256 keys).
 //! - One more session, held by a keeper thread, keeps the login alive (closing a process's last
 //!   session logs it out and invalidates object handles) and is pinged every 500 ms.
 //! - Workers look keys up by label and id in their own session and cache the object handles per
@@ -167,6 +169,7 @@ impl Pkcs11Backend {
         let (verify_sender, verify_receiver) =
             sync_channel::<Verify>(config.sessions * QUEUE_PER_SESSION);
         let verify_receiver = Arc::new(Mutex::new(verify_receiver));
+        let prepared = Arc::new(super::ecdsa::PreparedKeyCache::default());
         let mut backend = Self {
             shared: Arc::clone(&shared),
             sender: Some(sender),
@@ -182,8 +185,9 @@ impl Pkcs11Backend {
         for i in 0..verifiers {
             let verifier_shared = Arc::clone(&shared);
             let receiver = Arc::clone(&verify_receiver);
+            let prepared = Arc::clone(&prepared);
             backend.spawn(format!("pkcs11-verify-{i}"), move || {
-                worker::verifier(&verifier_shared, &receiver);
+                worker::verifier(&verifier_shared, &receiver, &prepared);
             })?;
         }
         for (i, session) in worker_sessions.into_iter().enumerate() {

@@ -2,8 +2,9 @@
 //! jobs from the pool's bounded channel, replying on a oneshot.
 //!
 //! Signing is a two-stage pipeline: the worker makes the `C_Sign` call and hands the device's
-//! `r‖s` to a verifier thread, which converts and verifies it (one double-scalar multiplication,
-//! about as much CPU as a signature verification) and replies. The session is free for the next
+//! `r‖s` to a verifier thread, which converts and verifies it (one double-scalar multiplication
+//! from the key's precomputed tables, about a third of a plain signature verification) and
+//! replies. The session is free for the next
 //! `C_Sign` while the previous signature is being verified.
 
 use std::collections::HashMap;
@@ -60,9 +61,18 @@ pub(super) struct Verify {
 
 /// The verifier stage: converts device signatures to verified Ethereum signatures and replies.
 ///
+/// Each key's table of precomputed multiples is built on its first signature and kept in
+/// `prepared` (shared by the verifier threads), which makes the verification about three times
+/// cheaper than without.
+///
 /// A signature that does not verify (a cached handle that now names another key, a device
 /// fault) also makes every worker drop its cached handles.
-pub(super) fn verifier(shared: &Shared, jobs: &Mutex<Receiver<Verify>>) {
+pub(super) fn verifier(
+    shared: &Shared,
+    jobs: &Mutex<Receiver<Verify>>,
+    prepared: &ecdsa::PreparedKeyCache,
+) {
+    ecdsa::prepare_generator();
     loop {
         let job = {
             let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
@@ -72,7 +82,8 @@ pub(super) fn verifier(shared: &Shared, jobs: &Mutex<Receiver<Verify>>) {
         if job.reply.is_closed() {
             continue;
         }
-        let result = ecdsa::eth_signature_from_rs(&job.digest, &job.expected, &job.rs);
+        let key = prepared.get(&job.expected);
+        let result = ecdsa::eth_signature_from_rs_prepared(&job.digest, &key, &job.rs);
         if result.is_err() {
             shared.objects_epoch.fetch_add(1, Ordering::AcqRel);
         }
