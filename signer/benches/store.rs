@@ -6,6 +6,13 @@
 //! Each decision is what the signing pipeline commits: freeze, key status and pause checks, a
 //! request-id check, three check-and-reserve windows (1 min request count, 1 h value, 24 h cost)
 //! and the audit record.
+//!
+//! `writer_cpu` measures the store's own cost per signing request: the CPU time of the writer
+//! thread (`castellan-store`, read from `/proc/self/task/<tid>/schedstat`, nanoseconds) per
+//! decision with five windows plus its recorded outcome, with 1 and with 8 callers. Run it alone
+//! with `cargo bench -p castellan-signer --bench store -- writer_cpu`; set `STORE_BENCH_CPU_ONLY=1`
+//! to skip the throughput groups (e.g. under `valgrind --tool=callgrind`) and
+//! `STORE_BENCH_REQUESTS` to change the number of requests (default 4000).
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -17,8 +24,8 @@ use alloy::primitives::{Address, U256, keccak256};
 use castellan_signer::audit::UnixMillis;
 use castellan_signer::backend::KeyRef;
 use castellan_signer::store::{
-    Change, DecisionTx, KeyName, KeyVersion, NewKeyVersion, RequestId, Reservation, SqliteStore,
-    Store, WindowKey,
+    Change, DecisionTx, KeyName, KeyVersion, NewKeyVersion, Outcome, OutcomeTx, RequestId,
+    Reservation, SqliteStore, Store, WindowKey,
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use k256::ecdsa::SigningKey;
@@ -48,43 +55,40 @@ fn decision(n: u64, key: &KeyVersion) -> DecisionTx {
     }
 }
 
-fn bench_decisions(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// Five windows, as a request under a typical policy reserves: two rate limits and three
+/// velocity limits.
+fn decision5(n: u64, key: &KeyVersion) -> DecisionTx {
+    let mut d = decision(n, key);
+    let window = |name: &str, duration_ms: u64, amount: u64| Reservation {
+        window: WindowKey::new(format!("key:bench:{name}")).expect("window"),
+        duration_ms,
+        amount: U256::from(amount),
+        limit: U256::MAX,
+    };
+    d.reservations.push(window("requests:1", 1_000, 1));
+    d.reservations
+        .push(window("value:86400", 86_400_000, 1_000_000_000_000_000));
+    d
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
         .build()
-        .expect("runtime");
+        .expect("runtime")
+}
+
+fn bench_decisions(c: &mut Criterion) {
+    if std::env::var_os("STORE_BENCH_CPU_ONLY").is_some() {
+        return;
+    }
+    let rt = runtime();
     // On the build's target disk (not a tmpfs), so commits really fsync.
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
     let store = Arc::new(SqliteStore::open(dir.path().join("bench.db")).expect("open"));
-    let vk = *SigningKey::from_bytes((&[9u8; 32]).into())
-        .expect("scalar")
-        .verifying_key();
-    let key = rt.block_on(async {
-        let rec = store
-            .register_key_version(
-                NewKeyVersion {
-                    name: KeyName::new("bench").expect("name"),
-                    key_ref: KeyRef::Pkcs11 {
-                        label: "bench".into(),
-                        id: "01".into(),
-                    },
-                    address: Address::from_public_key(&vk),
-                    public_key: vk.to_encoded_point(true).as_bytes().to_vec(),
-                    rotate_every_ms: None,
-                },
-                Change::new("bench", UnixMillis::now()),
-            )
-            .await
-            .expect("register");
-        store
-            .activate_version(rec.version, None, Change::new("bench", UnixMillis::now()))
-            .await
-            .expect("activate")
-            .version
-    });
+    let key = rt.block_on(setup_key(&store));
     let counter = Arc::new(AtomicU64::new(0));
-
     let mut group = c.benchmark_group("store_decision");
     group.throughput(Throughput::Elements(1));
     group.sample_size(10);
@@ -129,5 +133,120 @@ fn bench_decisions(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decisions);
+async fn setup_key(store: &SqliteStore) -> KeyVersion {
+    let vk = *SigningKey::from_bytes((&[9u8; 32]).into())
+        .expect("scalar")
+        .verifying_key();
+    let rec = store
+        .register_key_version(
+            NewKeyVersion {
+                name: KeyName::new("bench").expect("name"),
+                key_ref: KeyRef::Pkcs11 {
+                    label: "bench".into(),
+                    id: "01".into(),
+                },
+                address: Address::from_public_key(&vk),
+                public_key: vk.to_encoded_point(true).as_bytes().to_vec(),
+                rotate_every_ms: None,
+            },
+            Change::new("bench", UnixMillis::now()),
+        )
+        .await
+        .expect("register");
+    store
+        .activate_version(rec.version, None, Change::new("bench", UnixMillis::now()))
+        .await
+        .expect("activate")
+        .version
+}
+
+/// Nanoseconds of CPU the store's writer thread has used so far.
+fn writer_cpu_ns() -> u64 {
+    let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task");
+    let mut found = None;
+    for task in tasks {
+        let path = task.expect("task").path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.trim_end() == "castellan-store" {
+            assert!(found.is_none(), "two store writer threads");
+            found = Some(path);
+        }
+    }
+    let path = found.expect("no thread named castellan-store");
+    let schedstat = std::fs::read_to_string(path.join("schedstat")).expect("schedstat");
+    schedstat
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("schedstat format")
+}
+
+/// Writer-thread CPU per signing request (decision with five windows + signed outcome).
+fn writer_cpu(_c: &mut Criterion) {
+    let requests: u64 = std::env::var("STORE_BENCH_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4000);
+    let rt = runtime();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let store = Arc::new(SqliteStore::open(dir.path().join("cpu.db")).expect("open"));
+    let key = rt.block_on(setup_key(&store));
+    let counter = Arc::new(AtomicU64::new(0));
+    for callers in [1u64, 8] {
+        let run = |n_total: u64| {
+            rt.block_on(async {
+                let start = Instant::now();
+                let mut tasks = Vec::new();
+                for t in 0..callers {
+                    let n = n_total / callers + u64::from(t < n_total % callers);
+                    let store = Arc::clone(&store);
+                    let key = key.clone();
+                    let counter = Arc::clone(&counter);
+                    tasks.push(tokio::spawn(async move {
+                        for _ in 0..n {
+                            let id = counter.fetch_add(1, Ordering::Relaxed);
+                            let d = decision5(id, &key);
+                            let request_id = d.request_id.clone();
+                            store.commit_decision(d).await.expect("decision");
+                            store
+                                .record_outcome(OutcomeTx {
+                                    request_id,
+                                    at: UnixMillis::now(),
+                                    outcome: Outcome::Signed {
+                                        details: json!({
+                                            "signature": format!("0x{}", "ab".repeat(65)),
+                                            "tx_hash": format!("0x{}", "cd".repeat(32)),
+                                        }),
+                                    },
+                                })
+                                .await
+                                .expect("outcome");
+                        }
+                    }));
+                }
+                for t in tasks {
+                    t.await.expect("task");
+                }
+                start.elapsed()
+            })
+        };
+        // Warm up: statement caches, the page cache, window state.
+        run((requests / 10).max(callers));
+        let cpu_before = writer_cpu_ns();
+        let stats_before = store.commit_stats();
+        let elapsed = run(requests);
+        let cpu = writer_cpu_ns() - cpu_before;
+        let stats = store.commit_stats();
+        let commits = stats.commits - stats_before.commits;
+        eprintln!(
+            "writer_cpu {callers} callers: {:.1} us writer CPU per request (decision with 5 \
+             windows + outcome), {:.0} requests/s, {:.1} jobs per commit",
+            cpu as f64 / 1e3 / requests as f64,
+            requests as f64 / elapsed.as_secs_f64(),
+            (stats.jobs - stats_before.jobs) as f64 / commits.max(1) as f64,
+        );
+    }
+}
+
+criterion_group!(benches, writer_cpu, bench_decisions);
 criterion_main!(benches);

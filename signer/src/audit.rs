@@ -61,7 +61,6 @@
 //! checkpoint signature). It cannot by itself detect that records after the last checkpoint were
 //! truncated from the end: compare the head with the signer's reported head, or checkpoint often.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
 
@@ -200,6 +199,15 @@ impl AuditEntry {
 
     /// Places the entry after `prev` (or at seq 1 for `None`), computing its hash.
     pub fn seal(self, prev: Option<(u64, B256)>) -> Result<AuditRecord, AuditError> {
+        Ok(self.seal_with_payload(prev)?.0)
+    }
+
+    /// [`AuditEntry::seal`], also returning the payload's canonical JSON text (what the store
+    /// keeps), computed once for both.
+    pub fn seal_with_payload(
+        self,
+        prev: Option<(u64, B256)>,
+    ) -> Result<(AuditRecord, String), AuditError> {
         self.validate()?;
         let (seq, prev_hash) = match prev {
             None => (1, B256::ZERO),
@@ -219,8 +227,14 @@ impl AuditEntry {
             payload: self.payload,
             hash: B256::ZERO,
         };
-        record.hash = record.compute_hash();
-        Ok(record)
+        let (bytes, range) = record.canonical_bytes_and_payload();
+        record.hash = keccak256(&bytes);
+        let payload = bytes
+            .get(range)
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .ok_or_else(|| AuditError::Malformed("payload is not UTF-8".into()))?
+            .to_owned();
+        Ok((record, payload))
     }
 }
 
@@ -248,24 +262,35 @@ pub struct AuditRecord {
 impl AuditRecord {
     /// The canonical bytes of every field but `hash` (see the module docs).
     pub fn canonical_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
+        self.canonical_bytes_and_payload().0
+    }
+
+    /// The canonical bytes, and where in them the canonical payload is.
+    fn canonical_bytes_and_payload(&self) -> (Vec<u8>, std::ops::Range<usize>) {
+        let mut out = Vec::with_capacity(512);
         // Members in sorted key order: at, identity, kind, payload, prev_hash, request_id, seq.
         out.extend_from_slice(b"{\"at\":");
-        out.extend_from_slice(self.at.0.to_string().as_bytes());
+        write_u64(&mut out, self.at.0);
         out.extend_from_slice(b",\"identity\":");
         write_opt_str(&mut out, self.identity.as_deref());
         out.extend_from_slice(b",\"kind\":");
         write_str(&mut out, self.kind.as_str());
         out.extend_from_slice(b",\"payload\":");
+        let start = out.len();
         write_canonical(&mut out, &self.payload);
-        out.extend_from_slice(b",\"prev_hash\":");
-        write_str(&mut out, &hex32(&self.prev_hash));
-        out.extend_from_slice(b",\"request_id\":");
+        let payload = start..out.len();
+        out.extend_from_slice(b",\"prev_hash\":\"0x");
+        let mut hex = [0u8; 64];
+        // 32 bytes always fit 64 hex digits.
+        if hex::encode_to_slice(self.prev_hash.as_slice(), &mut hex).is_ok() {
+            out.extend_from_slice(&hex);
+        }
+        out.extend_from_slice(b"\",\"request_id\":");
         write_opt_str(&mut out, self.request_id.as_deref());
         out.extend_from_slice(b",\"seq\":");
-        out.extend_from_slice(self.seq.to_string().as_bytes());
+        write_u64(&mut out, self.seq);
         out.push(b'}');
-        out
+        (out, payload)
     }
 
     /// Recomputes the hash from the other fields.
@@ -745,7 +770,13 @@ pub fn write_canonical(out: &mut Vec<u8>, v: &Value) {
         Value::Bool(false) => out.extend_from_slice(b"false"),
         // Only integers reach here for validated records; a float is written in serde_json's
         // shortest form so that an unvalidated value still serialises (and fails to verify).
-        Value::Number(n) => out.extend_from_slice(n.to_string().as_bytes()),
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                write_u64(out, u);
+            } else {
+                out.extend_from_slice(n.to_string().as_bytes());
+            }
+        }
         Value::String(s) => write_str(out, s),
         Value::Array(items) => {
             out.push(b'[');
@@ -759,8 +790,10 @@ pub fn write_canonical(out: &mut Vec<u8>, v: &Value) {
         }
         Value::Object(m) => {
             // Sort explicitly: serde_json's map order depends on its `preserve_order` feature,
-            // which any crate in the build may turn on.
-            let sorted: BTreeMap<&str, &Value> = m.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            // which any crate in the build may turn on. (Keys of a map are distinct, so an
+            // unstable sort gives the one sorted order.)
+            let mut sorted: Vec<(&str, &Value)> = m.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
             out.push(b'{');
             for (i, (k, item)) in sorted.into_iter().enumerate() {
                 if i > 0 {
@@ -782,6 +815,22 @@ pub fn canonical_json(v: &Value) -> Vec<u8> {
     out
 }
 
+/// Decimal digits of `v`, without allocating.
+fn write_u64(out: &mut Vec<u8>, mut v: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        // `v % 10` is below 10, so the cast cannot truncate.
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
 fn write_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
     match s {
         Some(s) => write_str(out, s),
@@ -790,25 +839,35 @@ fn write_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
 }
 
 fn write_str(out: &mut Vec<u8>, s: &str) {
+    out.reserve(s.len() + 2);
     out.push(b'"');
-    for c in s.chars() {
-        match c {
-            '"' => out.extend_from_slice(b"\\\""),
-            '\\' => out.extend_from_slice(b"\\\\"),
-            '\u{08}' => out.extend_from_slice(b"\\b"),
-            '\t' => out.extend_from_slice(b"\\t"),
-            '\n' => out.extend_from_slice(b"\\n"),
-            '\u{0c}' => out.extend_from_slice(b"\\f"),
-            '\r' => out.extend_from_slice(b"\\r"),
-            c if (c as u32) < 0x20 => {
-                out.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes());
+    // Copy runs of bytes that need no escape in one go. Only `"`, `\\` and ASCII controls are
+    // escaped; every other byte (including each byte of a multi-byte UTF-8 character) is copied
+    // as it is, exactly as the per-character form did.
+    let bytes = s.as_bytes();
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0x08 => b"\\b",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            0x0c => b"\\f",
+            b'\r' => b"\\r",
+            b if b < 0x20 => {
+                out.extend_from_slice(&bytes[run..i]);
+                run = i + 1;
+                out.extend_from_slice(format!("\\u{b:04x}").as_bytes());
+                continue;
             }
-            c => {
-                let mut buf = [0u8; 4];
-                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-            }
-        }
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[run..i]);
+        out.extend_from_slice(escape);
+        run = i + 1;
     }
+    out.extend_from_slice(&bytes[run..]);
     out.push(b'"');
 }
 

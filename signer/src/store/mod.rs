@@ -83,6 +83,7 @@
 
 mod schema;
 mod sqlite;
+mod window_cache;
 
 use std::fmt;
 use std::future::Future;

@@ -11,15 +11,20 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
+use super::window_cache::{WindowCache, window_sum as db_window_sum};
 use super::{
     Approval, ApprovalTally, AuditCursor, Change, DecisionReceipt, DecisionTx, Freeze, Grant,
     GrantRecord, KeyControl, KeyName, KeyStatus, KeyVersion, KeyVersionRecord, NewKeyVersion,
-    Outcome, OutcomeTx, PendingRequest, PendingStatus, Refusal, RequestId, RequestState,
-    Reservation, Store, StoreError, StoredRequest, WindowKey, WindowQuery, schema,
+    Outcome, OutcomeTx, PendingRequest, PendingStatus, Refusal, RequestId, RequestState, Store,
+    StoreError, StoredRequest, WindowKey, WindowQuery, schema,
 };
 use crate::audit::{
     AuditEntry, AuditKind, AuditRecord, CheckpointPayload, UnixMillis, canonical_json, hex32,
 };
+
+/// Prepared statements kept per connection: the decision and outcome paths use about 25, and a
+/// statement pushed out of the cache costs a re-parse on its next use.
+const STATEMENT_CACHE: usize = 128;
 use crate::backend::KeyRef;
 
 /// Tuning for [`SqliteStore`].
@@ -216,6 +221,7 @@ impl Store for SqliteStore {
             // A bucket expires with the last of its rows (its expiry is their maximum).
             ctx.conn
                 .execute("DELETE FROM window_buckets WHERE expires_at <= ?1", [now])?;
+            ctx.cache.clear();
             Ok(n as u64)
         })
         .await
@@ -1074,7 +1080,7 @@ where
 {
     fn run(self: Box<Self>, ctx: &mut WriteCtx<'_>) -> Box<dyn Reply> {
         let Self { f, tx } = *self;
-        let result = ctx.in_savepoint("job", f);
+        let result = ctx.in_savepoint(f);
         Box::new(HeldReply { result, tx })
     }
 
@@ -1104,34 +1110,36 @@ impl<T: Send> Reply for HeldReply<T> {
 struct WriteCtx<'c> {
     conn: &'c Connection,
     head: Option<(u64, B256)>,
+    /// Window state, exact for this transaction (see "Window cache" in the module docs).
+    cache: &'c mut WindowCache,
     /// Set when a savepoint could not be rolled back: the batch must not commit.
     broken: Option<String>,
 }
 
 impl WriteCtx<'_> {
     /// Runs `f` inside a savepoint; on `Err` everything it wrote (and its audit records) is
-    /// rolled back.
+    /// rolled back, and the window cache, which may hold what was rolled back, is dropped.
     fn in_savepoint<T>(
         &mut self,
-        name: &str,
         f: impl FnOnce(&mut Self) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        self.conn.execute_batch(&format!("SAVEPOINT {name}"))?;
+        exec_cached(self.conn, "SAVEPOINT job")?;
         let head = self.head;
         match f(self) {
-            Ok(v) => match self.conn.execute_batch(&format!("RELEASE {name}")) {
+            Ok(v) => match exec_cached(self.conn, "RELEASE job") {
                 Ok(()) => Ok(v),
                 Err(e) => {
+                    self.cache.clear();
                     self.broken = Some(e.to_string());
                     Err(e.into())
                 }
             },
             Err(err) => {
                 self.head = head;
-                if let Err(e) = self
-                    .conn
-                    .execute_batch(&format!("ROLLBACK TO {name}; RELEASE {name}"))
-                {
+                self.cache.clear();
+                let undone = exec_cached(self.conn, "ROLLBACK TO job")
+                    .and_then(|()| exec_cached(self.conn, "RELEASE job"));
+                if let Err(e) = undone {
                     self.broken = Some(format!("rollback failed: {e}"));
                 }
                 Err(err)
@@ -1141,9 +1149,7 @@ impl WriteCtx<'_> {
 
     /// Appends an audit record after the current head.
     fn append(&mut self, entry: AuditEntry) -> Result<AuditRecord, StoreError> {
-        let record = entry.seal(self.head)?;
-        let payload = String::from_utf8(canonical_json(&record.payload))
-            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let (record, payload) = entry.seal_with_payload(self.head)?;
         self.conn
             .prepare_cached(
                 "INSERT INTO audit (seq, prev_hash, at, kind, request_id, identity, payload, hash)
@@ -1186,6 +1192,7 @@ fn writer_loop(
     stats: &CommitCounters,
 ) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
+    let mut cache = WindowCache::default();
     while let Some(job) = receiver.blocking_recv() {
         batch.push(job);
         while batch.len() < max_batch {
@@ -1197,24 +1204,31 @@ fn writer_loop(
         stats
             .jobs
             .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        run_batch(&conn, batch.drain(..), stats);
+        run_batch(&conn, &mut cache, batch.drain(..), stats);
     }
 }
 
 /// One transaction, one fsync, for every job in the batch; answers after the commit.
-fn run_batch(conn: &Connection, jobs: impl Iterator<Item = Box<dyn Job>>, stats: &CommitCounters) {
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+fn run_batch(
+    conn: &Connection,
+    cache: &mut WindowCache,
+    jobs: impl Iterator<Item = Box<dyn Job>>,
+    stats: &CommitCounters,
+) {
+    if let Err(e) = exec_cached(conn, "BEGIN IMMEDIATE") {
         let msg = format!("cannot begin a write transaction: {e}");
         for job in jobs {
             job.abort(StoreError::Database(msg.clone()));
         }
         return;
     }
-    // Re-read the head inside the write lock: another store instance may have appended.
-    let head = match read_head(conn) {
+    // Re-read the head inside the write lock: another store instance may have appended. For the
+    // same reason, drop the window cache if another connection committed since the last batch.
+    let head = match cache.begin_batch(conn).and_then(|()| read_head(conn)) {
         Ok(h) => h,
         Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
+            cache.clear();
+            let _ = exec_cached(conn, "ROLLBACK");
             for job in jobs {
                 job.abort(StoreError::Database(format!(
                     "cannot read the audit head: {e}"
@@ -1226,6 +1240,7 @@ fn run_batch(conn: &Connection, jobs: impl Iterator<Item = Box<dyn Job>>, stats:
     let mut ctx = WriteCtx {
         conn,
         head,
+        cache,
         broken: None,
     };
     let mut replies = Vec::new();
@@ -1238,10 +1253,11 @@ fn run_batch(conn: &Connection, jobs: impl Iterator<Item = Box<dyn Job>>, stats:
     }
     let commit = match ctx.broken {
         Some(why) => Err(why),
-        None => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
+        None => exec_cached(conn, "COMMIT").map_err(|e| e.to_string()),
     };
     if commit.is_err() {
-        let _ = conn.execute_batch("ROLLBACK");
+        ctx.cache.clear();
+        let _ = exec_cached(conn, "ROLLBACK");
     } else {
         stats
             .commits
@@ -1278,8 +1294,10 @@ fn decide(
     if let Some(stored) = load_request(ctx.conn, &d.request_id)? {
         return Ok(Err(Refusal::DuplicateRequest(Box::new(stored))));
     }
-    match ctx.in_savepoint("decision", |ctx| decide_inner(ctx, d)) {
-        Ok(receipt) => Ok(Ok(receipt)),
+    // Every check runs before the first write, so a refusal has nothing to roll back.
+    let at = ms(d.at)?;
+    match check_decision(ctx, d, at) {
+        Ok(()) => write_decision(ctx, d, at).map(Ok),
         Err(StoreError::Refused(refusal)) => {
             let mut payload = json!({
                 "code": refusal.code(),
@@ -1313,23 +1331,29 @@ fn decide(
     }
 }
 
-fn decide_inner(ctx: &mut WriteCtx<'_>, d: &DecisionTx) -> Result<DecisionReceipt, StoreError> {
+/// Freeze, key status, pause and every window's limit; writes nothing.
+fn check_decision(ctx: &mut WriteCtx<'_>, d: &DecisionTx, at: i64) -> Result<(), StoreError> {
     let c = ctx.conn;
-    let at = ms(d.at)?;
     if let Some(freeze) = load_freeze(c)? {
         return Err(StoreError::Refused(Refusal::Frozen(freeze)));
     }
-    let status: Option<String> = c
-        .prepare_cached("SELECT status FROM key_versions WHERE name = ?1 AND version = ?2")?
-        .query_row(params![d.key.name.as_str(), d.key.version], |r| r.get(0))
+    let status: Option<(String, String)> = c
+        .prepare_cached("SELECT state, status FROM key_versions WHERE name = ?1 AND version = ?2")?
+        .query_row(params![d.key.name.as_str(), d.key.version], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .optional()?;
-    let status = status.ok_or_else(|| StoreError::Refused(Refusal::UnknownKey(d.key.clone())))?;
-    let status = parse_status(&status)?;
-    if !status.signable(d.at, d.allow_retiring) {
-        return Err(StoreError::Refused(Refusal::KeyNotSignable {
-            key: d.key.clone(),
-            status,
-        }));
+    let (state, status) =
+        status.ok_or_else(|| StoreError::Refused(Refusal::UnknownKey(d.key.clone())))?;
+    // `active` carries no data and is always signable; any other state is parsed for its details.
+    if state != "active" {
+        let status = parse_status(&status)?;
+        if !status.signable(d.at, d.allow_retiring) {
+            return Err(StoreError::Refused(Refusal::KeyNotSignable {
+                key: d.key.clone(),
+                status,
+            }));
+        }
     }
     let paused: Option<i64> = c
         .prepare_cached("SELECT paused_until FROM keys WHERE name = ?1")?
@@ -1342,6 +1366,32 @@ fn decide_inner(ctx: &mut WriteCtx<'_>, d: &DecisionTx) -> Result<DecisionReceip
             until: from_ms(until),
         }));
     }
+    // Window keys are distinct (validated), so checking every window before reserving any gives
+    // the same answers as checking each just before its own reservation.
+    for r in &d.reservations {
+        let spent = ctx
+            .cache
+            .sum(c, r.window.as_str(), since(at, r.duration_ms), at)?;
+        let total = spent.checked_add(r.amount);
+        if total.is_none_or(|t| t > r.limit) {
+            return Err(StoreError::Refused(Refusal::LimitExceeded {
+                window: r.window.clone(),
+                spent,
+                amount: r.amount,
+                limit: r.limit,
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// The request row, every reservation and its buckets, and the decision record.
+fn write_decision(
+    ctx: &mut WriteCtx<'_>,
+    d: &DecisionTx,
+    at: i64,
+) -> Result<DecisionReceipt, StoreError> {
+    let c = ctx.conn;
     let next_seq = ctx.head.map_or(1, |(s, _)| s.saturating_add(1));
     c.prepare_cached(
         "INSERT INTO requests
@@ -1359,7 +1409,23 @@ fn decide_inner(ctx: &mut WriteCtx<'_>, d: &DecisionTx) -> Result<DecisionReceip
     ])?;
     let mut reserved = Vec::with_capacity(d.reservations.len());
     for r in &d.reservations {
-        reserve(c, &d.request_id, at, r)?;
+        let expires = i64::try_from(r.duration_ms)
+            .ok()
+            .and_then(|d| at.checked_add(d))
+            .unwrap_or(i64::MAX);
+        c.prepare_cached(
+            "INSERT INTO reservations (request_id, window_key, amount, at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![
+            d.request_id.as_str(),
+            r.window.as_str(),
+            r.amount.to_be_bytes::<32>().as_slice(),
+            at,
+            expires
+        ])?;
+        ctx.cache
+            .adjust(c, r.window.as_str(), at, r.amount, true, expires)?;
         reserved.push(json!({
             "window": r.window.as_str(),
             "duration_ms": r.duration_ms,
@@ -1393,106 +1459,6 @@ fn decide_inner(ctx: &mut WriteCtx<'_>, d: &DecisionTx) -> Result<DecisionReceip
     })
 }
 
-/// Check-and-reserve, atomic because it runs inside the write transaction.
-fn reserve(c: &Connection, id: &RequestId, at: i64, r: &Reservation) -> Result<(), StoreError> {
-    let spent = window_sum(c, &r.window, since(at, r.duration_ms))?;
-    let total = spent.checked_add(r.amount);
-    if total.is_none_or(|t| t > r.limit) {
-        return Err(StoreError::Refused(Refusal::LimitExceeded {
-            window: r.window.clone(),
-            spent,
-            amount: r.amount,
-            limit: r.limit,
-        }));
-    }
-    let expires = i64::try_from(r.duration_ms)
-        .ok()
-        .and_then(|d| at.checked_add(d))
-        .unwrap_or(i64::MAX);
-    c.prepare_cached(
-        "INSERT INTO reservations (request_id, window_key, amount, at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![
-        id.as_str(),
-        r.window.as_str(),
-        r.amount.to_be_bytes::<32>().as_slice(),
-        at,
-        expires
-    ])?;
-    adjust_buckets(c, r.window.as_str(), at, r.amount, true, expires)
-}
-
-/// Adjusts both bucket levels holding `at`.
-fn adjust_buckets(
-    c: &Connection,
-    window: &str,
-    at: i64,
-    amount: U256,
-    add: bool,
-    expires: i64,
-) -> Result<(), StoreError> {
-    adjust_bucket(c, window, FINE_MS, at, amount, add, expires)?;
-    adjust_bucket(c, window, COARSE_MS, at, amount, add, expires)
-}
-
-/// Adds `amount` to (or subtracts it from) the bucket holding `at`, creating or deleting it.
-fn adjust_bucket(
-    c: &Connection,
-    window: &str,
-    width: i64,
-    at: i64,
-    amount: U256,
-    add: bool,
-    expires: i64,
-) -> Result<(), StoreError> {
-    let bucket = at.div_euclid(width);
-    let current: Option<(Vec<u8>, i64)> = c
-        .prepare_cached(
-            "SELECT total, expires_at FROM window_buckets
-             WHERE window_key = ?1 AND width = ?2 AND bucket = ?3",
-        )?
-        .query_row(params![window, width, bucket], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
-    let (total, old_expires) = match &current {
-        Some((t, e)) => (
-            U256::try_from_be_slice(t).ok_or_else(|| corrupt("total"))?,
-            *e,
-        ),
-        None => (U256::ZERO, i64::MIN),
-    };
-    let total = if add {
-        total.saturating_add(amount)
-    } else {
-        total
-            .checked_sub(amount)
-            .ok_or_else(|| corrupt("window bucket total below its rows"))?
-    };
-    if total.is_zero() && !add {
-        c.prepare_cached(
-            "DELETE FROM window_buckets WHERE window_key = ?1 AND width = ?2 AND bucket = ?3",
-        )?
-        .execute(params![window, width, bucket])?;
-    } else {
-        c.prepare_cached(
-            "INSERT INTO window_buckets (window_key, width, bucket, total, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (window_key, width, bucket) DO UPDATE
-               SET total = excluded.total, expires_at = excluded.expires_at",
-        )?
-        .execute(params![
-            window,
-            width,
-            bucket,
-            total.to_be_bytes::<32>().as_slice(),
-            old_expires.max(expires)
-        ])?;
-    }
-    Ok(())
-}
-
 fn outcome(ctx: &mut WriteCtx<'_>, o: OutcomeTx) -> Result<DecisionReceipt, StoreError> {
     let c = ctx.conn;
     let stored = load_request(c, &o.request_id)?
@@ -1508,11 +1474,11 @@ fn outcome(ctx: &mut WriteCtx<'_>, o: OutcomeTx) -> Result<DecisionReceipt, Stor
     let (kind, payload) = match o.outcome {
         Outcome::Signed { details } => {
             let text = json_text(&details)?;
-            c.execute(
+            c.prepare_cached(
                 "UPDATE requests SET state = 'signed', outcome = ?2, outcome_seq = ?3
                  WHERE request_id = ?1",
-                params![o.request_id.as_str(), text, next_seq_i],
-            )?;
+            )?
+            .execute(params![o.request_id.as_str(), text, next_seq_i])?;
             (
                 AuditKind::Signature,
                 json!({"key": stored.key.to_string(), "details": details}),
@@ -1532,11 +1498,11 @@ fn outcome(ctx: &mut WriteCtx<'_>, o: OutcomeTx) -> Result<DecisionReceipt, Stor
                         r.get::<_, Vec<u8>>(2)?,
                     ))
                 })?;
-                for r in rows {
-                    let (window, at, amount) = r?;
+                let rows = rows.collect::<Result<Vec<_>, _>>()?;
+                for (window, at, amount) in rows {
                     let amount =
                         U256::try_from_be_slice(&amount).ok_or_else(|| corrupt("amount"))?;
-                    adjust_buckets(c, &window, at, amount, false, i64::MIN)?;
+                    ctx.cache.adjust(c, &window, at, amount, false, i64::MIN)?;
                     windows.push(window);
                 }
                 c.execute(
@@ -1586,6 +1552,7 @@ fn outcome(ctx: &mut WriteCtx<'_>, o: OutcomeTx) -> Result<DecisionReceipt, Stor
 fn open_connection(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(busy_timeout)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Schema(format!(
@@ -1730,52 +1697,10 @@ fn update_status(c: &Connection, v: &KeyVersion, status: &KeyStatus) -> Result<(
 /// How long after expiry a reservation is kept before pruning deletes it.
 const PRUNE_GRACE_MS: i64 = 5 * 60_000;
 
-/// Widths of the two bucket levels. A window's total reads at most one second of individual
-/// reservations, at most 59 one-second buckets and `duration / 1 min` one-minute buckets, whatever
-/// the request rate.
-const FINE_MS: i64 = 1_000;
-const COARSE_MS: i64 = 60_000;
-
-/// The total of `window`'s reservations with `at > since`, exact: the rows with `at > since` in
-/// the one-second bucket holding `since`, plus the later one-second buckets of the minute holding
-/// `since`, plus every later one-minute bucket. Each reservation is in exactly one of the three.
+/// The total of `window`'s reservations with `at > since`, from the database (for readers; the
+/// writer uses its window cache).
 fn window_sum(c: &Connection, window: &WindowKey, since: i64) -> Result<U256, StoreError> {
-    let w = window.as_str();
-    let fine = since.div_euclid(FINE_MS);
-    let fine_end = fine.saturating_add(1).saturating_mul(FINE_MS);
-    let coarse = since.div_euclid(COARSE_MS);
-    let coarse_end_fine = coarse.saturating_add(1).saturating_mul(COARSE_MS / FINE_MS);
-    let mut blobs = c
-        .prepare_cached(
-            "SELECT amount FROM reservations WHERE window_key = ?1 AND at > ?2 AND at < ?3",
-        )?
-        .query(params![w, since, fine_end])?
-        .mapped(|r| r.get::<_, Vec<u8>>(0))
-        .collect::<Result<Vec<_>, _>>()?;
-    let fine_buckets = c
-        .prepare_cached(
-            "SELECT total FROM window_buckets
-             WHERE window_key = ?1 AND width = ?2 AND bucket > ?3 AND bucket < ?4",
-        )?
-        .query(params![w, FINE_MS, fine, coarse_end_fine])?
-        .mapped(|r| r.get::<_, Vec<u8>>(0))
-        .collect::<Result<Vec<_>, _>>()?;
-    let coarse_buckets = c
-        .prepare_cached(
-            "SELECT total FROM window_buckets WHERE window_key = ?1 AND width = ?2 AND bucket > ?3",
-        )?
-        .query(params![w, COARSE_MS, coarse])?
-        .mapped(|r| r.get::<_, Vec<u8>>(0))
-        .collect::<Result<Vec<_>, _>>()?;
-    blobs.extend(fine_buckets);
-    blobs.extend(coarse_buckets);
-    let mut sum = U256::ZERO;
-    for blob in blobs {
-        let amount = U256::try_from_be_slice(&blob).ok_or_else(|| corrupt("amount"))?;
-        // A sum past 2^256 cannot be under any limit; saturating keeps it refusing.
-        sum = sum.saturating_add(amount);
-    }
-    Ok(sum)
+    db_window_sum(c, window.as_str(), since)
 }
 
 fn audit_row(r: &Row<'_>) -> Result<AuditRecord, StoreError> {
@@ -1858,6 +1783,11 @@ fn check_object(v: &Value) -> Result<(), StoreError> {
     }
     .validate()
     .map_err(StoreError::from)
+}
+
+fn exec_cached(conn: &Connection, sql: &str) -> Result<(), rusqlite::Error> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
 }
 
 fn corrupt(what: &str) -> StoreError {
