@@ -418,6 +418,36 @@ pub(super) fn eth_error(e: EthError) -> ApiError {
     }
 }
 
+/// The skeleton every signing route shares: request id, authentication (role `strategy`),
+/// parsing (a refusal is audited), then the pipeline.
+async fn sign_route<B: KeyBackend, S: Store>(
+    s: &Signer<B, S>,
+    peer: Option<Extension<Peer>>,
+    name: &str,
+    headers: &HeaderMap,
+    parse: impl FnOnce(&Signer<B, S>, &str) -> Result<Job, ApiError>,
+) -> Response {
+    let rid = match request_id(headers) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let result: Result<Response, ApiError> = async {
+        let caller = authenticate(s, peer, &rid, Role::Strategy).await?;
+        let job = match parse(s, &rid) {
+            Ok(j) => j,
+            Err(e) => {
+                s.audit_refusal(&rid, caller.identity.as_str(), &e).await;
+                return Err(e);
+            }
+        };
+        run(s, &caller, name, &rid, job, Vec::new())
+            .await
+            .map(|(status, body)| (status, Json(body)).into_response())
+    }
+    .await;
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+}
+
 async fn sign_transaction<B: KeyBackend, S: Store>(
     State(s): State<Shared<B, S>>,
     peer: Option<Extension<Peer>>,
@@ -425,35 +455,16 @@ async fn sign_transaction<B: KeyBackend, S: Store>(
     headers: HeaderMap,
     body: Result<ApiJson<wire::SignTransactionRequest>, ApiError>,
 ) -> Response {
-    let rid = match request_id(&headers) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    let result: Result<Response, ApiError> = async {
-        let caller = authenticate(&s, peer, &rid, Role::Strategy).await?;
-        let job = async {
-            let ApiJson(req) = body?;
-            let tx = req
-                .tx
-                .to_typed()
-                .map_err(|e| ApiError::bad_request("invalid_transaction", e.0))?;
-            s.chain.check_transaction(&tx).map_err(eth_error)?;
-            Ok::<_, ApiError>(Job::Transaction(Box::new(tx)))
-        }
-        .await;
-        let job = match job {
-            Ok(j) => j,
-            Err(e) => {
-                s.audit_refusal(&rid, caller.identity.as_str(), &e).await;
-                return Err(e);
-            }
-        };
-        run(&s, &caller, &name, &rid, job, Vec::new())
-            .await
-            .map(|(status, body)| (status, Json(body)).into_response())
-    }
-    .await;
-    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+    sign_route(&s, peer, &name, &headers, |s, _| {
+        let ApiJson(req) = body?;
+        let tx = req
+            .tx
+            .to_typed()
+            .map_err(|e| ApiError::bad_request("invalid_transaction", e.0))?;
+        s.chain.check_transaction(&tx).map_err(eth_error)?;
+        Ok(Job::Transaction(Box::new(tx)))
+    })
+    .await
 }
 
 async fn sign_bundle_route<B: KeyBackend, S: Store>(
@@ -463,30 +474,11 @@ async fn sign_bundle_route<B: KeyBackend, S: Store>(
     headers: HeaderMap,
     body: Result<ApiJson<wire::SignBundleRequest>, ApiError>,
 ) -> Response {
-    let rid = match request_id(&headers) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    let result: Result<Response, ApiError> = async {
-        let caller = authenticate(&s, peer, &rid, Role::Strategy).await?;
-        let job = async {
-            let ApiJson(req) = body?;
-            Ok::<_, ApiError>(Job::Bundle(Box::new(BundleJob::parse(req, s.chain, &rid)?)))
-        }
-        .await;
-        let job = match job {
-            Ok(j) => j,
-            Err(e) => {
-                s.audit_refusal(&rid, caller.identity.as_str(), &e).await;
-                return Err(e);
-            }
-        };
-        run(&s, &caller, &name, &rid, job, Vec::new())
-            .await
-            .map(|(status, body)| (status, Json(body)).into_response())
-    }
-    .await;
-    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+    sign_route(&s, peer, &name, &headers, |s, rid| {
+        let ApiJson(req) = body?;
+        Ok(Job::Bundle(Box::new(BundleJob::parse(req, s.chain, rid)?)))
+    })
+    .await
 }
 
 async fn sign_message<B: KeyBackend, S: Store>(
@@ -496,33 +488,14 @@ async fn sign_message<B: KeyBackend, S: Store>(
     headers: HeaderMap,
     body: Result<ApiJson<wire::SignMessageRequest>, ApiError>,
 ) -> Response {
-    let rid = match request_id(&headers) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    let result: Result<Response, ApiError> = async {
-        let caller = authenticate(&s, peer, &rid, Role::Strategy).await?;
-        let job = async {
-            let ApiJson(req) = body?;
-            let bytes = req
-                .bytes()
-                .map_err(|e| ApiError::bad_request("invalid_message", e.0))?;
-            Ok::<_, ApiError>(Job::Message(bytes))
-        }
-        .await;
-        let job = match job {
-            Ok(j) => j,
-            Err(e) => {
-                s.audit_refusal(&rid, caller.identity.as_str(), &e).await;
-                return Err(e);
-            }
-        };
-        run(&s, &caller, &name, &rid, job, Vec::new())
-            .await
-            .map(|(status, body)| (status, Json(body)).into_response())
-    }
-    .await;
-    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+    sign_route(&s, peer, &name, &headers, |_, _| {
+        let ApiJson(req) = body?;
+        let bytes = req
+            .bytes()
+            .map_err(|e| ApiError::bad_request("invalid_message", e.0))?;
+        Ok(Job::Message(bytes))
+    })
+    .await
 }
 
 async fn sign_typed_data<B: KeyBackend, S: Store>(
@@ -532,32 +505,13 @@ async fn sign_typed_data<B: KeyBackend, S: Store>(
     headers: HeaderMap,
     body: Result<ApiJson<wire::SignTypedDataRequest>, ApiError>,
 ) -> Response {
-    let rid = match request_id(&headers) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    let result: Result<Response, ApiError> = async {
-        let caller = authenticate(&s, peer, &rid, Role::Strategy).await?;
-        let job = async {
-            let ApiJson(req) = body?;
-            let data = eth::parse_typed_data(&req.typed_data.to_string()).map_err(eth_error)?;
-            s.chain.check_typed_data(&data).map_err(eth_error)?;
-            Ok::<_, ApiError>(Job::TypedData(Box::new(data)))
-        }
-        .await;
-        let job = match job {
-            Ok(j) => j,
-            Err(e) => {
-                s.audit_refusal(&rid, caller.identity.as_str(), &e).await;
-                return Err(e);
-            }
-        };
-        run(&s, &caller, &name, &rid, job, Vec::new())
-            .await
-            .map(|(status, body)| (status, Json(body)).into_response())
-    }
-    .await;
-    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+    sign_route(&s, peer, &name, &headers, |s, _| {
+        let ApiJson(req) = body?;
+        let data = eth::parse_typed_data(&req.typed_data.to_string()).map_err(eth_error)?;
+        s.chain.check_typed_data(&data).map_err(eth_error)?;
+        Ok(Job::TypedData(Box::new(data)))
+    })
+    .await
 }
 
 /// A pipeline answer: 200 with the signed body, or 202 with the pending body.
