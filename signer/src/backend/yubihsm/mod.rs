@@ -577,9 +577,10 @@ impl Worker {
                     capabilities |= Capability::EXPORTABLE_UNDER_WRAP;
                 }
                 let label_value = Label::from(label.as_str());
+                let object_id = free_object_id(client).map_err(dev("List Objects"))?;
                 let object_id = client
                     .generate_asymmetric_key(
-                        0, // the device picks a free object id
+                        object_id,
                         label_value,
                         self.domain,
                         capabilities,
@@ -728,6 +729,24 @@ fn find_labelled(client: &Client, label: &str) -> Result<Vec<u16>, ::yubihsm::cl
         Filter::Label(Label::from(label)),
     ])?;
     Ok(entries.iter().map(|e| e.object_id).collect())
+}
+
+/// An unused asymmetric-key object id: one above the highest in use, so that an id whose key
+/// was destroyed is not handed to a new key while the registry may still name it (the lowest
+/// free id once the top is reached). Chosen here rather than by the device (id 0) so that the
+/// choice is the same on MockHsm, which does not implement the device's choice.
+fn free_object_id(client: &Client) -> Result<u16, ::yubihsm::client::Error> {
+    let used: std::collections::BTreeSet<u16> = client
+        .list_objects(&[Filter::Type(object::Type::AsymmetricKey)])?
+        .iter()
+        .map(|e| e.object_id)
+        .collect();
+    let above = used.last().map_or(Some(1), |max| max.checked_add(1));
+    Ok(match above {
+        Some(id) if id <= 0xfffe => id,
+        // Every id up to 0xfffe taken is impossible (the device holds 256 objects).
+        _ => (1..=0xfffe).find(|id| !used.contains(id)).unwrap_or(1),
+    })
 }
 
 /// Reads and checks a key: an `EcK256` asymmetric key with `sign-ecdsa`, and its public key.
