@@ -989,17 +989,25 @@ async fn request_status<B: KeyBackend, S: Store>(
             ));
         };
         let caller = s.caller(&p.identity, &rid).await?;
-        if !(caller.grants.has(Role::Strategy)
-            || caller.grants.has(Role::Approver)
+        let oversight = caller.grants.has(Role::Approver)
             || caller.grants.has(Role::Admin)
-            || caller.grants.has(Role::Auditor))
-        {
+            || caller.grants.has(Role::Auditor);
+        if !oversight && !caller.grants.has(Role::Strategy) {
             return Err(ApiError::forbidden(
                 "role_required",
-                "no role may read requests",
+                "reading requests needs the strategy, approver, admin or auditor role",
             ));
         }
-        status_of(&s, &id).await.map(|st| Json(st).into_response())
+        let status = status_of(&s, &id).await?;
+        // A strategy host sees its own requests only (a missing one and another client's look
+        // the same).
+        if !oversight && status.client != caller.identity.as_str() {
+            return Err(ApiError::not_found(
+                "unknown_request",
+                format!("no pending request {id}"),
+            ));
+        }
+        Ok(Json(status).into_response())
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
