@@ -196,6 +196,16 @@ fn two_of_three_approvals_release_a_large_transfer() {
                     }
                 };
 
+                // Another strategy host cannot read it; the one that asked can.
+                let read = |who: &'static str| {
+                    let url = app.url(&format!("/v1/requests/{id}"));
+                    let client = app.client(Some(who));
+                    async move { client.get(url).send().await.unwrap().status().as_u16() }
+                };
+                assert_eq!(read("beta").await, 404);
+                assert_eq!(read("alpha").await, 200);
+                assert_eq!(read("approver3").await, 200);
+
                 // An expired approval does not count.
                 let (s, b) = post(
                     "approver1",
