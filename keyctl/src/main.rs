@@ -336,9 +336,23 @@ pub fn parse_duration_ms(s: &str) -> anyhow::Result<u64> {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
+        Err(e) if !e.use_stderr() => {
+            // --help, --version
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, like every other error: the first line of clap's message.
+            let text = e.to_string();
+            let message = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let message = message.strip_prefix("error: ").unwrap_or(&message);
+            eprintln!("keyctl: error: {message} (see keyctl --help)");
+            return ExitCode::from(2);
         }
     };
     // reqwest is built without a default TLS provider (no aws-lc); use ring.

@@ -154,7 +154,7 @@ pub async fn keys_generate(
             "generated {} address {} ({})",
             active.version, active.address, active.key_ref
         ),
-        json!({"key": active.version.to_string(), "address": active.address,
+        json!({"key": active.version.to_string(), "address": active.address.to_checksum(None),
                "backend": active.key_ref.to_string(), "rotateEveryMs": rotate_every_ms}),
     ))
 }
@@ -211,7 +211,7 @@ pub async fn keys_list(
                 status_detail(&r.status, g.now),
             );
             vjson.push(json!({
-                "version": r.version.to_string(), "address": r.address,
+                "version": r.version.to_string(), "address": r.address.to_checksum(None),
                 "status": r.status.state(), "statusDetail": serde_json::to_value(&r.status)?,
                 "createdAt": r.created_at.0 / 1000,
                 "activatedAt": r.activated_at.map(|t| t.0 / 1000),
@@ -280,9 +280,9 @@ fn grace_ms(c: &KeyctlConfig, grace: Option<&str>) -> anyhow::Result<u64> {
 fn rotation_json(old: &KeyVersionRecord, new: &KeyVersionRecord) -> Value {
     json!({
         "key": new.version.name.as_str(),
-        "old": {"version": old.version.to_string(), "address": old.address,
+        "old": {"version": old.version.to_string(), "address": old.address.to_checksum(None),
                 "status": old.status.state(), "statusDetail": serde_json::to_value(&old.status).unwrap_or(Value::Null)},
-        "new": {"version": new.version.to_string(), "address": new.address,
+        "new": {"version": new.version.to_string(), "address": new.address.to_checksum(None),
                 "status": new.status.state()},
     })
 }

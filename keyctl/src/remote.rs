@@ -321,8 +321,11 @@ pub async fn approve(
     let mut text = String::new();
     let _ = write!(
         text,
-        "{decision} of {id} by {approver} ({}) submitted: state {:?}, {}/{} approvals",
-        info.address, after.state, after.approvals, after.threshold
+        "{decision} of {id} by {approver} ({}) submitted: state {}, {}/{} approvals",
+        info.address,
+        serde_json::to_value(after.state)?.as_str().unwrap_or("?"),
+        after.approvals,
+        after.threshold
     );
     Ok(Report::new(text, serde_json::to_value(&after)?))
 }

@@ -1,0 +1,312 @@
+//! Harness for keyctl's tests: a development appliance per test (its own SoftHSM token
+//! directory, made by `keyctl dev init`), the real `keyctl` binary, and the real `signer` binary.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    dead_code,
+    missing_docs
+)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use castellan_api::client::{ClientError, SignerClient};
+use castellan_api::signer::{SignedTransactionResponse, UnsignedTx};
+use castellan_api::tls::ClientTlsConfig;
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// Now, in unix seconds.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A port that was free a moment ago (the next two are used by the dev submitter config).
+pub fn free_port() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        if p < u16::MAX - 2 {
+            return p;
+        }
+    }
+}
+
+/// `keyctl` with a clean environment (no inherited config or SoftHSM configuration).
+pub fn keyctl() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_keyctl"));
+    c.env_remove("KEYCTL_CONFIG")
+        .env_remove("KEYCTL_NOW")
+        .env_remove("SOFTHSM2_CONF")
+        .stdin(Stdio::null());
+    c
+}
+
+/// The output as text, for failure messages.
+pub fn dump(o: &Output) -> String {
+    format!(
+        "status {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A development appliance made by `keyctl dev init` in a temporary directory.
+pub struct Appliance {
+    _tmp: TempDir,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub port: u16,
+}
+
+impl Appliance {
+    pub fn new() -> Self {
+        let module = castellan_tests::softhsm::module_path().unwrap_or_else(|e| panic!("{e}"));
+        let tmp = tempfile::Builder::new()
+            .prefix("keyctl-test-")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().join("appliance");
+        let port = free_port();
+        let out = keyctl()
+            .args(["dev", "init"])
+            .arg(&dir)
+            .arg("--module")
+            .arg(&module)
+            .args(["--port", &port.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "dev init failed: {}", dump(&out));
+        let dir = dir.canonicalize().unwrap();
+        Self {
+            config: dir.join("keyctl.toml"),
+            dir,
+            port,
+            _tmp: tmp,
+        }
+    }
+
+    /// Runs `keyctl --config <this> args…`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        keyctl()
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(o.status.success(), "keyctl {args:?} failed: {}", dump(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs with `--json`, asserts success, parses stdout.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.ok(&a);
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    /// Runs, asserts failure with a one-line reason on stderr; returns (exit code, the line).
+    pub fn fails(&self, args: &[&str]) -> (i32, String) {
+        let o = self.run(args);
+        assert_fails_one_line(&o, args)
+    }
+
+    /// A client of the running signer with the certificate `stem` (e.g. `strategy-alpha`).
+    pub fn client(&self, stem: &str) -> SignerClient {
+        let tls = self.dir.join("tls");
+        SignerClient::new(
+            format!("https://localhost:{}", self.port),
+            &ClientTlsConfig {
+                server_ca: tls.join("ca.pem"),
+                cert: tls.join(format!("{stem}.pem")),
+                key: tls.join(format!("{stem}.key")),
+            },
+        )
+        .unwrap()
+    }
+
+    /// The `address` of `name@version` from `keys show --json`.
+    pub fn address(&self, name: &str, version: u32) -> String {
+        let v = self.json(&["keys", "show", name]);
+        let want = format!("{name}@{version}");
+        v["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["version"] == want.as_str())
+            .unwrap_or_else(|| panic!("no {want} in {v}"))["address"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// The status (`active`, `retiring`, …) of `name@version`.
+    pub fn status(&self, name: &str, version: u32) -> String {
+        let v = self.json(&["keys", "show", name]);
+        let want = format!("{name}@{version}");
+        v["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["version"] == want.as_str())
+            .unwrap_or_else(|| panic!("no {want} in {v}"))["status"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+/// Asserts a failed run with exactly one line on stderr starting `keyctl: error:`.
+pub fn assert_fails_one_line(o: &Output, args: &[&str]) -> (i32, String) {
+    assert!(
+        !o.status.success(),
+        "keyctl {args:?} succeeded: {}",
+        dump(o)
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "keyctl {args:?}: expected one line on stderr: {}",
+        dump(o)
+    );
+    assert!(
+        lines[0].starts_with("keyctl: error: "),
+        "keyctl {args:?}: {}",
+        dump(o)
+    );
+    (o.status.code().unwrap_or(-1), lines[0].to_owned())
+}
+
+/// The `signer` binary of this build: `target/<profile>/signer`, next to `deps/` holding this
+/// test executable. Built by `cargo build -p castellan-signer` (or a workspace build).
+pub fn signer_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable is in target/<profile>/deps");
+    let bin = profile_dir.join("signer");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first with `cargo build -p castellan-signer` (these tests run \
+         the real signer binary)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running signer of an appliance; killed on drop.
+pub struct RunningSigner {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl RunningSigner {
+    /// Starts `signer --config <dir>/signer.toml` with the appliance's SoftHSM configuration and
+    /// waits until it listens.
+    pub fn start(a: &Appliance) -> Self {
+        let log = a.dir.join(format!("signer-{}.log", now_nanos()));
+        let mut child = Command::new(signer_bin())
+            .arg("--config")
+            .arg(a.dir.join("signer.toml"))
+            .env("SOFTHSM2_CONF", a.dir.join("softhsm2.conf"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("signer listening on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let started = rx.recv_timeout(Duration::from_secs(30)).is_ok();
+        let mut s = Self {
+            child: Some(child),
+            log,
+        };
+        if !started {
+            let log = s.log_text();
+            s.stop();
+            panic!("the signer did not start listening; its log:\n{log}");
+        }
+        s
+    }
+
+    /// Its stderr so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills it and waits.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RunningSigner {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// A plain transfer on the dev chain (31337).
+pub fn transfer(nonce: u64) -> UnsignedTx {
+    serde_json::from_value(serde_json::json!({
+        "chainId": "0x7a69", "nonce": nonce.to_string(),
+        "to": "0x5aaeb6053f3e94c9b9a09f33669435e7ef1beaed",
+        "value": "1000", "gas": "21000",
+        "maxFeePerGas": "0x3b9aca00", "maxPriorityFeePerGas": "1"
+    }))
+    .unwrap()
+}
+
+/// Signs a transfer with `key` as the strategy client.
+pub fn sign(
+    a: &Appliance,
+    key: &str,
+    nonce: u64,
+) -> Result<SignedTransactionResponse, ClientError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = a.client("strategy-alpha");
+    rt.block_on(client.sign_transaction(key, transfer(nonce)))
+}
+
+/// Times `f`.
+pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let t = Instant::now();
+    let v = f();
+    (v, t.elapsed())
+}
