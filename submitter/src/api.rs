@@ -28,6 +28,7 @@ use castellan_api::tls::Identity;
 
 use crate::engine::Engine;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 
 /// `X-Request-Id`.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -77,8 +78,12 @@ fn build(engine: Engine, max_body_bytes: usize, identities: Option<Identities>) 
         .route("/v1/keys/{key}/cancel", post(cancel_key))
         .route("/v1/relays", get(relays));
     if let Some(identities) = identities {
+        let gate = Gate {
+            identities,
+            metrics: engine.metrics().clone(),
+        };
         // Added before /live and /ready, so it wraps the /v1 routes and the 404 fallback only.
-        v1 = v1.layer(middleware::from_fn_with_state(identities, identify));
+        v1 = v1.layer(middleware::from_fn_with_state(gate, identify));
     }
     v1.route("/live", get(|| async { "live" }))
         .route("/ready", get(ready))
@@ -214,9 +219,19 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::bad_request("malformed_request", format!("{id:?} is not a uuid")))
 }
 
+/// State of [`identify`].
+#[derive(Clone)]
+struct Gate {
+    identities: Identities,
+    metrics: Metrics,
+}
+
 /// Maps the mTLS [`Peer`] to a [`CallerIdentity`], or refuses the request.
 async fn identify(
-    State(identities): State<Identities>,
+    State(Gate {
+        identities,
+        metrics,
+    }): State<Gate>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -235,6 +250,7 @@ async fn identify(
             next.run(request).await
         }
         None => {
+            metrics.refusal("unknown_identity");
             tracing::warn!(identity = %peer.identity, addr = %peer.addr, "unknown identity refused");
             ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -281,7 +297,7 @@ mod tests {
     }
 
     /// A router that answers with the caller the middleware resolved.
-    fn who(identities: Identities) -> Router {
+    fn who(identities: Identities, metrics: &Metrics) -> Router {
         Router::new()
             .route(
                 "/who",
@@ -289,7 +305,13 @@ mod tests {
                     format!("{} {:?}", c.id, c.roles)
                 }),
             )
-            .layer(middleware::from_fn_with_state(identities, identify))
+            .layer(middleware::from_fn_with_state(
+                Gate {
+                    identities,
+                    metrics: metrics.clone(),
+                },
+                identify,
+            ))
     }
 
     async fn call(router: Router, request: axum::http::Request<Body>) -> (StatusCode, String) {
@@ -314,7 +336,7 @@ mod tests {
             .extension(peer("spiffe://castellan/signer"))
             .body(Body::empty())
             .unwrap();
-        let (status, body) = call(who(table()), request).await;
+        let (status, body) = call(who(table(), &Metrics::new()), request).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body, "spiffe://castellan/signer [Signer]");
     }
@@ -329,9 +351,15 @@ mod tests {
             })
             .body(Body::empty())
             .unwrap();
-        let (status, body) = call(who(table()), request).await;
+        let metrics = Metrics::new();
+        let (status, body) = call(who(table(), &metrics), request).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
         assert!(body.contains("\"unknown_identity\""), "{body}");
+        let text = metrics.encode();
+        assert!(
+            text.contains("castellan_submitter_api_refusals_total{reason=\"unknown_identity\"} 1"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
@@ -343,7 +371,7 @@ mod tests {
             })
             .body(Body::empty())
             .unwrap();
-        let (status, body) = call(who(table()), request).await;
+        let (status, body) = call(who(table(), &Metrics::new()), request).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert!(body.contains("\"unauthenticated\""), "{body}");
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use castellan_api::serve::{ServeOptions, serve_mtls, watch_tls_reload};
+use castellan_api::serve::{Refusal, ServeOptions, serve_mtls, watch_tls_reload};
 use castellan_api::tls::ReloadableServerConfig;
 use castellan_submitter::api::{self, Identities};
 use castellan_submitter::auth::RelayAuthSigner;
@@ -78,6 +78,12 @@ async fn main() -> anyhow::Result<()> {
     let tracker = engine.spawn_head_tracker(Duration::from_millis(config.chain.poll_interval_ms));
 
     let app = api::mtls_router(engine.clone(), config.api.max_body_bytes, identities);
+    // serve_mtls logs each refused connection with its reason; the count goes to the metrics.
+    let refusals = engine.metrics().clone();
+    let opts = ServeOptions {
+        on_refusal: Some(Arc::new(move |_: Refusal| refusals.refusal("tls"))),
+        ..ServeOptions::default()
+    };
     let api_listener = tokio::net::TcpListener::bind(config.api.listen)
         .await
         .with_context(|| format!("binding {}", config.api.listen))?;
@@ -99,16 +105,10 @@ async fn main() -> anyhow::Result<()> {
             .with_graceful_shutdown(stopped(stop_rx))
             .await
     });
-    serve_mtls(
-        api_listener,
-        tls,
-        app,
-        ServeOptions::default(),
-        async move {
-            shutdown().await;
-            let _ = stop_tx.send(true);
-        },
-    )
+    serve_mtls(api_listener, tls, app, opts, async move {
+        shutdown().await;
+        let _ = stop_tx.send(true);
+    })
     .await?;
     reload.abort();
     tracker.abort();

@@ -43,6 +43,14 @@ pub struct StateLabels {
     pub state: String,
 }
 
+/// Why an API caller was turned away.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `tls` (handshake failed: no, unknown, revoked or expired certificate) or
+    /// `unknown_identity` (a valid certificate whose identity is not configured).
+    pub reason: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// The submitter's metrics.
@@ -63,6 +71,8 @@ pub struct Metrics {
     pub head: Gauge,
     /// Bundles live now.
     pub live_bundles: Gauge,
+    /// API callers turned away, by reason.
+    pub refusals: Family<RefusalLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -82,6 +92,12 @@ impl Metrics {
         let bundles = Family::<StateLabels, Counter>::default();
         let head = Gauge::default();
         let live_bundles = Gauge::default();
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "api_refusals",
+            "API callers turned away: tls (handshake) or unknown_identity",
+            refusals.clone(),
+        );
         registry.register(
             "relay_requests",
             "Relay requests by result",
@@ -118,7 +134,17 @@ impl Metrics {
             bundles,
             head,
             live_bundles,
+            refusals,
         }
+    }
+
+    /// Counts an API caller turned away (`tls` or `unknown_identity`).
+    pub fn refusal(&self, reason: &str) {
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts a relay request.

@@ -316,11 +316,30 @@ async fn mtls_listener_admits_only_configured_identities_with_their_roles() {
         "plain HTTP reached the API"
     );
 
-    // Metrics stay on their own plain listener.
-    let metrics = reqwest::get(format!("http://{}/metrics", daemon.metrics))
-        .await
-        .unwrap();
-    assert_eq!(metrics.status(), 200);
+    // Metrics stay on their own plain listener and count the refusals (a refused handshake is
+    // counted by its connection task, which may finish just after the client gave up).
+    let count = |metrics: &str, reason: &str| -> u64 {
+        let prefix = format!("castellan_submitter_api_refusals_total{{reason=\"{reason}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map_or(0, |n| n.trim().parse().unwrap())
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let response = reqwest::get(format!("http://{}/metrics", daemon.metrics))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let metrics = response.text().await.unwrap();
+        assert_eq!(count(&metrics, "unknown_identity"), 3, "{metrics}");
+        // The three refused certificates and the plain-HTTP attempt.
+        if count(&metrics, "tls") >= 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let log = daemon.output();
     assert!(log.contains("unknown identity refused"), "{log}");
 }
