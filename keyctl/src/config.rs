@@ -121,3 +121,37 @@ impl KeyctlConfig {
 fn default_operator() -> String {
     "keyctl".into()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn the_deploy_example_parses() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/keyctl.toml"
+        ));
+        let c = KeyctlConfig::load(path).unwrap();
+        assert_eq!(c.operator, "spiffe://castellan/ops/oncall");
+        assert!(c.signer_api().is_ok());
+        assert_eq!(c.rotate_grace.as_deref(), Some("24h"));
+        assert!(c.approver("alice").is_err());
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_durations_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/keyctl.toml"
+        ))
+        .unwrap();
+        let p = dir.path().join("k.toml");
+        std::fs::write(&p, base.replace("operator =", "operatr =")).unwrap();
+        assert!(format!("{:#}", KeyctlConfig::load(&p).unwrap_err()).contains("operatr"));
+        std::fs::write(&p, base.replace("\"24h\"", "\"a day\"")).unwrap();
+        assert!(format!("{:#}", KeyctlConfig::load(&p).unwrap_err()).contains("rotate_grace"));
+    }
+}

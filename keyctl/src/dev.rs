@@ -140,6 +140,8 @@ pub fn init(g: &Globals, dir: &Path, module: &Path, port: u16) -> anyhow::Result
         bail!("provisioning keys failed: {msg}");
     }
     let _ = g;
+    // The store holds the audit chain and approvals: not for other users.
+    set_mode(&dir.join("signer.db"), 0o600)?;
     let text = format!(
         "development appliance in {d}\n{keys}\nstart it:\n  SOFTHSM2_CONF={d}/softhsm2.conf signer --config {d}/signer.toml\n  submitter --config {d}/submitter.toml\noperate it:\n  keyctl --config {d}/keyctl.toml status",
         d = dir.display(),

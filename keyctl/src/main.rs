@@ -502,3 +502,34 @@ fn reexec_with_softhsm(config: &KeyctlConfig) -> anyhow::Result<Option<u8>> {
             .unwrap_or(1),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn the_cli_is_consistent_and_the_timer_command_parses() {
+        Cli::command().debug_assert();
+        let unit = include_str!("../../deploy/systemd/castellan-rotate.service");
+        let exec = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .unwrap();
+        let args: Vec<&str> = exec.split_whitespace().collect();
+        assert!(args[0].ends_with("/keyctl"));
+        let cli = Cli::try_parse_from(args).unwrap();
+        assert!(matches!(cli.command, Command::Rotate { due: true, .. }));
+        assert!(
+            include_str!("../../deploy/systemd/castellan-rotate.timer")
+                .contains("Unit=castellan-rotate.service")
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("30d").unwrap(), 30 * 86_400_000);
+        assert_eq!(parse_duration_ms("90s").unwrap(), 90_000);
+        assert!(parse_duration_ms("3 parsecs").is_err());
+    }
+}
