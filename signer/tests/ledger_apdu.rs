@@ -26,6 +26,9 @@ use castellan_signer::eth::{
 };
 use serde_json::Value;
 
+/// A check that an error is the expected variant.
+type IsError = fn(&BackendError) -> bool;
+
 const VECTORS: &str = include_str!("data/ledger/vectors.json");
 
 /// A transport that records what it is sent and answers from a script.
@@ -309,7 +312,7 @@ fn status_words_become_typed_errors() {
             digest: alloy::primitives::eip191_hash_message(b"hi"),
             payload: castellan_signer::backend::Payload::PersonalMessage(b"hi".to_vec()),
         };
-        let cases: [(&str, fn(&BackendError) -> bool); 4] = [
+        let cases: [(&str, IsError); 4] = [
             ("6985", |e| matches!(e, BackendError::UserRejected)),
             ("6d00", |e| matches!(e, BackendError::AppNotOpen(0x6d00))),
             ("6e00", |e| matches!(e, BackendError::AppNotOpen(0x6e00))),

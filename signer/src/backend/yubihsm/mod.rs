@@ -548,10 +548,10 @@ impl Worker {
     }
 
     fn set_health(&self, health: Health) {
-        if let Ok(mut h) = self.health.lock() {
-            if *h != Health::Stopped {
-                *h = health;
-            }
+        if let Ok(mut h) = self.health.lock()
+            && *h != Health::Stopped
+        {
+            *h = health;
         }
     }
 
