@@ -17,8 +17,11 @@
 //!   with k256's [`LinearCombination`] (Shamir's trick, GLV). No set-up; for one-off keys.
 //! - [`eth_signature_from_rs_prepared`] / [`eth_signature_from_der_prepared`] with a
 //!   [`PreparedKey`]: `u1·G` and `u2·Q` from fixed-base tables of precomputed multiples of `G`
-//!   (built once per process) and of `Q` (built once per key, ≈ 1–2 ms, ≈ 120 KiB), about three
+//!   (built once per process) and of `Q` (built once per key, ≈ 2 ms, ≈ 200 KiB), about three
 //!   times faster per signature. [`PreparedKeyCache`] keeps them for a backend.
+//!
+//! Both compute `s⁻¹` with alloy's variable-time Lehmer inversion (`U256::inv_mod`, ≈ 1 µs
+//! against ≈ 13 µs for k256's), checked with one k256 multiplication (`s·s⁻¹ = 1`).
 //!
 //! Both paths accept and refuse exactly the same inputs and return the same signature: the tests
 //! check them against each other and against recovery.
@@ -117,9 +120,10 @@ pub struct PreparedKey {
 }
 
 impl PreparedKey {
-    /// Builds the key's table: about 1–2 ms of CPU in a release build (≈ 1 400 additions and one
-    /// batched inversion), ≈ 120 KiB. Also builds the process-wide table for `G` on first use.
-    /// Do this off the async runtime.
+    /// Builds the key's table: about 2 ms of CPU in a release build (≈ 2 400 additions, one
+    /// batched inversion and a self-check), ≈ 200 KiB. Do this off the async runtime. (The
+    /// process-wide table of `G` is built on the first prepared conversion, or by
+    /// [`prepare_generator`].)
     pub fn new(key: &VerifyingKey) -> Self {
         let q = ProjectivePoint::from(*key.as_affine());
         let table = FixedBaseTable::new(q, KEY_WINDOW);
@@ -163,7 +167,7 @@ struct CacheInner {
 }
 
 impl PreparedKeyCache {
-    /// Default capacity: at ≈ 120 KiB a key, 256 keys are ≈ 30 MiB.
+    /// Default capacity: at ≈ 200 KiB a key, 256 keys are ≈ 52 MiB.
     pub const DEFAULT_CAPACITY: usize = 256;
 
     /// A cache holding at most `capacity` keys (at least one).
@@ -177,7 +181,7 @@ impl PreparedKeyCache {
         }
     }
 
-    /// The prepared form of `key`, built (outside the lock, ≈ 1–2 ms) on first use.
+    /// The prepared form of `key`, built (outside the lock, ≈ 2 ms) on first use.
     ///
     /// # Security
     /// Entries are found by the full public key, so the table returned is always `key`'s own.
@@ -252,11 +256,13 @@ impl std::fmt::Debug for PreparedKeyCache {
 
 // ---- private ----------------------------------------------------------------------------------
 
-/// Window width (bits) of a key's table: ⌈257/6⌉ = 43 windows × 32 points ≈ 120 KiB, so at
-/// most 43 additions for `u2·Q`.
-const KEY_WINDOW: usize = 6;
+/// Window width (bits) of a key's table: ⌈257/7⌉ = 37 windows × 64 points ≈ 200 KiB, so at
+/// most 37 additions for `u2·Q`. (Measured here: 6 bits ≈ 120 KiB is ≈ 3 µs slower a signature;
+/// 8 bits ≈ 360 KiB ≈ 3 µs faster.)
+const KEY_WINDOW: usize = 7;
 /// Window width of the generator's table (one per process): 33 windows × 128 points ≈ 370 KiB,
-/// at most 33 additions for `u1·G`.
+/// at most 33 additions for `u1·G`. (Wider windows measured no faster here: the table outgrows
+/// the L2 cache.)
 const GENERATOR_WINDOW: usize = 8;
 
 /// Multiples of `G` for [`FixedBaseTable::add_mul`], built on first use (≈ 4 ms); `None` only
@@ -331,10 +337,9 @@ fn convert(
     // z: the digest as an integer reduced mod n (the digest is exactly 256 bits, the size of n).
     let z = <Scalar as Reduce<k256::U256>>::reduce_bytes(&FieldBytes::from(digest.0));
 
-    // s is non-zero, so the inverse exists. s is public (it is half of the signature), so the
-    // variable-time inversion (about 2.5x faster here) leaks nothing.
-    let s_inv: Scalar =
-        Option::from(Invert::invert_vartime(&s)).ok_or_else(|| bad("s is not invertible"))?;
+    // s is non-zero and n prime, so the inverse exists. s is public (it is half of the
+    // signature), so a variable-time inversion leaks nothing.
+    let s_inv = invert_public(&s).ok_or_else(|| bad("s is not invertible"))?;
     let u1 = z * s_inv;
     let u2 = r * s_inv;
     let big_r = verification_point(&u1, &u2);
@@ -364,6 +369,26 @@ fn convert(
         y_odd,
     );
     Ok(EthSignature::new_verified(sig))
+}
+
+/// The secp256k1 group order n, as alloy's `U256` (little-endian limbs; checked against k256's
+/// in the tests).
+const ORDER: U256 = U256::from_limbs([
+    0xbfd2_5e8c_d036_4141,
+    0xbaae_dce6_af48_a03b,
+    0xffff_ffff_ffff_fffe,
+    0xffff_ffff_ffff_ffff,
+]);
+
+/// `s⁻¹ mod n` for a **public** non-zero `s`, in variable time: alloy's (ruint's) Lehmer
+/// inversion, checked with one k256 multiplication; should that ever disagree, k256's own
+/// inversion decides. So the result is exactly k256's.
+fn invert_public(s: &Scalar) -> Option<Scalar> {
+    let fast = U256::from_be_bytes::<32>(s.to_bytes().into())
+        .inv_mod(ORDER)
+        .and_then(|inv| Option::<Scalar>::from(Scalar::from_repr(inv.to_be_bytes::<32>().into())))
+        .filter(|inv| *inv * s == Scalar::ONE);
+    fast.or_else(|| Option::from(Invert::invert_vartime(s)))
 }
 
 /// Precomputed multiples of a fixed point `P` for fixed-base scalar multiplication with signed
@@ -685,6 +710,29 @@ mod tests {
         bytes[..16].fill(0xff);
         bytes[15] = 0xfe;
         Scalar::from_repr(bytes.into()).unwrap()
+    }
+
+    #[test]
+    fn order_and_public_inversion_match_k256() {
+        use k256::elliptic_curve::Curve;
+        use k256::elliptic_curve::bigint::Encoding;
+        let k256_order = k256::Secp256k1::ORDER.to_be_bytes();
+        assert_eq!(ORDER, U256::from_be_slice(&k256_order));
+        assert_eq!(ORDER.to_be_bytes::<32>(), n_bytes());
+        let mut scalars = vec![
+            Scalar::ONE,
+            -Scalar::ONE,
+            Scalar::from(2u64),
+            high_half_ones(),
+        ];
+        for _ in 0..200 {
+            scalars.push(Scalar::generate_vartime(&mut rand::thread_rng()));
+        }
+        for s in scalars {
+            let expected: Scalar = Option::from(s.invert()).unwrap();
+            assert_eq!(invert_public(&s), Some(expected));
+        }
+        assert_eq!(invert_public(&Scalar::ZERO), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!   core) that convert `r‖s` to a verified Ethereum signature, so a session starts its next
 //!   `C_Sign` while the previous signature is being verified. They share a cache of each key's
 //!   precomputed verification table ([`super::ecdsa::PreparedKeyCache`], built on a key's first
-//!   signature, ≈ 120 KiB a key, at most 256 keys).
+//!   signature, ≈ 200 KiB a key, at most 256 keys).
 //! - One more session, held by a keeper thread, keeps the login alive (closing a process's last
 //!   session logs it out and invalidates object handles) and is pinged every 500 ms.
 //! - Workers look keys up by label and id in their own session and cache the object handles per
