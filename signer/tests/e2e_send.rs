@@ -232,6 +232,10 @@ fn cast_sends_through_rpc_and_anvil_mines_it_from_the_hsm_key() {
                 let relay = status.relays.iter().find(|r| r.relay == "anvil").unwrap();
                 assert!(relay.accepted, "{status:#?}");
 
+                // The bridge spoke TLS 1.3 with the client certificate the signer saw.
+                let stunnel_log = bridge.output();
+                assert!(stunnel_log.contains("TLSv1.3"), "{stunnel_log}");
+
                 // Nothing else was signed, and the audit chain is whole.
                 let records = app.audit().await;
                 assert_eq!(support::count_kind(&records, "signature"), 1);
