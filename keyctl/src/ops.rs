@@ -315,10 +315,10 @@ pub async fn rotate(
     }
     let backend = open_backend(c).await?;
     let (old, new) = rotate_one(&store, &backend, c, g, &name, grace).await?;
-    Ok(Report::new(
-        rotation_text(&old, &new, g.now),
-        rotation_json(&old, &new),
-    ))
+    let mut json = rotation_json(&old, &new);
+    let mut text = rotation_text(&old, &new, g.now);
+    signer_reload(c, &mut json, &mut text).await;
+    Ok(Report::new(text, json))
 }
 
 /// `keyctl rotate --due`: retires versions whose grace period ended, then rotates every key
@@ -368,10 +368,11 @@ pub async fn rotate_due(
     if !failures.is_empty() {
         bail!("{}", text.trim_end().replace('\n', "; "));
     }
-    Ok(Report::new(
-        text,
-        json!({"retired": retired, "rotated": rotated}),
-    ))
+    let mut json = json!({"retired": retired, "rotated": rotated});
+    if !rotated.is_empty() {
+        signer_reload(c, &mut json, &mut text).await;
+    }
+    Ok(Report::new(text, json))
 }
 
 /// `keyctl revoke --direct` (or when the signer cannot be reached): revoke in the store.
@@ -616,5 +617,21 @@ fn status_detail(s: &KeyStatus, now: UnixMillis) -> String {
         }
         KeyStatus::Revoked { reason, .. } => format!(" ({reason})"),
         _ => String::new(),
+    }
+}
+
+/// Asks the running signer to pick up new versions; records what happened in the report and warns
+/// on stderr when the operator must restart it.
+async fn signer_reload(c: &KeyctlConfig, json: &mut Value, text: &mut String) {
+    let (state, warning) = crate::remote::ask_signer_to_reload_keys(c).await;
+    if let Some(w) = &warning {
+        eprintln!("keyctl: warning: {w}");
+        let _ = write!(text, "\nwarning: {w}");
+    }
+    if let Value::Object(m) = json {
+        m.insert(
+            "signer".into(),
+            json!({"reload": state, "warning": warning}),
+        );
     }
 }

@@ -145,6 +145,44 @@ pub async fn revoke(
     ))
 }
 
+/// What the running signer did about a rotation, and a warning for the operator if it could not
+/// pick up the new versions.
+///
+/// The signer caches each key's live versions when it starts (its self-check); a version
+/// activated directly in the store is not in that cache, so the signer refuses requests for the
+/// key (the cached old version is no longer `active`) until it reloads. keyctl asks it to reload
+/// through `POST /v1/admin/keys/reload`; a signer without that route must be restarted.
+pub async fn ask_signer_to_reload_keys(c: &KeyctlConfig) -> (&'static str, Option<String>) {
+    if c.signer.is_none() {
+        return (
+            "not_configured",
+            Some(
+                "no [signer] in keyctl.toml: restart the signer so it serves the new version"
+                    .into(),
+            ),
+        );
+    }
+    let api = match client(c, None) {
+        Ok(a) => a,
+        Err(e) => {
+            return (
+                "error",
+                Some(format!("cannot reach the signer to reload keys: {e:#}")),
+            );
+        }
+    };
+    match api.post::<_, Value>("/v1/admin/keys/reload", &json!({})).await {
+        Ok(_) => ("reloaded", None),
+        Err(ClientError::Transport(_)) => ("not_running", None),
+        Err(ClientError::Api { status: 404 | 405, .. }) => ("restart_needed", Some(
+            "the running signer has no key-reload route: it refuses requests for the rotated key \
+             until it is restarted (systemctl restart castellan-signer)"
+                .into(),
+        )),
+        Err(e) => ("error", Some(format!("the signer did not reload its keys: {e}; restart it"))),
+    }
+}
+
 /// `keyctl freeze --reason`.
 pub async fn freeze(c: &KeyctlConfig, g: &Globals, reason: &str) -> anyhow::Result<Report> {
     if reason.trim().is_empty() {
@@ -390,13 +428,22 @@ pub async fn status(c: &KeyctlConfig, g: &Globals) -> anyhow::Result<Report> {
     // Signer.
     let signer = match &c.signer {
         None => "not configured".to_owned(),
-        Some(_) => match client(c, None)?.get::<Value>("/v1/keys").await {
-            Ok(_) => "reachable".to_owned(),
-            Err(ClientError::Transport(t)) => {
-                problems.push(format!("signer unreachable: {t}"));
-                format!("unreachable: {t}")
+        Some(_) => match client(c, None) {
+            Err(e) => {
+                problems.push(format!("signer client: {e:#}"));
+                format!("error: {e:#}")
             }
-            Err(e) => format!("reachable, answered: {e}"),
+            Ok(api) => match api.get::<Value>("/v1/keys").await {
+                Ok(_) => "reachable".to_owned(),
+                Err(ClientError::Transport(t)) => {
+                    problems.push(format!("signer unreachable: {t}"));
+                    format!("unreachable: {t}")
+                }
+                Err(e) => {
+                    problems.push(format!("signer refused keyctl: {e}"));
+                    format!("reachable, refused: {e}")
+                }
+            },
         },
     };
     // Submitter.
