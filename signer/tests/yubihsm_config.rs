@@ -97,3 +97,22 @@ fn ledger_backend() {
     let unknown = parse("[backend]\ntype = \"ledger\"\npath = \"m/44'/60'/0'/0/0\"\n").unwrap_err();
     assert!(unknown.contains("path"), "{unknown}");
 }
+
+#[test]
+fn key_refs_are_stored_as_tagged_json() {
+    use castellan_signer::backend::KeyRef;
+    let yubihsm = KeyRef::YubiHsm { object_id: 0x0102 };
+    let json = serde_json::to_string(&yubihsm).unwrap();
+    assert_eq!(json, r#"{"backend":"yubihsm","object_id":258}"#);
+    assert_eq!(serde_json::from_str::<KeyRef>(&json).unwrap(), yubihsm);
+    assert_eq!(yubihsm.to_string(), "yubihsm:0x0102");
+    let ledger = KeyRef::Ledger {
+        path: "m/44'/60'/0'/0/0".into(),
+    };
+    let json = serde_json::to_string(&ledger).unwrap();
+    assert_eq!(json, r#"{"backend":"ledger","path":"m/44'/60'/0'/0/0"}"#);
+    assert_eq!(serde_json::from_str::<KeyRef>(&json).unwrap(), ledger);
+    assert!(
+        serde_json::from_str::<KeyRef>(r#"{"backend":"yubihsm","object_id":1,"x":2}"#).is_err()
+    );
+}

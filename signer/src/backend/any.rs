@@ -31,7 +31,14 @@ impl AnyBackend {
     pub async fn open(config: &BackendConfig) -> Result<Self, BackendError> {
         match config {
             BackendConfig::Pkcs11(c) => Pkcs11Backend::open(c).map(Self::Pkcs11),
-            BackendConfig::YubiHsm(c) => YubiHsmBackend::open(c).map(Self::YubiHsm),
+            BackendConfig::YubiHsm(c) => {
+                // Connecting and authenticating block on the network: off the runtime.
+                let c = c.clone();
+                tokio::task::spawn_blocking(move || YubiHsmBackend::open(&c))
+                    .await
+                    .map_err(|e| BackendError::Unavailable(format!("YubiHSM open: {e}")))?
+                    .map(Self::YubiHsm)
+            }
             BackendConfig::Ledger(c) => LedgerBackend::open(c).await.map(Self::Ledger),
         }
     }

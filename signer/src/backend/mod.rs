@@ -46,6 +46,7 @@ pub enum KeyRef {
         id: String,
     },
     /// An asymmetric key object on a YubiHSM 2, by its object id.
+    #[serde(rename = "yubihsm")]
     YubiHsm {
         /// The object id (1..=0xfffe) of the `EcK256` asymmetric key.
         object_id: u16,
