@@ -352,6 +352,10 @@ impl KeyBackend for YubiHsmBackend {
     }
 
     fn health(&self) -> Health {
+        // A worker that ended (the `yubihsm` client panicked, say) serves nothing more.
+        if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
+            return Health::Stopped;
+        }
         self.health.lock().map_or(Health::Stopped, |h| h.clone())
     }
 }
