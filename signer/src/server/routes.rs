@@ -64,6 +64,7 @@ pub fn router<B: KeyBackend, S: Store>(signer: Shared<B, S>) -> Router {
         .route("/v1/admin/policy/reload", post(policy_reload::<B, S>))
         .route("/v1/outcomes", post(outcome::<B, S>))
         .route("/v1/admin/keys/{name}/revoke", post(revoke::<B, S>))
+        .route("/v1/admin/keys/reload", post(reload_keys::<B, S>))
         .route("/v1/admin/keys/{name}/pause", post(pause::<B, S>))
         .route("/v1/admin/keys/{name}/resume", post(resume::<B, S>))
         .route("/v1/audit", get(audit_export::<B, S>))
@@ -743,7 +744,16 @@ async fn execute<B: KeyBackend, S: Store>(
         Err(StoreError::Refused(Refusal::DuplicateRequest(stored))) => {
             return replay(&stored);
         }
-        Err(e) => return Err(store_error(e)),
+        Err(e) => {
+            // The registry changed behind the cache (a rotation or revocation made directly in
+            // the store): refresh, so the next request uses the version now active.
+            if matches!(e, StoreError::Refused(Refusal::KeyNotSignable { .. })) {
+                if let Err(problem) = s.self_check().await {
+                    tracing::warn!(%problem, "key refresh after a registry change");
+                }
+            }
+            return Err(store_error(e));
+        }
     }
     let now_s = now.0 / 1000;
     s.mirror_apply(decision, now_s);
@@ -1636,6 +1646,25 @@ async fn revoke<B: KeyBackend, S: Store>(
             Json(json!({ "revoked": revoked.iter().map(ToString::to_string).collect::<Vec<_>>() }))
                 .into_response(),
         )
+    }
+    .await;
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+/// Re-reads the key registry and re-checks every signable version against its device (after a
+/// rotation made with keyctl).
+async fn reload_keys<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+) -> Response {
+    let rid = request_id(&headers).unwrap_or_default();
+    let result: Result<Response, ApiError> = async {
+        let _caller = authenticate(&s, peer, &rid, Role::Admin).await?;
+        match s.self_check().await {
+            Ok(n) => Ok(Json(json!({ "keys": n })).into_response()),
+            Err(problem) => Err(ApiError::unavailable("self_check_failed", problem, 5)),
+        }
     }
     .await;
     with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
