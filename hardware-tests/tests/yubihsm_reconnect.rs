@@ -213,3 +213,33 @@ fn open_refuses_a_readable_password_file_and_a_missing_connector() {
         .unwrap_err();
     assert!(matches!(err, BackendError::Unavailable(_)), "{err:?}");
 }
+
+/// The real-device cases themselves, pointed by environment-style variables at a MockHsm served
+/// over HTTP: they must pass (not skip). The audit-log case is left out: MockHsm keeps no log.
+#[test]
+fn the_real_device_yubihsm_cases_pass_against_a_served_mockhsm() {
+    use castellan_hardware_tests::env::Targets;
+    use castellan_hardware_tests::runner::{Outcome, cases, run_case};
+    let dir = tempfile::tempdir().unwrap();
+    let port = serve_mockhsm();
+    let pw = password_file(dir.path(), "password", 0o600);
+    let targets = Targets::from_vars(&|name| match name {
+        "CASTELLAN_YUBIHSM_CONNECTOR" => Some(format!("http://127.0.0.1:{port}")),
+        "CASTELLAN_YUBIHSM_PASSWORD_FILE" => Some(pw.display().to_string()),
+        _ => None,
+    });
+    let mut ran = 0;
+    for case in cases() {
+        if !case.name.starts_with("yubihsm_") || case.name == "yubihsm_audit_log_is_readable" {
+            continue;
+        }
+        let outcome = run_case(&case, &targets);
+        if case.interactive {
+            assert!(matches!(outcome, Outcome::Skipped(_)), "{}", case.name);
+        } else {
+            assert_eq!(outcome, Outcome::Passed, "{}", case.name);
+            ran += 1;
+        }
+    }
+    assert_eq!(ran, 3);
+}
