@@ -160,8 +160,9 @@ async fn setup_key(store: &SqliteStore) -> KeyVersion {
         .version
 }
 
-/// Nanoseconds of CPU the store's writer thread has used so far.
-fn writer_cpu_ns() -> u64 {
+/// CPU the store's writer thread has used so far: total nanoseconds (schedstat), and user and
+/// system clock ticks (stat), to tell the store's own work from the kernel's fsync work.
+fn writer_cpu() -> (u64, u64, u64) {
     let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task");
     let mut found = None;
     for task in tasks {
@@ -174,15 +175,27 @@ fn writer_cpu_ns() -> u64 {
     }
     let path = found.expect("no thread named castellan-store");
     let schedstat = std::fs::read_to_string(path.join("schedstat")).expect("schedstat");
-    schedstat
+    let ns = schedstat
         .split_whitespace()
         .next()
         .and_then(|v| v.parse().ok())
-        .expect("schedstat format")
+        .expect("schedstat format");
+    let stat = std::fs::read_to_string(path.join("stat")).expect("stat");
+    // Fields after the command name (which ends at the last ')'): utime is the 12th, stime the
+    // 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat format")
+        .1
+        .split_whitespace()
+        .collect();
+    let utime = fields[11].parse().expect("utime");
+    let stime = fields[12].parse().expect("stime");
+    (ns, utime, stime)
 }
 
 /// Writer-thread CPU per signing request (decision with five windows + signed outcome).
-fn writer_cpu(_c: &mut Criterion) {
+fn writer_cpu_per_request(_c: &mut Criterion) {
     let requests: u64 = std::env::var("STORE_BENCH_REQUESTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -232,21 +245,27 @@ fn writer_cpu(_c: &mut Criterion) {
         };
         // Warm up: statement caches, the page cache, window state.
         run((requests / 10).max(callers));
-        let cpu_before = writer_cpu_ns();
+        let (cpu_before, user_before, sys_before) = writer_cpu();
         let stats_before = store.commit_stats();
         let elapsed = run(requests);
-        let cpu = writer_cpu_ns() - cpu_before;
+        let (cpu_after, user_after, sys_after) = writer_cpu();
+        let cpu = cpu_after - cpu_before;
+        // Clock ticks are 10 ms on Linux (USER_HZ = 100).
+        let tick_us = |ticks: u64| ticks as f64 * 10_000.0 / requests as f64;
         let stats = store.commit_stats();
         let commits = stats.commits - stats_before.commits;
         eprintln!(
             "writer_cpu {callers} callers: {:.1} us writer CPU per request (decision with 5 \
-             windows + outcome), {:.0} requests/s, {:.1} jobs per commit",
+             windows + outcome; user {:.1} us, system {:.1} us), {:.0} requests/s, {:.1} jobs \
+             per commit",
             cpu as f64 / 1e3 / requests as f64,
+            tick_us(user_after - user_before),
+            tick_us(sys_after - sys_before),
             requests as f64 / elapsed.as_secs_f64(),
             (stats.jobs - stats_before.jobs) as f64 / commits.max(1) as f64,
         );
     }
 }
 
-criterion_group!(benches, writer_cpu, bench_decisions);
+criterion_group!(benches, writer_cpu_per_request, bench_decisions);
 criterion_main!(benches);

@@ -714,6 +714,109 @@ async fn two_store_instances_on_one_file_never_exceed_a_limit() {
     assert_eq!(summary.head.map(|h| h.0), Some(records.len() as u64));
 }
 
+/// The writer's window cache must never hide another instance's reservations: two instances
+/// on one file take turns reserving in the same windows (1 s, 1 min, 1 h, and a grant that never
+/// expires), releasing some, while time moves across second and minute boundaries. Every answer
+/// must equal the one computed from the model of what was committed, so neither instance can
+/// exceed a limit or refuse what fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_alternating_on_one_window_see_each_others_reservations() {
+    use rand::{Rng, SeedableRng};
+    let (_dir, path) = tempdb();
+    let a = SqliteStore::open(&path).expect("open a");
+    let b = SqliteStore::open(&path).expect("open b");
+    let key = active_key(&a, "searcher-hot", 1).await;
+    let windows: [(&str, u64, u64); 4] = [
+        ("w1s", 1_000, 25),
+        ("w1m", 60_000, 150),
+        ("w1h", HOUR, 700),
+        ("grant", u64::MAX, 1_800),
+    ];
+    // Committed reservations still held: (at, amount, request id).
+    let mut held: Vec<(u64, u64, String)> = Vec::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut now = 0u64;
+    let (mut committed, mut refused) = (0, 0);
+    for i in 0..400 {
+        // Mostly small steps inside one second, sometimes across seconds and minutes.
+        now += match rng.gen_range(0..10) {
+            0..=5 => rng.gen_range(0..300),
+            6..=8 => rng.gen_range(300..5_000),
+            _ => rng.gen_range(5_000..90_000),
+        };
+        let store = if rng.gen_bool(0.5) { &a } else { &b };
+        let amount = rng.gen_range(1..12u64);
+        let id = format!("alt-{i}");
+        let reservations = windows
+            .iter()
+            .map(|(w, duration_ms, limit)| Reservation {
+                window: window(w),
+                duration_ms: *duration_ms,
+                amount: U256::from(amount),
+                limit: U256::from(*limit),
+            })
+            .collect();
+        let expected_refusal = windows.iter().find_map(|(w, duration_ms, limit)| {
+            let spent: u64 = held
+                .iter()
+                .filter(|(t, _, _)| now.checked_sub(*duration_ms).is_none_or(|s| *t > s))
+                .map(|(_, amt, _)| amt)
+                .sum();
+            (spent + amount > *limit).then_some((*w, spent))
+        });
+        match store
+            .commit_decision(decision(&id, &key, now, reservations))
+            .await
+        {
+            Ok(_) => {
+                assert_eq!(
+                    expected_refusal, None,
+                    "decision {i} at {now} should be refused"
+                );
+                held.push((now, amount, id));
+                committed += 1;
+            }
+            Err(e) => match refusal(e) {
+                Refusal::LimitExceeded {
+                    window: w, spent, ..
+                } => {
+                    let (name, want) = expected_refusal
+                        .unwrap_or_else(|| panic!("decision {i} at {now} refused on {w}"));
+                    assert_eq!(w, window(name), "decision {i}");
+                    assert_eq!(spent, U256::from(want), "decision {i}");
+                    refused += 1;
+                }
+                other => panic!("unexpected refusal {other}"),
+            },
+        }
+        // Now and then the other instance (or this one) releases a held reservation.
+        if rng.gen_range(0..5) == 0 && !held.is_empty() {
+            let (_, _, rid) = held.remove(rng.gen_range(0..held.len()));
+            let releaser = if rng.gen_bool(0.5) { &a } else { &b };
+            releaser
+                .record_outcome(OutcomeTx {
+                    request_id: RequestId::new(rid).expect("id"),
+                    at: at(now),
+                    outcome: Outcome::Failed {
+                        reason: "test".into(),
+                        release: true,
+                    },
+                })
+                .await
+                .expect("release");
+        } else if rng.gen_range(0..40) == 0 {
+            // Pruning deletes rows and buckets behind the writer's back of the other instance.
+            let pruner = if rng.gen_bool(0.5) { &a } else { &b };
+            pruner.prune_reservations(at(now)).await.expect("prune");
+        }
+    }
+    assert!(
+        committed > 50 && refused > 50,
+        "{committed} committed, {refused} refused"
+    );
+    verify_chain(&all_records(&a).await, None).expect("one intact chain");
+}
+
 #[tokio::test]
 async fn acknowledged_records_survive_reopen() {
     let (_dir, path) = tempdb();

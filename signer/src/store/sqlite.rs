@@ -1408,24 +1408,13 @@ fn write_decision(
         i64::try_from(next_seq).map_err(|_| StoreError::Invalid("seq".into()))?,
     ])?;
     let mut reserved = Vec::with_capacity(d.reservations.len());
+    let mut rows = Vec::with_capacity(d.reservations.len());
     for r in &d.reservations {
         let expires = i64::try_from(r.duration_ms)
             .ok()
             .and_then(|d| at.checked_add(d))
             .unwrap_or(i64::MAX);
-        c.prepare_cached(
-            "INSERT INTO reservations (request_id, window_key, amount, at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?
-        .execute(params![
-            d.request_id.as_str(),
-            r.window.as_str(),
-            r.amount.to_be_bytes::<32>().as_slice(),
-            at,
-            expires
-        ])?;
-        ctx.cache
-            .adjust(c, r.window.as_str(), at, r.amount, true, expires)?;
+        rows.push((r.window.as_str(), r.amount, expires));
         reserved.push(json!({
             "window": r.window.as_str(),
             "duration_ms": r.duration_ms,
@@ -1433,6 +1422,7 @@ fn write_decision(
             "limit": r.limit.to_string(),
         }));
     }
+    ctx.cache.reserve(c, d.request_id.as_str(), at, &rows)?;
     let record = ctx.append(AuditEntry {
         at: d.at,
         kind: AuditKind::Decision,
@@ -1502,7 +1492,7 @@ fn outcome(ctx: &mut WriteCtx<'_>, o: OutcomeTx) -> Result<DecisionReceipt, Stor
                 for (window, at, amount) in rows {
                     let amount =
                         U256::try_from_be_slice(&amount).ok_or_else(|| corrupt("amount"))?;
-                    ctx.cache.adjust(c, &window, at, amount, false, i64::MIN)?;
+                    ctx.cache.release(c, &window, at, amount)?;
                     windows.push(window);
                 }
                 c.execute(

@@ -19,6 +19,8 @@ pub(super) const COARSE_MS: i64 = 60_000;
 const ROWS_SPAN_MS: i64 = 2_000;
 /// Windows at most this long keep the one-second buckets of their boundary minute in the cache.
 const FINE_SPAN_MS: i64 = 120_000;
+/// Windows per multi-row statement (5 parameters a row, 2 bucket rows a window).
+const CHUNK: usize = 16;
 /// Past this many windows the cache starts over (it is rebuilt from the database on demand).
 const MAX_WINDOWS: usize = 10_000;
 
@@ -105,65 +107,128 @@ impl WindowCache {
         Ok(sum.saturating_add(rows_sum))
     }
 
-    /// Records that a reservation of `amount` at `at` was inserted (`add`) or deleted in
-    /// `window`, and adjusts both bucket levels holding `at` in the database (creating a bucket,
-    /// or deleting it when it drops to zero). `expires` is the reservation's expiry (a bucket
-    /// expires with the last of its rows); it is ignored when subtracting.
-    pub(super) fn adjust(
+    /// Inserts the reservation rows of one request at `at` — `(window, amount, expires)`, window
+    /// keys distinct — and adds each amount to both bucket levels of its window, with one
+    /// multi-row statement for the rows and one for the buckets (per [`CHUNK`] windows).
+    pub(super) fn reserve(
+        &mut self,
+        conn: &Connection,
+        request_id: &str,
+        at: i64,
+        reservations: &[(&str, U256, i64)],
+    ) -> Result<(), StoreError> {
+        for chunk in reservations.chunks(CHUNK) {
+            let mut buckets = Vec::with_capacity(chunk.len());
+            for &(window, amount, _) in chunk {
+                buckets.push(self.step(conn, window, at, amount, true)?);
+            }
+            let mut sql = String::from(
+                "INSERT INTO reservations (request_id, window_key, amount, at, expires_at) VALUES ",
+            );
+            push_rows(&mut sql, chunk.len(), 5);
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut i = 0;
+            let mut bind = |v: &dyn rusqlite::ToSql| -> Result<(), rusqlite::Error> {
+                i += 1;
+                stmt.raw_bind_parameter(i, v)
+            };
+            for &(window, amount, expires) in chunk {
+                bind(&request_id)?;
+                bind(&window)?;
+                bind(&amount.to_be_bytes::<32>().as_slice())?;
+                bind(&at)?;
+                bind(&expires)?;
+            }
+            stmt.raw_execute()?;
+
+            let mut sql = String::from(
+                "INSERT INTO window_buckets (window_key, width, bucket, total, expires_at) VALUES ",
+            );
+            push_rows(&mut sql, 2 * chunk.len(), 5);
+            sql.push_str(
+                " ON CONFLICT (window_key, width, bucket) DO UPDATE
+                   SET total = excluded.total,
+                       expires_at = max(window_buckets.expires_at, excluded.expires_at)",
+            );
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut i = 0;
+            let mut bind = |v: &dyn rusqlite::ToSql| -> Result<(), rusqlite::Error> {
+                i += 1;
+                stmt.raw_bind_parameter(i, v)
+            };
+            for (&(window, _, expires), &(fine, fine_total, coarse, coarse_total)) in
+                chunk.iter().zip(&buckets)
+            {
+                for (width, bucket, total) in [
+                    (FINE_MS, fine, fine_total),
+                    (COARSE_MS, coarse, coarse_total),
+                ] {
+                    bind(&window)?;
+                    bind(&width)?;
+                    bind(&bucket)?;
+                    bind(&total.to_be_bytes::<32>().as_slice())?;
+                    bind(&expires)?;
+                }
+            }
+            stmt.raw_execute()?;
+        }
+        Ok(())
+    }
+
+    /// Records that the reservation row of `amount` at `at` in `window` was deleted, and
+    /// subtracts it from both bucket levels in the database (deleting a bucket that drops to
+    /// zero).
+    pub(super) fn release(
+        &mut self,
+        conn: &Connection,
+        window: &str,
+        at: i64,
+        amount: U256,
+    ) -> Result<(), StoreError> {
+        let (fine, fine_total, coarse, coarse_total) =
+            self.step(conn, window, at, amount, false)?;
+        for (width, bucket, total) in [
+            (FINE_MS, fine, fine_total),
+            (COARSE_MS, coarse, coarse_total),
+        ] {
+            if total.is_zero() {
+                conn.prepare_cached(
+                    "DELETE FROM window_buckets
+                     WHERE window_key = ?1 AND width = ?2 AND bucket = ?3",
+                )?
+                .execute(params![window, width, bucket])?;
+            } else {
+                conn.prepare_cached(
+                    "UPDATE window_buckets SET total = ?4
+                     WHERE window_key = ?1 AND width = ?2 AND bucket = ?3",
+                )?
+                .execute(params![
+                    window,
+                    width,
+                    bucket,
+                    total.to_be_bytes::<32>().as_slice()
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a reservation row's insertion (`add`) or deletion to the cache and returns the
+    /// new totals of the two buckets holding `at`, `(fine, total, coarse, total)`, which the
+    /// caller writes to the database in the same transaction.
+    fn step(
         &mut self,
         conn: &Connection,
         window: &str,
         at: i64,
         amount: U256,
         add: bool,
-        expires: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(i64, U256, i64, U256), StoreError> {
         let w = self.window(conn, window, at)?;
         let fine = at.div_euclid(FINE_MS);
         let coarse = at.div_euclid(COARSE_MS);
         let fine_total = step(w.fine.get(conn, window, FINE_MS, fine)?, amount, add)?;
         let coarse_total = step(w.coarse.get(conn, window, COARSE_MS, coarse)?, amount, add)?;
-        if add {
-            conn.prepare_cached(
-                "INSERT INTO window_buckets (window_key, width, bucket, total, expires_at)
-                 VALUES (?1, 1000, ?2, ?3, ?6), (?1, 60000, ?4, ?5, ?6)
-                 ON CONFLICT (window_key, width, bucket) DO UPDATE
-                   SET total = excluded.total,
-                       expires_at = max(window_buckets.expires_at, excluded.expires_at)",
-            )?
-            .execute(params![
-                window,
-                fine,
-                fine_total.to_be_bytes::<32>().as_slice(),
-                coarse,
-                coarse_total.to_be_bytes::<32>().as_slice(),
-                expires,
-            ])?;
-        } else {
-            for (width, bucket, total) in [
-                (FINE_MS, fine, fine_total),
-                (COARSE_MS, coarse, coarse_total),
-            ] {
-                if total.is_zero() {
-                    conn.prepare_cached(
-                        "DELETE FROM window_buckets
-                         WHERE window_key = ?1 AND width = ?2 AND bucket = ?3",
-                    )?
-                    .execute(params![window, width, bucket])?;
-                } else {
-                    conn.prepare_cached(
-                        "UPDATE window_buckets SET total = ?4
-                         WHERE window_key = ?1 AND width = ?2 AND bucket = ?3",
-                    )?
-                    .execute(params![
-                        window,
-                        width,
-                        bucket,
-                        total.to_be_bytes::<32>().as_slice()
-                    ])?;
-                }
-            }
-        }
         w.fine.set(fine, fine_total);
         w.set_coarse(coarse, coarse_total);
         let keep = w.rows.adjust(at, amount, add);
@@ -180,7 +245,7 @@ impl WindowCache {
                 w.fine.trim(fine.saturating_sub(fine_span + 1));
             }
         }
-        Ok(())
+        Ok((fine, fine_total, coarse, coarse_total))
     }
 
     /// The window's entry, created (tracking one-second buckets from `at` on) if new.
@@ -416,6 +481,23 @@ pub(super) fn window_sum(c: &Connection, window: &str, since: i64) -> Result<U25
         sum = sum.saturating_add(blob_u256(r)?);
     }
     Ok(sum)
+}
+
+/// Appends `rows` placeholders of `cols` anonymous parameters: `(?, ?), (?, ?)`.
+fn push_rows(sql: &mut String, rows: usize, cols: usize) {
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('?');
+        }
+        sql.push(')');
+    }
 }
 
 /// `current ± amount`, as a bucket total: adding saturates, subtracting below zero is corruption.
