@@ -509,16 +509,26 @@ impl LedgerTransport for HidTransport {
             data: APDUData::new(&apdu.data),
             response_len: None,
         };
-        match ledger.exchange(&command).await {
-            Ok(answer) => Ok(answer.to_vec()),
-            // coins-ledger turns the status words it knows into errors; give them back.
-            Err(LedgerError::BadRetcode(code)) => Ok((code as u16).to_be_bytes().to_vec()),
-            Err(LedgerError::UnknownAPDUCode(code)) => Ok(code.to_be_bytes().to_vec()),
-            Err(e) => {
-                *device = None;
-                Err(BackendError::Unavailable(format!("Ledger transport: {e}")))
-            }
+        let answer = raw_answer(ledger.exchange(&command).await);
+        if answer.is_err() {
+            // Unplugged or gone: open the device again on the next exchange.
+            *device = None;
         }
+        answer
+    }
+}
+
+/// coins-ledger's answer as data ‖ status word: it turns the status words it knows (0x6985,
+/// 0x6d00, 0x6e00, …) into errors and passes unknown ones (0x5515) through; give them all back
+/// as status words, and keep errors for transport failures.
+fn raw_answer(
+    result: Result<coins_ledger::common::APDUAnswer, LedgerError>,
+) -> Result<Vec<u8>, BackendError> {
+    match result {
+        Ok(answer) => Ok(answer.to_vec()),
+        Err(LedgerError::BadRetcode(code)) => Ok((code as u16).to_be_bytes().to_vec()),
+        Err(LedgerError::UnknownAPDUCode(code)) => Ok(code.to_be_bytes().to_vec()),
+        Err(e) => Err(BackendError::Unavailable(format!("Ledger transport: {e}"))),
     }
 }
 
@@ -573,6 +583,37 @@ mod tests {
         }
         assert_eq!(chunk_size(71), 255);
         assert_eq!(chunk_size(258), 254);
+    }
+
+    #[test]
+    fn the_hid_transport_gives_status_words_back() {
+        use coins_ledger::common::{APDUAnswer, APDUResponseCodes};
+        for (code, sw) in [
+            (APDUResponseCodes::ConditionsNotSatisfied, 0x6985u16),
+            (APDUResponseCodes::InsNotSupported, 0x6d00),
+            (APDUResponseCodes::ClaNotSupported, 0x6e00),
+        ] {
+            let raw = raw_answer(Err(LedgerError::BadRetcode(code))).unwrap();
+            assert_eq!(raw, sw.to_be_bytes().to_vec());
+        }
+        let locked = APDUAnswer::from_answer(vec![0x55, 0x15]).unwrap();
+        let raw = raw_answer(Ok(locked)).unwrap();
+        assert!(matches!(
+            check_status("SIGN", raw),
+            Err(BackendError::DeviceLocked)
+        ));
+        let raw = raw_answer(Err(LedgerError::BadRetcode(
+            APDUResponseCodes::ConditionsNotSatisfied,
+        )))
+        .unwrap();
+        assert!(matches!(
+            check_status("SIGN", raw),
+            Err(BackendError::UserRejected)
+        ));
+        assert!(matches!(
+            raw_answer(Err(LedgerError::BackendGone)),
+            Err(BackendError::Unavailable(_))
+        ));
     }
 
     #[test]
