@@ -747,10 +747,10 @@ async fn execute<B: KeyBackend, S: Store>(
         Err(e) => {
             // The registry changed behind the cache (a rotation or revocation made directly in
             // the store): refresh, so the next request uses the version now active.
-            if matches!(e, StoreError::Refused(Refusal::KeyNotSignable { .. })) {
-                if let Err(problem) = s.self_check().await {
-                    tracing::warn!(%problem, "key refresh after a registry change");
-                }
+            if matches!(e, StoreError::Refused(Refusal::KeyNotSignable { .. }))
+                && let Err(problem) = s.self_check().await
+            {
+                tracing::warn!(%problem, "key refresh after a registry change");
             }
             return Err(store_error(e));
         }
