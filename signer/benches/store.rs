@@ -200,11 +200,44 @@ fn writer_cpu_per_request(_c: &mut Criterion) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4000);
+    for history in [false, true] {
+        writer_cpu_run(requests, history);
+    }
+}
+
+/// One database, fresh or (`history`) holding a day of history: a request every 20 seconds for
+/// the past 24 hours, so that the 1 h and 24 h windows span 180 and 1440 one-minute buckets, as
+/// in steady operation.
+fn writer_cpu_run(requests: u64, history: bool) {
     let rt = runtime();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
     let store = Arc::new(SqliteStore::open(dir.path().join("cpu.db")).expect("open"));
     let key = rt.block_on(setup_key(&store));
     let counter = Arc::new(AtomicU64::new(0));
+    let label = if history { "day of history" } else { "fresh" };
+    if history {
+        let now = UnixMillis::now().0;
+        let day = 86_400_000u64;
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for t in 0..16u64 {
+                let store = Arc::clone(&store);
+                let key = key.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut i = t;
+                    while i * 20_000 < day {
+                        let mut d = decision5(u64::MAX - i, &key);
+                        d.at = UnixMillis(now - day + i * 20_000);
+                        store.commit_decision(d).await.expect("history");
+                        i += 16;
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.expect("task");
+            }
+        });
+    }
     for callers in [1u64, 8] {
         let run = |n_total: u64| {
             rt.block_on(async {
@@ -255,7 +288,7 @@ fn writer_cpu_per_request(_c: &mut Criterion) {
         let stats = store.commit_stats();
         let commits = stats.commits - stats_before.commits;
         eprintln!(
-            "writer_cpu {callers} callers: {:.1} us writer CPU per request (decision with 5 \
+            "writer_cpu {label}, {callers} callers: {:.1} us writer CPU per request (decision with 5 \
              windows + outcome; user {:.1} us, system {:.1} us), {:.0} requests/s, {:.1} jobs \
              per commit",
             cpu as f64 / 1e3 / requests as f64,
