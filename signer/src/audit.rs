@@ -267,30 +267,15 @@ impl AuditRecord {
 
     /// The canonical bytes, and where in them the canonical payload is.
     fn canonical_bytes_and_payload(&self) -> (Vec<u8>, std::ops::Range<usize>) {
-        let mut out = Vec::with_capacity(512);
-        // Members in sorted key order: at, identity, kind, payload, prev_hash, request_id, seq.
-        out.extend_from_slice(b"{\"at\":");
-        write_u64(&mut out, self.at.0);
-        out.extend_from_slice(b",\"identity\":");
-        write_opt_str(&mut out, self.identity.as_deref());
-        out.extend_from_slice(b",\"kind\":");
-        write_str(&mut out, self.kind.as_str());
-        out.extend_from_slice(b",\"payload\":");
-        let start = out.len();
-        write_canonical(&mut out, &self.payload);
-        let payload = start..out.len();
-        out.extend_from_slice(b",\"prev_hash\":\"0x");
-        let mut hex = [0u8; 64];
-        // 32 bytes always fit 64 hex digits.
-        if hex::encode_to_slice(self.prev_hash.as_slice(), &mut hex).is_ok() {
-            out.extend_from_slice(&hex);
-        }
-        out.extend_from_slice(b"\",\"request_id\":");
-        write_opt_str(&mut out, self.request_id.as_deref());
-        out.extend_from_slice(b",\"seq\":");
-        write_u64(&mut out, self.seq);
-        out.push(b'}');
-        (out, payload)
+        write_record(
+            self.seq,
+            &self.prev_hash,
+            self.at,
+            self.kind,
+            self.request_id.as_deref(),
+            self.identity.as_deref(),
+            |out| write_canonical(out, &self.payload),
+        )
     }
 
     /// Recomputes the hash from the other fields.
@@ -813,6 +798,80 @@ pub fn canonical_json(v: &Value) -> Vec<u8> {
     let mut out = Vec::new();
     write_canonical(&mut out, v);
     out
+}
+
+/// The canonical bytes of a record (see the module docs) whose payload `write_payload` writes,
+/// and where in them the payload is.
+fn write_record(
+    seq: u64,
+    prev_hash: &B256,
+    at: UnixMillis,
+    kind: AuditKind,
+    request_id: Option<&str>,
+    identity: Option<&str>,
+    write_payload: impl FnOnce(&mut Vec<u8>),
+) -> (Vec<u8>, std::ops::Range<usize>) {
+    let mut out = Vec::with_capacity(1024);
+    // Members in sorted key order: at, identity, kind, payload, prev_hash, request_id, seq.
+    out.extend_from_slice(b"{\"at\":");
+    write_u64(&mut out, at.0);
+    out.extend_from_slice(b",\"identity\":");
+    write_opt_str(&mut out, identity);
+    out.extend_from_slice(b",\"kind\":");
+    write_str(&mut out, kind.as_str());
+    out.extend_from_slice(b",\"payload\":");
+    let start = out.len();
+    write_payload(&mut out);
+    let payload = start..out.len();
+    out.extend_from_slice(b",\"prev_hash\":\"0x");
+    let mut hex = [0u8; 64];
+    // 32 bytes always fit 64 hex digits.
+    if hex::encode_to_slice(prev_hash.as_slice(), &mut hex).is_ok() {
+        out.extend_from_slice(&hex);
+    }
+    out.extend_from_slice(b"\",\"request_id\":");
+    write_opt_str(&mut out, request_id);
+    out.extend_from_slice(b",\"seq\":");
+    write_u64(&mut out, seq);
+    out.push(b'}');
+    (out, payload)
+}
+
+/// Places a record after `prev` (or at seq 1 for `None`) from a payload that is already in
+/// canonical form — a JSON object written with [`write_canonical`] and [`write_canonical_str`],
+/// members sorted, integers only — and returns its `(seq, hash)`. The store's fast path for the
+/// records of every signing request, which builds no [`Value`]. A payload that is not canonical
+/// yields a record that fails verification, never a different accepted one.
+pub fn seal_canonical(
+    prev: Option<(u64, B256)>,
+    at: UnixMillis,
+    kind: AuditKind,
+    request_id: Option<&str>,
+    identity: Option<&str>,
+    payload: &str,
+) -> Result<(u64, B256), AuditError> {
+    let (seq, prev_hash) = match prev {
+        None => (1, B256::ZERO),
+        Some((s, h)) => (
+            s.checked_add(1)
+                .ok_or_else(|| AuditError::Malformed("seq overflow".into()))?,
+            h,
+        ),
+    };
+    let (bytes, _) = write_record(seq, &prev_hash, at, kind, request_id, identity, |out| {
+        out.extend_from_slice(payload.as_bytes())
+    });
+    Ok((seq, keccak256(&bytes)))
+}
+
+/// Writes `s` as a canonical JSON string (quoted and escaped as the module docs say).
+pub fn write_canonical_str(out: &mut Vec<u8>, s: &str) {
+    write_str(out, s);
+}
+
+/// Writes `v` as a canonical JSON integer.
+pub fn write_canonical_u64(out: &mut Vec<u8>, v: u64) {
+    write_u64(out, v);
 }
 
 /// Decimal digits of `v`, without allocating.

@@ -16,13 +16,16 @@
 //! 4. refuses a request id that was used before, returning what was stored for it
 //!    ([`Refusal::DuplicateRequest`]) — a retried request never signs twice;
 //! 5. for every `(window, duration, amount, limit)`: sums the window's reservations with
-//!    `at > now − duration`, refuses if `spent + amount > limit` ([`Refusal::LimitExceeded`],
-//!    naming the window, spent and limit), else inserts the reservation;
-//! 6. appends the `decision` audit record;
+//!    `at > now − duration` and refuses if `spent + amount > limit` ([`Refusal::LimitExceeded`],
+//!    naming the first such window, its spent and limit);
+//! 6. only when every check passed: inserts the request row and every reservation (with its
+//!    bucket totals) and appends the `decision` audit record;
 //!
-//! and commits with fsync before it answers. A refusal of kinds 1–3 and 5 rolls back everything
-//! the decision wrote (no request row, no reservation) and appends a `refusal` audit record
-//! instead; a duplicate appends nothing (the original request is already audited). After signing,
+//! and commits with fsync before it answers. Window keys in one decision are distinct, so
+//! checking all windows before reserving in any gives the same answers as checking each just
+//! before its own reservation. A refusal of kinds 1–3 and 5 therefore writes nothing of the
+//! decision (no request row, no reservation) and appends a `refusal` audit record instead; a
+//! duplicate appends nothing (the original request is already audited). After signing,
 //! [`Store::record_outcome`] appends the `signature` record, or releases the reservations and
 //! appends a `failure` record.
 //!
@@ -42,11 +45,29 @@
 //! the request rate. A budget grant is a window that never expires: [`Reservation::grant`].
 //! Expired rows and buckets are deleted by [`Store::prune_reservations`].
 //!
+//! # Window cache (SQLite writer)
+//! So that a decision does not re-read every bucket of a 24-hour window, the writer thread keeps
+//! a copy of each window's state that it has touched: the one-minute bucket totals after the
+//! window's start with their running sum, the recent one-second buckets, and, for windows of at
+//! most 2 s, the recent reservation rows summed per millisecond. Each part is an exact copy of
+//! the database for every key at or after its own lower bound; a part of a sum below that bound
+//! (the boundary second and minute of a long window) is read from the database as before, so
+//! every sum equals the one computed from the tables. The writer updates the copy in step with
+//! each row and bucket it writes. The copy is trusted only while this connection is the only
+//! writer: at the start of every batch, inside the write lock, the writer reads `PRAGMA
+//! data_version` (which changes when *another* connection committed — a second store instance
+//! on the file, `keyctl`) and drops the whole copy if it changed; it also drops it when a job
+//! rolls back to its savepoint, when a batch's commit fails, and after pruning. Two instances on
+//! one file therefore still never together exceed a limit. Readers ([`Store::window_sums`],
+//! [`Store::grant`]) always sum from the tables.
+//!
 //! # Group commit (SQLite)
 //! All writes go to one writer thread through a bounded channel. The thread takes every queued
 //! job (up to a batch limit), runs each inside its own SAVEPOINT of one `BEGIN IMMEDIATE`
 //! transaction, commits once (one fsync with `synchronous=FULL` in WAL mode), and only then
-//! answers each caller on its oneshot. A job that fails rolls back to its savepoint without
+//! answers each caller on its oneshot. Every statement on the decision and outcome paths,
+//! including the transaction and savepoint statements, is a cached prepared statement; a
+//! decision's reservation rows and bucket totals are each written with one multi-row statement. A job that fails rolls back to its savepoint without
 //! affecting the others; if the commit itself fails, every caller in the batch gets
 //! [`StoreError::Commit`] and nothing of the batch is durable. Reads use a separate connection on
 //! the blocking thread pool. Two [`SqliteStore`]s on one file behave like two replicas: SQLite's
@@ -79,7 +100,8 @@
 //! record and every reservation are on disk, and that no freeze, revocation or pause committed
 //! earlier applies. Concurrent callers — and concurrent store instances on one database — can never
 //! together reserve more than a window's limit, because the sum and the insert happen in one
-//! write transaction.
+//! write transaction (the writer's window cache is dropped whenever another connection has
+//! committed, see "Window cache").
 
 mod schema;
 mod sqlite;

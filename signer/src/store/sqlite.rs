@@ -20,6 +20,7 @@ use super::{
 };
 use crate::audit::{
     AuditEntry, AuditKind, AuditRecord, CheckpointPayload, UnixMillis, canonical_json, hex32,
+    seal_canonical, write_canonical, write_canonical_str, write_canonical_u64,
 };
 
 /// Prepared statements kept per connection: the decision and outcome paths use about 25, and a
@@ -1169,6 +1170,44 @@ impl WriteCtx<'_> {
         Ok(record)
     }
 
+    /// Appends a record whose payload is already canonical JSON (see
+    /// [`crate::audit::seal_canonical`]); returns its `(seq, hash)`.
+    fn append_canonical(
+        &mut self,
+        at: UnixMillis,
+        kind: AuditKind,
+        request_id: &str,
+        identity: &str,
+        payload: Vec<u8>,
+    ) -> Result<(u64, B256), StoreError> {
+        let payload = String::from_utf8(payload).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let (seq, hash) = seal_canonical(
+            self.head,
+            at,
+            kind,
+            Some(request_id),
+            Some(identity),
+            &payload,
+        )?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO audit (seq, prev_hash, at, kind, request_id, identity, payload, hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                i64::try_from(seq).map_err(|_| StoreError::Invalid("seq".into()))?,
+                self.head.map_or(B256::ZERO, |(_, h)| h).as_slice(),
+                ms(at)?,
+                kind.as_str(),
+                request_id,
+                identity,
+                payload,
+                hash.as_slice(),
+            ])?;
+        self.head = Some((seq, hash));
+        Ok((seq, hash))
+    }
+
     fn append_change(
         &mut self,
         kind: AuditKind,
@@ -1407,45 +1446,57 @@ fn write_decision(
         at,
         i64::try_from(next_seq).map_err(|_| StoreError::Invalid("seq".into()))?,
     ])?;
-    let mut reserved = Vec::with_capacity(d.reservations.len());
     let mut rows = Vec::with_capacity(d.reservations.len());
-    for r in &d.reservations {
+    // The decision record's payload, written in canonical form directly (members sorted):
+    // {"allow_retiring", "details", "digest", "key", "reservations": [{"amount", "duration_ms",
+    // "limit", "window"}, …]}.
+    let mut p = Vec::with_capacity(512 + 192 * d.reservations.len());
+    p.extend_from_slice(b"{\"allow_retiring\":");
+    p.extend_from_slice(if d.allow_retiring { b"true" } else { b"false" });
+    p.extend_from_slice(b",\"details\":");
+    write_canonical(&mut p, &d.details);
+    p.extend_from_slice(b",\"digest\":");
+    write_canonical_str(&mut p, &hex32(&d.digest));
+    p.extend_from_slice(b",\"key\":");
+    write_canonical_str(&mut p, &d.key.to_string());
+    p.extend_from_slice(b",\"reservations\":[");
+    for (i, r) in d.reservations.iter().enumerate() {
         let expires = i64::try_from(r.duration_ms)
             .ok()
             .and_then(|d| at.checked_add(d))
             .unwrap_or(i64::MAX);
         rows.push((r.window.as_str(), r.amount, expires));
-        reserved.push(json!({
-            "window": r.window.as_str(),
-            "duration_ms": r.duration_ms,
-            "amount": r.amount.to_string(),
-            "limit": r.limit.to_string(),
-        }));
+        if i > 0 {
+            p.push(b',');
+        }
+        p.extend_from_slice(b"{\"amount\":");
+        write_canonical_str(&mut p, &r.amount.to_string());
+        p.extend_from_slice(b",\"duration_ms\":");
+        write_canonical_u64(&mut p, r.duration_ms);
+        p.extend_from_slice(b",\"limit\":");
+        write_canonical_str(&mut p, &r.limit.to_string());
+        p.extend_from_slice(b",\"window\":");
+        write_canonical_str(&mut p, r.window.as_str());
+        p.push(b'}');
     }
+    p.extend_from_slice(b"]}");
     ctx.cache.reserve(c, d.request_id.as_str(), at, &rows)?;
-    let record = ctx.append(AuditEntry {
-        at: d.at,
-        kind: AuditKind::Decision,
-        request_id: Some(d.request_id.to_string()),
-        identity: Some(d.identity.clone()),
-        payload: json!({
-            "key": d.key.to_string(),
-            "digest": hex32(&d.digest),
-            "allow_retiring": d.allow_retiring,
-            "reservations": reserved,
-            "details": d.details,
-        }),
-    })?;
-    if record.seq != next_seq {
+    let (seq, hash) = ctx.append_canonical(
+        d.at,
+        AuditKind::Decision,
+        d.request_id.as_str(),
+        &d.identity,
+        p,
+    )?;
+    if seq != next_seq {
         return Err(StoreError::Database(format!(
-            "audit head moved inside the transaction ({next_seq} expected, {} written)",
-            record.seq
+            "audit head moved inside the transaction ({next_seq} expected, {seq} written)"
         )));
     }
     Ok(DecisionReceipt {
         request_id: d.request_id.clone(),
-        seq: record.seq,
-        hash: record.hash,
+        seq,
+        hash,
     })
 }
 
@@ -1468,11 +1519,31 @@ fn outcome(ctx: &mut WriteCtx<'_>, o: OutcomeTx) -> Result<DecisionReceipt, Stor
                 "UPDATE requests SET state = 'signed', outcome = ?2, outcome_seq = ?3
                  WHERE request_id = ?1",
             )?
-            .execute(params![o.request_id.as_str(), text, next_seq_i])?;
-            (
+            .execute(params![o.request_id.as_str(), &text, next_seq_i])?;
+            // {"details": <canonical details>, "key": …}, in canonical form directly.
+            let mut p = Vec::with_capacity(text.len() + 64);
+            p.extend_from_slice(b"{\"details\":");
+            p.extend_from_slice(text.as_bytes());
+            p.extend_from_slice(b",\"key\":");
+            write_canonical_str(&mut p, &stored.key.to_string());
+            p.push(b'}');
+            let (seq, hash) = ctx.append_canonical(
+                o.at,
                 AuditKind::Signature,
-                json!({"key": stored.key.to_string(), "details": details}),
-            )
+                o.request_id.as_str(),
+                &stored.identity,
+                p,
+            )?;
+            if seq != next_seq {
+                return Err(StoreError::Database(
+                    "audit head moved inside the transaction".into(),
+                ));
+            }
+            return Ok(DecisionReceipt {
+                request_id: o.request_id,
+                seq,
+                hash,
+            });
         }
         Outcome::Failed { reason, release } => {
             let mut windows = Vec::new();
