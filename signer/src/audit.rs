@@ -1059,6 +1059,32 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn string_escaping_matches_serde_json() {
+        // serde_json escapes exactly as the canonical form says (\" \\ \b \t \n \f \r, other
+        // controls as \u00xx, everything else as itself), so it is an independent check of the
+        // byte-run writer.
+        let samples = [
+            "",
+            "plain",
+            "q\"uo\\te",
+            "\u{0}\u{1}\u{8}\t\n\u{b}\u{c}\r\u{1f} \u{7f}",
+            "é漢字🙂\"mixed\\\n",
+            "key:searcher-hot:value:3600",
+        ];
+        for s in samples {
+            let mut out = Vec::new();
+            write_canonical_str(&mut out, s);
+            let expected = serde_json::to_string(s).unwrap();
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "{s:?}");
+        }
+        for v in [0u64, 7, 10, 99, 1_800_000_000_000, u64::MAX] {
+            let mut out = Vec::new();
+            write_canonical_u64(&mut out, v);
+            assert_eq!(out, v.to_string().into_bytes());
+        }
+    }
+
+    #[test]
     fn floats_are_rejected() {
         let mut e = entry(1);
         e.payload = json!({"x": 1.5});

@@ -817,6 +817,36 @@ async fn two_instances_alternating_on_one_window_see_each_others_reservations() 
     verify_chain(&all_records(&a).await, None).expect("one intact chain");
 }
 
+/// The decision and signature records are written in canonical form without a JSON value in
+/// between; odd characters in window keys and details must still give records that verify.
+#[tokio::test]
+async fn records_with_escaped_strings_verify() {
+    let (_dir, path) = tempdb();
+    let store = SqliteStore::open(&path).expect("open");
+    let key = active_key(&store, "searcher-hot", 1).await;
+    let mut d = decision("esc-1", &key, 5, vec![reservation("q\"uo\\te", 3, 10)]);
+    d.details = json!({"note": "tab\tnewline\n\u{1}é🙂", "n": 18446744073709551615u64, "z": -1});
+    store.commit_decision(d).await.expect("decision");
+    store
+        .record_outcome(OutcomeTx {
+            request_id: RequestId::new("esc-1").expect("id"),
+            at: at(6),
+            outcome: Outcome::Signed {
+                details: json!({"b": "\"x\"", "a": [1, {"d": null, "c": true}]}),
+            },
+        })
+        .await
+        .expect("outcome");
+    let records = all_records(&store).await;
+    verify_chain(&records, None).expect("chain verifies");
+    let decision = &records[records.len() - 2];
+    assert_eq!(
+        decision.payload["reservations"][0]["window"],
+        json!("key:searcher-hot:value:q\"uo\\te")
+    );
+    assert_eq!(decision.payload["details"]["n"], json!(u64::MAX));
+}
+
 #[tokio::test]
 async fn acknowledged_records_survive_reopen() {
     let (_dir, path) = tempdb();
