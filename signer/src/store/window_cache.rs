@@ -21,8 +21,9 @@ const ROWS_SPAN_MS: i64 = 2_000;
 const FINE_SPAN_MS: i64 = 120_000;
 /// Windows per multi-row statement (5 parameters a row, 2 bucket rows a window).
 const CHUNK: usize = 16;
-/// Past this many windows the cache starts over (it is rebuilt from the database on demand).
-const MAX_WINDOWS: usize = 10_000;
+/// Past this many windows the cache starts over (it is rebuilt from the database on demand); a
+/// 24-hour window holds up to 1440 one-minute buckets, so this bounds the cache to ~100 MiB.
+const MAX_WINDOWS: usize = 1_024;
 
 /// Per-window state mirrored from the database. Exact while the writer connection is the only
 /// writer: [`WindowCache::begin_batch`] drops it when another connection committed, and the
