@@ -14,7 +14,7 @@ use castellan_signer::backend::any::AnyBackend;
 use castellan_signer::config::{BackendConfig, SignerConfig};
 use castellan_signer::server::rpc::Upstream;
 use castellan_signer::server::{Signer, SignerSettings, SubmitterLink, router};
-use castellan_signer::store::{SqliteStore, run_maintenance};
+use castellan_signer::store::{SqliteStore, Store, run_maintenance};
 use clap::Parser;
 
 /// Castellan signer: the only process that can make a signature, and only inside an HSM.
@@ -112,6 +112,41 @@ async fn main() -> anyhow::Result<()> {
     println!("signer listening on {addr}");
     tracing::info!(%addr, chain_id = config.chain_id, "signer ready");
 
+    if let Ok(Some(_)) = signer.store().freeze_state().await {
+        signer.metrics().frozen.set(1);
+    }
+    // Prometheus text on its own plain listener (bind it to a private address).
+    let metrics_task = match &config.metrics {
+        Some(m) => {
+            let listener = tokio::net::TcpListener::bind(m.listen)
+                .await
+                .with_context(|| format!("binding metrics {}", m.listen))?;
+            println!("signer metrics on {}", listener.local_addr()?);
+            let metrics = signer.metrics().clone();
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let metrics = metrics.clone();
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4; charset=utf-8",
+                            )],
+                            metrics.render(),
+                        )
+                    }
+                }),
+            );
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "metrics listener failed");
+                }
+            }))
+        }
+        None => None,
+    };
+
     let reload = tokio::spawn(watch_tls_reload(tls.clone(), Duration::from_secs(2)));
     let audit = signer.clone();
     let opts = ServeOptions {
@@ -130,6 +165,9 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     reload.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let _ = stop_upkeep.send(true);
     let _ = upkeep.await;
     tracing::info!("signer stopped");

@@ -352,7 +352,14 @@ fn malformed_input_is_refused_with_stable_codes_and_nothing_is_signed() {
         "e2e-malformed",
         |token| {
             runtime().block_on(async {
-                let app = start(token, &["hot"]).await;
+                let addrs: Vec<Address> = approvers().iter().map(|s| s.address()).collect();
+                let app = support::Appliance::start_with(
+                    token,
+                    &["hot"],
+                    &policy_toml(&addrs),
+                    "[metrics]\nlisten = \"127.0.0.1:0\"\n",
+                )
+                .await;
                 let client = app.client(Some("alpha"));
                 let url = app.url("/v1/keys/hot/sign/transaction");
                 let raw = |body: String| {
@@ -408,6 +415,15 @@ fn malformed_input_is_refused_with_stable_codes_and_nothing_is_signed() {
                 assert_eq!(count_kind(&records, "decision"), 0);
                 // The signer is still healthy and signs a good request.
                 assert_eq!(sign(&app, "alpha", "hot", &tx_json(0, 1)).await.0, 200);
+                // Every answer is counted by route and stable code.
+                let metrics = app.metrics().await;
+                for code in ["unknown_field", "chain_mismatch", "signed"] {
+                    let line = format!(
+                        "castellan_signer_requests_total{{route=\"transaction\",code=\"{code}\"}} 1"
+                    );
+                    assert!(metrics.contains(&line), "{line} missing in\n{metrics}");
+                }
+                assert!(metrics.contains("castellan_signer_ready 1"), "{metrics}");
             })
         },
     );

@@ -16,6 +16,7 @@
 //! refusal at any step is answered with a stable code and reason and is audited.
 
 pub mod error;
+pub mod metrics;
 mod routes;
 pub mod rpc;
 
@@ -67,6 +68,7 @@ pub struct Signer<B: KeyBackend, S: Store> {
     upstream: Option<rpc::Upstream>,
     submitter: Option<SubmitterLink>,
     policy_path: Option<std::path::PathBuf>,
+    metrics: metrics::Metrics,
 }
 
 /// The signer's mTLS link to the submitter.
@@ -207,6 +209,7 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
             upstream: settings.upstream,
             submitter: settings.submitter,
             policy_path: settings.policy_path,
+            metrics: metrics::Metrics::new(),
         }
     }
 
@@ -218,6 +221,11 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
     /// The backend.
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// The signer's metrics.
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
     }
 
     /// The policy in force.
@@ -273,9 +281,11 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
         }
         if problems.is_empty() {
             self.ready.store(true, Ordering::Release);
+            self.metrics.ready.set(1);
             Ok(count)
         } else {
             self.ready.store(false, Ordering::Release);
+            self.metrics.ready.set(0);
             Err(problems.join("; "))
         }
     }
@@ -321,6 +331,7 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
     /// Audits a connection refused before any request (TLS failure: no certificate, unknown CA,
     /// revoked, expired, TLS 1.2).
     pub async fn audit_connection_refusal(&self, peer: std::net::SocketAddr, reason: &str) {
+        self.metrics.tls_refusals.inc();
         let entry = AuditEntry {
             at: UnixMillis::now(),
             kind: AuditKind::Refusal,

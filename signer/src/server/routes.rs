@@ -423,11 +423,13 @@ pub(super) fn eth_error(e: EthError) -> ApiError {
 /// parsing (a refusal is audited), then the pipeline.
 async fn sign_route<B: KeyBackend, S: Store>(
     s: &Signer<B, S>,
+    route: &'static str,
     peer: Option<Extension<Peer>>,
     name: &str,
     headers: &HeaderMap,
     parse: impl FnOnce(&Signer<B, S>, &str) -> Result<Job, ApiError>,
 ) -> Response {
+    let started = std::time::Instant::now();
     let rid = match request_id(headers) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -446,6 +448,23 @@ async fn sign_route<B: KeyBackend, S: Store>(
             .map(|(status, body)| (status, Json(body)).into_response())
     }
     .await;
+    let code = match &result {
+        Ok(r) if r.status() == StatusCode::ACCEPTED => "pending",
+        Ok(_) => "signed",
+        Err(e) => e.code,
+    };
+    let m = s.metrics();
+    m.requests
+        .get_or_create(&super::metrics::RequestLabels {
+            route: route.to_owned(),
+            code: code.to_owned(),
+        })
+        .inc();
+    m.latency
+        .get_or_create(&super::metrics::RouteLabels {
+            route: route.to_owned(),
+        })
+        .observe(started.elapsed().as_secs_f64());
     with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
 }
 
@@ -456,7 +475,7 @@ async fn sign_transaction<B: KeyBackend, S: Store>(
     headers: HeaderMap,
     body: Result<ApiJson<wire::SignTransactionRequest>, ApiError>,
 ) -> Response {
-    sign_route(&s, peer, &name, &headers, |s, _| {
+    sign_route(&s, "transaction", peer, &name, &headers, |s, _| {
         let ApiJson(req) = body?;
         let tx = req
             .tx
@@ -475,7 +494,7 @@ async fn sign_bundle_route<B: KeyBackend, S: Store>(
     headers: HeaderMap,
     body: Result<ApiJson<wire::SignBundleRequest>, ApiError>,
 ) -> Response {
-    sign_route(&s, peer, &name, &headers, |s, rid| {
+    sign_route(&s, "bundle", peer, &name, &headers, |s, rid| {
         let ApiJson(req) = body?;
         Ok(Job::Bundle(Box::new(BundleJob::parse(req, s.chain, rid)?)))
     })
@@ -489,7 +508,7 @@ async fn sign_message<B: KeyBackend, S: Store>(
     headers: HeaderMap,
     body: Result<ApiJson<wire::SignMessageRequest>, ApiError>,
 ) -> Response {
-    sign_route(&s, peer, &name, &headers, |_, _| {
+    sign_route(&s, "message", peer, &name, &headers, |_, _| {
         let ApiJson(req) = body?;
         let bytes = req
             .bytes()
@@ -506,7 +525,7 @@ async fn sign_typed_data<B: KeyBackend, S: Store>(
     headers: HeaderMap,
     body: Result<ApiJson<wire::SignTypedDataRequest>, ApiError>,
 ) -> Response {
-    sign_route(&s, peer, &name, &headers, |s, _| {
+    sign_route(&s, "typed_data", peer, &name, &headers, |s, _| {
         let ApiJson(req) = body?;
         let data = eth::parse_typed_data(&req.typed_data.to_string()).map_err(eth_error)?;
         s.chain.check_typed_data(&data).map_err(eth_error)?;

@@ -158,6 +158,7 @@ pub struct Appliance {
     pub ca: DevCa,
     child: Option<Child>,
     config: PathBuf,
+    metrics_addr: std::sync::Arc<std::sync::Mutex<Option<SocketAddr>>>,
     stderr_path: PathBuf,
 }
 
@@ -336,6 +337,7 @@ pending_ttl = "10m"
             ca,
             child: None,
             config: config_path,
+            metrics_addr: Default::default(),
         };
         app.spawn();
         app
@@ -357,10 +359,13 @@ pending_ttl = "10m"
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let metrics = self.metrics_addr.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(a) = line.strip_prefix("signer listening on ") {
                     let _ = tx.send(a.trim().to_owned());
+                } else if let Some(a) = line.strip_prefix("signer metrics on ") {
+                    *metrics.lock().unwrap() = a.trim().parse().ok();
                 }
             }
         });
@@ -372,6 +377,26 @@ pending_ttl = "10m"
             }
         }
         self.child = Some(child);
+    }
+
+    /// The Prometheus text of the signer's metrics listener (needs `[metrics]` in `extra`).
+    pub async fn metrics(&self) -> String {
+        let mut addr = None;
+        for _ in 0..100 {
+            addr = *self.metrics_addr.lock().unwrap();
+            if addr.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let addr = addr.expect("the signer printed no metrics address");
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// The signer's process id, while it runs.
