@@ -69,6 +69,9 @@ pub struct Signer<B: KeyBackend, S: Store> {
     submitter: Option<SubmitterLink>,
     policy_path: Option<std::path::PathBuf>,
     metrics: metrics::Metrics,
+    /// Per key name: held shared while a decided request is being signed, taken exclusively by a
+    /// revocation to wait for those signatures.
+    in_flight: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
 }
 
 /// The signer's mTLS link to the submitter.
@@ -210,6 +213,7 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
             submitter: settings.submitter,
             policy_path: settings.policy_path,
             metrics: metrics::Metrics::new(),
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -221,6 +225,24 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
     /// The backend.
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    fn key_lock(&self, name: &str) -> Arc<tokio::sync::RwLock<()>> {
+        let mut map = match self.in_flight.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// A shared guard held from a request's decision until its signature is made.
+    pub(crate) async fn signing_guard(&self, name: &str) -> tokio::sync::OwnedRwLockReadGuard<()> {
+        self.key_lock(name).read_owned().await
+    }
+
+    /// Waits until every signature of `name` decided so far has been made (or has failed).
+    pub(crate) async fn drain_signing(&self, name: &str) {
+        drop(self.key_lock(name).write_owned().await);
     }
 
     /// The signer's metrics.

@@ -758,6 +758,9 @@ async fn execute<B: KeyBackend, S: Store>(
         reservations,
         details,
     };
+    // Held from the decision until the signature is made: a revocation through the API waits for
+    // it, so no signature by a revoked key is made after the revocation has returned.
+    let _signing = s.signing_guard(key.record.version.name.as_str()).await;
     match s.store.commit_decision(tx).await {
         Ok(_) => {}
         Err(StoreError::Refused(Refusal::DuplicateRequest(stored))) => {
@@ -1657,7 +1660,10 @@ async fn revoke<B: KeyBackend, S: Store>(
             .revoke(kn, a.version, a.reason, change)
             .await
             .map_err(store_error)?;
-        // The store refuses the key from now on; refresh the cache so the hot path stops at once.
+        // The store refuses the key from now on. Wait for signatures decided before the
+        // revocation committed, so that none is made after this answer.
+        s.drain_signing(&name).await;
+        // Refresh the cache so the hot path stops before reaching the store.
         if let Err(e) = s.self_check().await {
             tracing::warn!(error = %e, "self-check after revocation");
         }
