@@ -855,3 +855,76 @@ fn the_running_signer_checkpoints_its_audit_chain_with_the_audit_key() {
         },
     );
 }
+
+#[test]
+fn no_signature_by_a_key_is_made_after_its_revocation_returns() {
+    in_own_process(
+        "no_signature_by_a_key_is_made_after_its_revocation_returns",
+        "e2e-revoke-loop",
+        |token| {
+            runtime().block_on(async {
+                let app = std::sync::Arc::new(start(token, &["hot"]).await);
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                // Two clients sign in a loop and note when each answer arrived.
+                let mut loops = Vec::new();
+                for c in 0..2u64 {
+                    let app = app.clone();
+                    let stop = stop.clone();
+                    loops.push(tokio::spawn(async move {
+                        let mut answers = Vec::new();
+                        let mut n = c * 1_000_000;
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            let (status, _) = sign(&app, "alpha", "hot", &tx_json(n, 1)).await;
+                            answers.push((std::time::Instant::now(), status));
+                            n += 1;
+                        }
+                        answers
+                    }));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+                let r = app
+                    .client(Some("ops"))
+                    .post(app.url("/v1/admin/keys/hot/revoke"))
+                    .json(&json!({ "reason": "leak drill" }))
+                    .send()
+                    .await
+                    .unwrap();
+                let returned = std::time::Instant::now();
+                let returned_ms = u64::try_from(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_millis(),
+                )
+                .unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let mut answers = Vec::new();
+                for l in loops {
+                    answers.extend(l.await.unwrap());
+                }
+                let signed_before = answers.iter().filter(|(_, s)| *s == 200).count();
+                assert!(signed_before > 0, "the loop signed nothing before the revocation");
+                // Every answer that started after the revocation returned is a refusal.
+                let first_refusal = answers
+                    .iter()
+                    .filter(|(t, s)| *t > returned && *s != 200)
+                    .map(|(t, _)| *t - returned)
+                    .min()
+                    .expect("no request was refused after the revocation");
+                // The audit chain: no signature record made after the revocation returned.
+                let records = app.audit().await;
+                let late: Vec<_> = records
+                    .iter()
+                    .filter(|r| r.kind.as_str() == "signature" && r.at.0 > returned_ms)
+                    .collect();
+                assert!(late.is_empty(), "signatures after the revocation: {late:?}");
+                eprintln!(
+                    "revocation gap: {signed_before} answers signed before, first refusal {:?} after revoke returned",
+                    first_refusal
+                );
+            })
+        },
+    );
+}
