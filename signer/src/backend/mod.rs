@@ -286,3 +286,33 @@ impl BackendError {
         matches!(self, Self::Unavailable(_) | Self::Timeout(_))
     }
 }
+
+/// Deserializes a device timeout written as `"250ms"`, `"2s"` or `"1m"` (every backend's config).
+pub(crate) fn device_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<std::time::Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_device_duration(&text).map_err(serde::de::Error::custom)
+}
+
+/// Parses `"250ms"`, `"2s"` or `"1m"`.
+pub(crate) fn parse_device_duration(text: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("duration {text:?} needs a unit (ms, s or m)"))?;
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("duration {text:?} does not start with a number"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => n
+            .checked_mul(60)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("duration {text:?} is too long")),
+        _ => Err(format!("duration {text:?}: unit must be ms, s or m")),
+    }
+}

@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::SecretString;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use crate::backend::BackendError;
+use crate::backend::device_duration as deserialize_duration;
 
 /// Most worker sessions a pool may have (a token serves a handful of parallel operations at best).
 pub const MAX_SESSIONS: usize = 64;
@@ -207,36 +208,11 @@ fn pin_from_text(text: &str, source: &str) -> Result<SecretString, BackendError>
     Ok(SecretString::from(line.to_owned()))
 }
 
-fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    parse_duration(&text).map_err(serde::de::Error::custom)
-}
-
-/// Parses `"250ms"`, `"2s"` or `"1m"`.
-pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration {text:?} needs a unit (ms, s or m)"))?;
-    let (digits, unit) = text.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("duration {text:?} does not start with a number"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => n
-            .checked_mul(60)
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("duration {text:?} is too long")),
-        _ => Err(format!("duration {text:?}: unit must be ms, s or m")),
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use crate::backend::parse_device_duration as parse_duration;
     use secrecy::ExposeSecret;
     use std::io::Write;
 

@@ -4,9 +4,10 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::backend::BackendError;
+pub(in crate::backend) use crate::backend::device_duration as duration;
 use crate::backend::pkcs11::PinSource;
 
 /// Configuration of a [`super::YubiHsmBackend`], as embedded in `signer.toml`:
@@ -188,33 +189,6 @@ fn default_http_addr() -> String {
 
 fn default_http_port() -> u16 {
     12345
-}
-
-/// Deserializes `"250ms"`, `"2s"` or `"1m"`.
-pub(in crate::backend) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    parse_duration(&text).map_err(serde::de::Error::custom)
-}
-
-/// Parses `"250ms"`, `"2s"` or `"1m"`.
-pub(in crate::backend) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration {text:?} needs a unit (ms, s or m)"))?;
-    let (digits, unit) = text.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("duration {text:?} does not start with a number"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => n
-            .checked_mul(60)
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("duration {text:?} is too long")),
-        _ => Err(format!("duration {text:?}: unit must be ms, s or m")),
-    }
 }
 
 #[cfg(test)]
