@@ -174,6 +174,13 @@ fn with_request_id(rid: &str, resp: impl IntoResponse) -> Response {
     r
 }
 
+/// Who made a change and through which request, for the audit record.
+fn change_by(caller: &Caller, rid: &str, at: UnixMillis) -> Change {
+    let mut change = Change::new(caller.identity.to_string(), at);
+    change.request_id = Some(rid.to_owned());
+    change
+}
+
 fn now_ms() -> UnixMillis {
     UnixMillis::now()
 }
@@ -417,6 +424,26 @@ pub(super) fn eth_error(e: EthError) -> ApiError {
     } else {
         ApiError::internal(e)
     }
+}
+
+/// The skeleton of every route that needs one role: request id, authentication (unknown
+/// identities and missing roles are refused and audited), the handler, the request id echoed.
+async fn role_route<B: KeyBackend, S: Store>(
+    s: &Signer<B, S>,
+    peer: Option<Extension<Peer>>,
+    headers: &HeaderMap,
+    role: Role,
+    handler: impl AsyncFnOnce(Caller, String) -> Result<Response, ApiError>,
+) -> Response {
+    let rid = match request_id(headers) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let result = match authenticate(s, peer, &rid, role).await {
+        Ok(caller) => handler(caller, rid.clone()).await,
+        Err(e) => Err(e),
+    };
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
 }
 
 /// The skeleton every signing route shares: request id, authentication (role `strategy`),
@@ -682,8 +709,7 @@ async fn create_pending<B: KeyBackend, S: Store>(
         expires_at,
         status: PendingStatus::Pending,
     };
-    let mut change = Change::new(caller.identity.to_string(), now);
-    change.request_id = Some(rid.to_owned());
+    let change = change_by(caller, rid, now);
     s.store
         .create_pending(pending, change)
         .await
@@ -1116,9 +1142,7 @@ async fn approve<B: KeyBackend, S: Store>(
     headers: HeaderMap,
     body: Result<ApiJson<wire::ApprovalSubmission>, ApiError>,
 ) -> Response {
-    let rid = request_id(&headers).unwrap_or_default();
-    let result: Result<Response, ApiError> = async {
-        let caller = authenticate(&s, peer, &rid, Role::Approver).await?;
+    role_route(&s, peer, &headers, Role::Approver, async |caller, rid| {
         let ApiJson(sub) = body?;
         let pid = RequestId::new(&id).map_err(|e| ApiError::bad_request("invalid_request_id", e.to_string()))?;
         let Some((pending, _)) = s.store.pending(pid.clone()).await.map_err(store_error)? else {
@@ -1175,9 +1199,8 @@ async fn approve<B: KeyBackend, S: Store>(
             .map_err(store_error)?;
         try_execute_pending(&s, &id).await?;
         status_of(&s, &id).await.map(|st| Json(st).into_response())
-    }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    })
+    .await
 }
 
 /// Re-evaluates a pending request with its approvals; signs when the policy now allows it.
@@ -1297,8 +1320,7 @@ async fn propose_operation<B: KeyBackend, S: Store>(
         expires_at,
         status: PendingStatus::Pending,
     };
-    let mut change = Change::new(caller.identity.to_string(), now);
-    change.request_id = Some(rid.to_owned());
+    let change = change_by(caller, rid, now);
     s.store
         .create_pending(pending, change)
         .await
@@ -1367,9 +1389,7 @@ async fn unfreeze<B: KeyBackend, S: Store>(
     headers: HeaderMap,
     body: Result<ApiJson<wire::AdminAction>, ApiError>,
 ) -> Response {
-    let rid = request_id(&headers).unwrap_or_default();
-    let result: Result<Response, ApiError> = async {
-        let caller = authenticate(&s, peer, &rid, Role::Admin).await?;
+    role_route(&s, peer, &headers, Role::Admin, async |caller, rid| {
         let ApiJson(a) = body?;
         if s.store.freeze_state().await.map_err(store_error)?.is_none() {
             return Err(ApiError::conflict("not_frozen", "signing is not frozen"));
@@ -1384,9 +1404,8 @@ async fn unfreeze<B: KeyBackend, S: Store>(
             json!({ "reason": a.reason }),
         )
         .await
-    }
-    .await;
-    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+    })
+    .await
 }
 
 async fn policy_reload<B: KeyBackend, S: Store>(
@@ -1394,9 +1413,7 @@ async fn policy_reload<B: KeyBackend, S: Store>(
     peer: Option<Extension<Peer>>,
     headers: HeaderMap,
 ) -> Response {
-    let rid = request_id(&headers).unwrap_or_default();
-    let result: Result<Response, ApiError> = async {
-        let caller = authenticate(&s, peer, &rid, Role::Admin).await?;
+    role_route(&s, peer, &headers, Role::Admin, async |caller, rid| {
         let candidate = s.read_policy_file()?;
         let current = s.policy().hash();
         if candidate.hash() == current {
@@ -1415,9 +1432,8 @@ async fn policy_reload<B: KeyBackend, S: Store>(
             json!({ "from": current, "to": candidate.hash() }),
         )
         .await
-    }
-    .await;
-    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+    })
+    .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1429,16 +1445,13 @@ async fn outcome<B: KeyBackend, S: Store>(
     headers: HeaderMap,
     body: Result<ApiJson<castellan_api::submitter::BundleOutcome>, ApiError>,
 ) -> Response {
-    let rid = request_id(&headers).unwrap_or_default();
-    let result: Result<Response, ApiError> = async {
-        let caller = authenticate(&s, peer, &rid, Role::Submitter).await?;
+    role_route(&s, peer, &headers, Role::Submitter, async |caller, rid| {
         let ApiJson(o) = body?;
         let kn = store::KeyName::new(&o.key_name)
             .map_err(|e| ApiError::bad_request("invalid_key_name", e.to_string()))?;
         let success = o.outcome == castellan_api::submitter::OutcomeKind::Included;
         let now = now_ms();
-        let mut change = Change::new(caller.identity.to_string(), now);
-        change.request_id = Some(rid.clone());
+        let change = change_by(&caller, &rid, now);
         let failures = s
             .store
             .record_key_result(kn.clone(), success, change.clone())
@@ -1478,9 +1491,8 @@ async fn outcome<B: KeyBackend, S: Store>(
             "breakerOpenUntil": tripped.then_some(after.breaker_open_until),
         }))
         .into_response())
-    }
-    .await;
-    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+    })
+    .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1624,20 +1636,16 @@ async fn freeze<B: KeyBackend, S: Store>(
     headers: HeaderMap,
     body: Result<ApiJson<wire::AdminAction>, ApiError>,
 ) -> Response {
-    let rid = request_id(&headers).unwrap_or_default();
-    let result: Result<Response, ApiError> = async {
-        let caller = authenticate(&s, peer, &rid, Role::Admin).await?;
+    role_route(&s, peer, &headers, Role::Admin, async |caller, rid| {
         let ApiJson(a) = body?;
-        let mut change = Change::new(caller.identity.to_string(), now_ms());
-        change.request_id = Some(rid.clone());
+        let change = change_by(&caller, &rid, now_ms());
         s.store
             .freeze(a.reason, change)
             .await
             .map_err(store_error)?;
         Ok(Json(json!({ "frozen": true })).into_response())
-    }
-    .await;
-    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+    })
+    .await
 }
 
 async fn revoke<B: KeyBackend, S: Store>(
@@ -1647,14 +1655,11 @@ async fn revoke<B: KeyBackend, S: Store>(
     headers: HeaderMap,
     body: Result<ApiJson<wire::AdminAction>, ApiError>,
 ) -> Response {
-    let rid = request_id(&headers).unwrap_or_default();
-    let result: Result<Response, ApiError> = async {
-        let caller = authenticate(&s, peer, &rid, Role::Admin).await?;
+    role_route(&s, peer, &headers, Role::Admin, async |caller, rid| {
         let ApiJson(a) = body?;
         let kn = store::KeyName::new(&name)
             .map_err(|e| ApiError::bad_request("invalid_key_name", e.to_string()))?;
-        let mut change = Change::new(caller.identity.to_string(), now_ms());
-        change.request_id = Some(rid.clone());
+        let change = change_by(&caller, &rid, now_ms());
         let revoked = s
             .store
             .revoke(kn, a.version, a.reason, change)
@@ -1671,9 +1676,8 @@ async fn revoke<B: KeyBackend, S: Store>(
             Json(json!({ "revoked": revoked.iter().map(ToString::to_string).collect::<Vec<_>>() }))
                 .into_response(),
         )
-    }
-    .await;
-    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+    })
+    .await
 }
 
 /// Re-reads the key registry and re-checks every signable version against its device (after a
@@ -1683,16 +1687,17 @@ async fn reload_keys<B: KeyBackend, S: Store>(
     peer: Option<Extension<Peer>>,
     headers: HeaderMap,
 ) -> Response {
-    let rid = request_id(&headers).unwrap_or_default();
-    let result: Result<Response, ApiError> = async {
-        let _caller = authenticate(&s, peer, &rid, Role::Admin).await?;
-        match s.self_check().await {
+    role_route(
+        &s,
+        peer,
+        &headers,
+        Role::Admin,
+        async |_caller, _rid| match s.self_check().await {
             Ok(n) => Ok(Json(json!({ "keys": n })).into_response()),
             Err(problem) => Err(ApiError::unavailable("self_check_failed", problem, 5)),
-        }
-    }
-    .await;
-    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+        },
+    )
+    .await
 }
 
 async fn pause<B: KeyBackend, S: Store>(
@@ -1702,9 +1707,7 @@ async fn pause<B: KeyBackend, S: Store>(
     headers: HeaderMap,
     body: Result<ApiJson<wire::AdminAction>, ApiError>,
 ) -> Response {
-    let rid = request_id(&headers).unwrap_or_default();
-    let result: Result<Response, ApiError> = async {
-        let caller = authenticate(&s, peer, &rid, Role::Admin).await?;
+    role_route(&s, peer, &headers, Role::Admin, async |caller, rid| {
         let ApiJson(a) = body?;
         let kn = store::KeyName::new(&name)
             .map_err(|e| ApiError::bad_request("invalid_key_name", e.to_string()))?;
@@ -1715,18 +1718,12 @@ async fn pause<B: KeyBackend, S: Store>(
             None => UnixMillis(u64::MAX / 2),
         };
         s.store
-            .pause_key(
-                kn,
-                until,
-                a.reason,
-                Change::new(caller.identity.to_string(), now),
-            )
+            .pause_key(kn, until, a.reason, change_by(&caller, &rid, now))
             .await
             .map_err(store_error)?;
         Ok(Json(json!({ "paused": name, "until": until.0 / 1000 })).into_response())
-    }
-    .await;
-    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+    })
+    .await
 }
 
 async fn resume<B: KeyBackend, S: Store>(
@@ -1735,19 +1732,16 @@ async fn resume<B: KeyBackend, S: Store>(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let rid = request_id(&headers).unwrap_or_default();
-    let result: Result<Response, ApiError> = async {
-        let caller = authenticate(&s, peer, &rid, Role::Admin).await?;
+    role_route(&s, peer, &headers, Role::Admin, async |caller, rid| {
         let kn = store::KeyName::new(&name)
             .map_err(|e| ApiError::bad_request("invalid_key_name", e.to_string()))?;
         s.store
-            .unpause_key(kn, Change::new(caller.identity.to_string(), now_ms()))
+            .unpause_key(kn, change_by(&caller, &rid, now_ms()))
             .await
             .map_err(store_error)?;
         Ok(Json(json!({ "resumed": name })).into_response())
-    }
-    .await;
-    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+    })
+    .await
 }
 
 #[derive(serde::Deserialize)]
@@ -1765,9 +1759,7 @@ async fn audit_export<B: KeyBackend, S: Store>(
     headers: HeaderMap,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let rid = request_id(&headers).unwrap_or_default();
-    let result: Result<Response, ApiError> = async {
-        let _caller = authenticate(&s, peer, &rid, Role::Auditor).await?;
+    role_route(&s, peer, &headers, Role::Auditor, async |_caller, _rid| {
         let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
         let records = s
             .store
@@ -1783,9 +1775,8 @@ async fn audit_export<B: KeyBackend, S: Store>(
             out.push('\n');
         }
         Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response())
-    }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    })
+    .await
 }
 
 #[cfg(test)]
