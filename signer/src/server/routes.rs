@@ -606,7 +606,19 @@ pub(super) async fn run<B: KeyBackend, S: Store>(
         Verdict::NeedsApprovals => {
             create_pending(s, caller, name, rid, &job, digest, &decision, now).await
         }
-        Verdict::Allow => execute(s, caller, &key, rid, job, digest, &decision, now).await,
+        Verdict::Allow => {
+            execute(
+                s,
+                caller,
+                &key,
+                rid,
+                job,
+                (digest, payload_digest),
+                &decision,
+                now,
+            )
+            .await
+        }
     }
 }
 
@@ -736,7 +748,7 @@ async fn execute<B: KeyBackend, S: Store>(
     key: &LiveKey,
     rid: &str,
     job: Job,
-    digest: B256,
+    (digest, payload_digest): (B256, B256),
     decision: &policy::Decision,
     now: UnixMillis,
 ) -> Result<Signed, ApiError> {
@@ -763,7 +775,7 @@ async fn execute<B: KeyBackend, S: Store>(
         "key": key.record.version.to_string(),
         "address": key.record.address.to_checksum(None),
         "requestDigest": digest,
-        "payloadDigest": job.payload_digest()?,
+        "payloadDigest": payload_digest,
         "decision": decision.code.as_str(),
         "reason": decision.reason,
         "policyHash": policy.hash(),
