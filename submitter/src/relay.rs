@@ -478,8 +478,7 @@ impl Relay {
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .map(str::to_owned);
         let bytes = match response.bytes().await {
             Ok(b) => b,
             Err(e) => {
@@ -491,60 +490,12 @@ impl Relay {
                 return (failed(&reason, Some(started.elapsed()), false), None);
             }
         };
-        let latency = started.elapsed();
-        if status.as_u16() == 429 {
-            return (
-                SendResult::Throttled {
-                    retry_after,
-                    latency,
-                },
-                None,
-            );
-        }
-        if status.is_server_error() {
-            return (
-                SendResult::Failed {
-                    reason: format!("HTTP {}: {}", status.as_u16(), wire::snippet(&bytes)),
-                    latency: Some(latency),
-                    transient: true,
-                },
-                None,
-            );
-        }
-        match wire::parse_answer(&bytes) {
-            RpcAnswer::Result { hash, value } => (
-                SendResult::Accepted {
-                    hash,
-                    response: wire::snippet(&bytes),
-                    latency,
-                },
-                Some(value),
-            ),
-            // FlowProxy reports its rate limit as a JSON-RPC error too.
-            RpcAnswer::Error { message, .. } if message == "Rate limited" => (
-                SendResult::Throttled {
-                    retry_after,
-                    latency,
-                },
-                None,
-            ),
-            RpcAnswer::Error { code, message } => (
-                SendResult::Rejected {
-                    code,
-                    message: format!("{}{message}", status_prefix(status)),
-                    latency,
-                },
-                None,
-            ),
-            RpcAnswer::Garbage(text) => (
-                SendResult::Failed {
-                    reason: format!("unparseable answer (HTTP {}): {text}", status.as_u16()),
-                    latency: Some(latency),
-                    transient: false,
-                },
-                None,
-            ),
-        }
+        classify_answer(
+            status.as_u16(),
+            retry_after.as_deref(),
+            &bytes,
+            started.elapsed(),
+        )
     }
 
     async fn send_raw_txs(&self, txs: &[Bytes]) -> SendResult {
@@ -662,6 +613,77 @@ impl SignatureCache {
     }
 }
 
+/// What a relay's HTTP answer means: its status, `Retry-After` header (when present and text) and
+/// body, classified into a [`SendResult`] and the JSON-RPC `result` value (only when accepted).
+///
+/// Pure (no I/O): every relay answer goes through it, and the fuzz target `relay_response` and
+/// `submitter/tests/prop_relay.rs` feed it hostile answers. 429 (or a JSON-RPC `Rate limited`
+/// error) is `Throttled`, 5xx a transient `Failed`, a JSON-RPC `result` `Accepted`, an `error`
+/// `Rejected`, anything else a non-transient `Failed`.
+pub fn classify_answer(
+    status: u16,
+    retry_after: Option<&str>,
+    body: &[u8],
+    latency: Duration,
+) -> (SendResult, Option<Value>) {
+    let retry_after = retry_after
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    if status == 429 {
+        return (
+            SendResult::Throttled {
+                retry_after,
+                latency,
+            },
+            None,
+        );
+    }
+    if (500..600).contains(&status) {
+        return (
+            SendResult::Failed {
+                reason: format!("HTTP {status}: {}", wire::snippet(body)),
+                latency: Some(latency),
+                transient: true,
+            },
+            None,
+        );
+    }
+    match wire::parse_answer(body) {
+        RpcAnswer::Result { hash, value } => (
+            SendResult::Accepted {
+                hash,
+                response: wire::snippet(body),
+                latency,
+            },
+            Some(value),
+        ),
+        // FlowProxy reports its rate limit as a JSON-RPC error too.
+        RpcAnswer::Error { message, .. } if message == "Rate limited" => (
+            SendResult::Throttled {
+                retry_after,
+                latency,
+            },
+            None,
+        ),
+        RpcAnswer::Error { code, message } => (
+            SendResult::Rejected {
+                code,
+                message: format!("{}{message}", status_prefix(status)),
+                latency,
+            },
+            None,
+        ),
+        RpcAnswer::Garbage(text) => (
+            SendResult::Failed {
+                reason: format!("unparseable answer (HTTP {status}): {text}"),
+                latency: Some(latency),
+                transient: false,
+            },
+            None,
+        ),
+    }
+}
+
 fn failed(reason: &str, latency: Option<Duration>, transient: bool) -> SendResult {
     SendResult::Failed {
         reason: reason.to_owned(),
@@ -670,11 +692,11 @@ fn failed(reason: &str, latency: Option<Duration>, transient: bool) -> SendResul
     }
 }
 
-fn status_prefix(status: reqwest::StatusCode) -> String {
-    if status.is_success() {
+fn status_prefix(status: u16) -> String {
+    if (200..300).contains(&status) {
         String::new()
     } else {
-        format!("HTTP {}: ", status.as_u16())
+        format!("HTTP {status}: ")
     }
 }
 
