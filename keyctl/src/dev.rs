@@ -8,6 +8,13 @@
 //! <dir>/policy.toml signer.toml submitter.toml keyctl.toml
 //! ```
 //!
+//! Ports: the signer's mTLS API on `--port` P, the submitter's mTLS API on P+1, the submitter's
+//! metrics on P+2 and the signer's metrics on P+3. The signer forwards signed bundles to the
+//! submitter over mTLS (the `signer-client` certificate); the submitter asks the signer for
+//! relay-auth signatures and reports outcomes with the `submitter-client` certificate. The
+//! submitter routes to the node's `rpc` relay (opt-in, named per request) and, with
+//! `--builder-url`, to a Flashbots-format builder (in the default selection).
+//!
 //! Every Ethereum key — the trading key, the relay-auth key and the three approvers' EIP-712
 //! keys — is generated on the token. The approver keys are NOT registered in the signer's store:
 //! they are the approvers' own keys (the signer must never be able to sign as an approver);
@@ -45,8 +52,62 @@ const SUBMITTER: &str = "spiffe://castellan/submitter";
 const SIGNER_CLIENT: &str = "spiffe://castellan/signer";
 const APPROVERS: [&str; 3] = ["approver-1", "approver-2", "approver-3"];
 
+/// Ports and endpoints of a development appliance (`keyctl dev init` and `dev provision`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DevOptions {
+    /// The signer's port; the submitter's API gets the next one, the submitter's metrics the one
+    /// after, the signer's metrics the third.
+    #[arg(long, default_value_t = 8443)]
+    pub port: u16,
+    /// The Ethereum node (JSON-RPC over HTTP) of the submitter's head tracking and `rpc` relay,
+    /// and of the signer's read-only JSON-RPC methods.
+    #[arg(long, default_value = "http://127.0.0.1:8545")]
+    pub node_url: String,
+    /// A Flashbots-format builder (`eth_sendBundle` with `X-Flashbots-Signature`) for the
+    /// submitter's default relay selection.
+    #[arg(long)]
+    pub builder_url: Option<String>,
+}
+
+impl DevOptions {
+    fn args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--port".to_owned(),
+            self.port.to_string(),
+            "--node-url".to_owned(),
+            self.node_url.clone(),
+        ];
+        if let Some(b) = &self.builder_url {
+            a.push("--builder-url".to_owned());
+            a.push(b.clone());
+        }
+        a
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.port == 0 || self.port > u16::MAX - 3 {
+            bail!("--port must be between 1 and {}", u16::MAX - 3);
+        }
+        for (flag, url) in [
+            ("--node-url", Some(&self.node_url)),
+            ("--builder-url", self.builder_url.as_ref()),
+        ] {
+            if let Some(url) = url {
+                let u = reqwest::Url::parse(url).with_context(|| format!("{flag} {url:?}"))?;
+                if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                    bail!("{flag} {url:?} must be an http(s) URL with a host");
+                }
+                if url.contains(['"', '\\', '\n']) {
+                    bail!("{flag} {url:?} contains a quote, backslash or newline");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `keyctl dev init <dir>`.
-pub fn init(g: &Globals, dir: &Path, module: &Path, port: u16) -> anyhow::Result<Report> {
+pub fn init(g: &Globals, dir: &Path, module: &Path, opts: &DevOptions) -> anyhow::Result<Report> {
     if !module.is_file() {
         bail!("PKCS#11 module {} does not exist", module.display());
     }
@@ -58,9 +119,8 @@ pub fn init(g: &Globals, dir: &Path, module: &Path, port: u16) -> anyhow::Result
     {
         bail!("{} exists and is not empty", dir.display());
     }
-    if port == 0 || port > u16::MAX - 2 {
-        bail!("--port must be between 1 and {}", u16::MAX - 2);
-    }
+    opts.check()?;
+    let port = opts.port;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let tls = dir.join("tls");
@@ -125,7 +185,7 @@ pub fn init(g: &Globals, dir: &Path, module: &Path, port: u16) -> anyhow::Result
         .arg("--json")
         .args(["dev", "provision"])
         .arg(&dir)
-        .args(["--port", &port.to_string()])
+        .args(opts.args())
         .env("SOFTHSM2_CONF", &conf)
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -143,8 +203,11 @@ pub fn init(g: &Globals, dir: &Path, module: &Path, port: u16) -> anyhow::Result
     // The store holds the audit chain and approvals: not for other users.
     set_mode(&dir.join("signer.db"), 0o600)?;
     let text = format!(
-        "development appliance in {d}\n{keys}\nstart it:\n  SOFTHSM2_CONF={d}/softhsm2.conf signer --config {d}/signer.toml\n  submitter --config {d}/submitter.toml\noperate it:\n  keyctl --config {d}/keyctl.toml status",
+        "development appliance in {d}\n{keys}\nstart it (the node at {node} first):\n  submitter --config {d}/submitter.toml\n  SOFTHSM2_CONF={d}/softhsm2.conf signer --config {d}/signer.toml\noperate it:\n  keyctl --config {d}/keyctl.toml status\nmetrics: http://127.0.0.1:{sm}/metrics (signer), http://127.0.0.1:{bm}/metrics (submitter)",
         d = dir.display(),
+        node = opts.node_url,
+        sm = u32::from(port) + 3,
+        bm = u32::from(port) + 2,
         keys = provisioned
             .get("keys")
             .and_then(Value::as_array)
@@ -161,7 +224,9 @@ pub fn init(g: &Globals, dir: &Path, module: &Path, port: u16) -> anyhow::Result
     );
     Ok(Report::new(
         text,
-        json!({"dir": dir, "signerPort": port, "keys": provisioned.get("keys"),
+        json!({"dir": dir, "signerPort": port, "submitterPort": u32::from(port) + 1,
+               "submitterMetricsPort": u32::from(port) + 2, "signerMetricsPort": u32::from(port) + 3,
+               "keys": provisioned.get("keys"),
                "keyctlConfig": dir.join("keyctl.toml"),
                "signerConfig": dir.join("signer.toml")}),
     ))
@@ -173,8 +238,9 @@ pub async fn provision(
     c: &KeyctlConfig,
     g: &Globals,
     dir: &Path,
-    port: u16,
+    opts: &DevOptions,
 ) -> anyhow::Result<Report> {
+    opts.check()?;
     let dir = dir.canonicalize()?;
     let backend = ops::open_backend(c).await?;
     let store = SqliteStore::open(&c.store.path)
@@ -210,11 +276,13 @@ pub async fn provision(
     let BackendConfig::Pkcs11(p) = &c.backend else {
         bail!("dev provision needs a pkcs11 backend");
     };
-    let signer = signer_toml(&dir, p, port);
+    let signer = signer_toml(&dir, p, opts);
     SignerConfig::parse(&signer, "signer.toml")
         .map_err(|e| anyhow::anyhow!("the generated signer.toml does not load: {e}"))?;
     std::fs::write(dir.join("signer.toml"), signer)?;
-    std::fs::write(dir.join("submitter.toml"), submitter_toml(&dir, port))?;
+    let submitter = submitter_toml(&dir, opts);
+    castellan_submitter_config_check(&submitter)?;
+    std::fs::write(dir.join("submitter.toml"), submitter)?;
     Ok(Report::new("provisioned", json!({ "keys": keys })))
 }
 
@@ -303,7 +371,8 @@ fn keyctl_toml(d: &Path, module: &Path, port: u16) -> String {
         r#"# keyctl.toml — written by `keyctl dev init` for a DEVELOPMENT appliance.
 operator = "{ADMIN}"
 policy = "{d}/policy.toml"
-submitter_url = "http://127.0.0.1:{sub}"
+# For `keyctl status` (reachability of the submitter's mTLS API).
+submitter_url = "https://localhost:{sub}"
 # keyctl runs itself with SOFTHSM2_CONF set to this file (development only).
 softhsm2_conf = "{d}/softhsm2.conf"
 rotate_grace = "24h"
@@ -412,7 +481,8 @@ operation = "policy_change"
     )
 }
 
-fn signer_toml(d: &Path, p: &Pkcs11Config, port: u16) -> String {
+fn signer_toml(d: &Path, p: &Pkcs11Config, opts: &DevOptions) -> String {
+    let port = opts.port;
     let t = d.join("tls");
     let mut s = format!(
         r#"# signer.toml — written by `keyctl dev init` for a DEVELOPMENT appliance.
@@ -476,10 +546,18 @@ checkpoint_every = 1000
 [limits]
 pending_ttl = "15m"
 
-# The submitter's API is plain HTTP on loopback until its mTLS layer lands; then add:
-# [submitter]
-# url = "https://localhost:{sub}"
-# tls = {stls}
+# Signed bundles and /rpc transactions go to the submitter over mTLS.
+[submitter]
+url = "https://localhost:{sub}"
+tls = {stls}
+timeout = "5s"
+
+# Read-only JSON-RPC methods on /rpc are forwarded to the node.
+[upstream]
+url = "{node}"
+
+[metrics]
+listen = "127.0.0.1:{metrics}"
 
 [hardening]
 allow_root = {root}
@@ -490,27 +568,50 @@ no_mlock = true
         d = d.display(),
         sub = port + 1,
         stls = tls_block(d, "signer-client"),
+        node = opts.node_url,
+        metrics = u32::from(port) + 3,
         root = running_as_root(),
     ));
     s
 }
 
-fn submitter_toml(d: &Path, port: u16) -> String {
-    format!(
-        r#"# submitter.toml — written by `keyctl dev init` for a DEVELOPMENT appliance (anvil at :8545).
+fn submitter_toml(d: &Path, opts: &DevOptions) -> String {
+    let port = opts.port;
+    let t = d.join("tls");
+    let mut s = format!(
+        r#"# submitter.toml — written by `keyctl dev init` for a DEVELOPMENT appliance.
+# Start: submitter --config {d}/submitter.toml
 [api]
 listen = "127.0.0.1:{sub}"
 metrics_listen = "127.0.0.1:{metrics}"
 max_body_bytes = 1048576
 
+[tls]
+cert = "{t}/submitter.pem"
+key = "{t}/submitter.key"
+client_ca = "{t}/ca.pem"
+
+[[identities]]
+identity = "{SIGNER_CLIENT}"
+roles = ["signer"]
+
+[[identities]]
+identity = "{ADMIN}"
+roles = ["admin", "auditor"]
+
+[[identities]]
+identity = "{AUDITOR}"
+roles = ["auditor"]
+
 [chain]
 chain_id = {DEV_CHAIN_ID}
-node_url = "http://127.0.0.1:8545"
+node_url = "{node}"
 poll_interval_ms = 250
 confirmations = 1
 max_block_range = 64
 node_timeout_ms = 2000
 
+# Relay-auth signatures (X-Flashbots-Signature) and outcome reports, from the signer.
 [signer]
 url = "https://localhost:{port}"
 tls = {tls}
@@ -523,15 +624,38 @@ failure_threshold = 3
 cooldown_ms = 5000
 ewma_alpha = 0.2
 
+# The node itself, public mempool: used only when a request names it ("relays": ["mempool"]).
 [[relay]]
 name = "mempool"
 kind = "rpc"
-url = "http://127.0.0.1:8545"
+url = "{node}"
 enabled = true
 "#,
-        sub = port + 1,
-        metrics = port + 2,
+        sub = u32::from(port) + 1,
+        metrics = u32::from(port) + 2,
+        t = t.display(),
         tls = tls_block(d, "submitter-client"),
+        node = opts.node_url,
         d = d.display(),
-    )
+    );
+    if let Some(builder) = &opts.builder_url {
+        s.push_str(&format!(
+            r#"
+# A Flashbots-format builder (requests signed with the relay-auth key), in the default selection.
+[[relay]]
+name = "builder"
+kind = "builder"
+url = "{builder}"
+sign = true
+"#
+        ));
+    }
+    s
+}
+
+/// The generated submitter.toml must load (parsed with the submitter's own rules).
+fn castellan_submitter_config_check(text: &str) -> anyhow::Result<()> {
+    castellan_submitter::config::Config::parse(text)
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("the generated submitter.toml does not load: {e}"))
 }

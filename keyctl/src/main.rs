@@ -152,18 +152,16 @@ enum DevCommand {
         /// The PKCS#11 module (SoftHSM).
         #[arg(long, env = "CASTELLAN_PKCS11_MODULE")]
         module: PathBuf,
-        /// The signer's port (the submitter gets the next two).
-        #[arg(long, default_value_t = 8443)]
-        port: u16,
+        #[command(flatten)]
+        opts: dev::DevOptions,
     },
     /// (internal) Generate and register the keys of a dev appliance; run by `dev init`.
     #[command(hide = true)]
     Provision {
         /// The directory.
         dir: PathBuf,
-        /// The signer's port.
-        #[arg(long)]
-        port: u16,
+        #[command(flatten)]
+        opts: dev::DevOptions,
     },
 }
 
@@ -405,8 +403,8 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
                 json!({ "completions": String::from_utf8_lossy(&out) }),
             ));
         }
-        Command::Dev(DevCommand::Init { dir, module, port }) => {
-            return dev::init(&g, dir, module, *port);
+        Command::Dev(DevCommand::Init { dir, module, opts }) => {
+            return dev::init(&g, dir, module, opts);
         }
         Command::Policy(PolicyCommand::Check { file, strict }) => {
             return policy_lint::check(file, *strict);
@@ -436,7 +434,9 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
 
 async fn dispatch(command: Command, c: &KeyctlConfig, g: &Globals) -> anyhow::Result<Report> {
     match command {
-        Command::Dev(DevCommand::Provision { dir, port }) => dev::provision(c, g, &dir, port).await,
+        Command::Dev(DevCommand::Provision { dir, opts }) => {
+            dev::provision(c, g, &dir, &opts).await
+        }
         Command::Init { softhsm_label } => ops::init(c, g, softhsm_label.as_deref()).await,
         Command::Keys(KeysCommand::Generate { name, rotate_every }) => {
             ops::keys_generate(c, g, &name, rotate_every.as_deref()).await
