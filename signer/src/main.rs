@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use castellan_api::serve::{Refusal, ServeOptions, serve_mtls, watch_tls_reload};
 use castellan_api::tls::ReloadableServerConfig;
 use castellan_policy::Policy;
+use castellan_signer::audit::UnixMillis;
 use castellan_signer::backend::any::AnyBackend;
 use castellan_signer::config::{BackendConfig, SignerConfig};
 use castellan_signer::server::rpc::Upstream;
@@ -122,18 +123,21 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding metrics {}", m.listen))?;
             println!("signer metrics on {}", listener.local_addr()?);
-            let metrics = signer.metrics().clone();
+            let scraped = signer.clone();
             let app = axum::Router::new().route(
                 "/metrics",
                 axum::routing::get(move || {
-                    let metrics = metrics.clone();
+                    let s = scraped.clone();
                     async move {
+                        // State gauges are read from the backend and the store at each scrape.
+                        let m = s.metrics();
+                        m.refresh(s.is_ready(), s.store(), UnixMillis::now()).await;
                         (
                             [(
                                 axum::http::header::CONTENT_TYPE,
                                 "text/plain; version=0.0.4; charset=utf-8",
                             )],
-                            metrics.render(),
+                            m.render(),
                         )
                     }
                 }),

@@ -1,6 +1,10 @@
 //! Prometheus metrics of the signer (prometheus-client), served as text on a separate plain
 //! listener (`[metrics] listen`): requests by route and answer code, whole-request latency,
-//! readiness and the global freeze.
+//! readiness and the global freeze, the approval backlog and overdue rotations.
+//!
+//! The state gauges (ready, frozen, backlog, rotation) are read from the backend and the store
+//! at each scrape ([`Metrics::refresh`]), so they are right whichever process or route changed
+//! the state (another replica's freeze, `keyctl` working on the store directly).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -11,6 +15,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::audit::UnixMillis;
+use crate::store::Store;
 
 /// Labels of an answered request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +56,16 @@ pub struct Metrics {
     pub frozen: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Connections refused before any request (TLS failures).
     pub tls_refusals: Counter<u64, AtomicU64>,
+    /// Requests waiting for approvals (pending, not expired).
+    pub pending_approvals: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Age of the oldest request waiting for approvals, seconds (0 when none waits).
+    pub oldest_pending_seconds: Gauge<f64, AtomicU64>,
+    /// Active key versions whose rotation period has elapsed.
+    pub rotation_due: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// How long past its rotation date the most overdue active version is, seconds (0 if none).
+    pub rotation_overdue_seconds: Gauge<f64, AtomicU64>,
+    /// State reads at scrape time that failed (the store did not answer).
+    pub scrape_errors: Counter<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -88,6 +105,36 @@ impl Metrics {
             "Connections refused at the TLS handshake",
             tls_refusals.clone(),
         );
+        let pending_approvals = Gauge::default();
+        registry.register(
+            "pending_approvals",
+            "Requests waiting for approvals (pending, not expired)",
+            pending_approvals.clone(),
+        );
+        let oldest_pending_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "oldest_pending_seconds",
+            "Age of the oldest request waiting for approvals (0 when none)",
+            oldest_pending_seconds.clone(),
+        );
+        let rotation_due = Gauge::default();
+        registry.register(
+            "keys_rotation_due",
+            "Active key versions whose rotation period has elapsed",
+            rotation_due.clone(),
+        );
+        let rotation_overdue_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "rotation_overdue_seconds",
+            "Seconds the most overdue active version is past its rotation date (0 if none)",
+            rotation_overdue_seconds.clone(),
+        );
+        let scrape_errors = Counter::default();
+        registry.register(
+            "scrape_errors",
+            "State reads at scrape time that failed (store unavailable)",
+            scrape_errors.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             requests,
@@ -95,6 +142,53 @@ impl Metrics {
             ready,
             frozen,
             tls_refusals,
+            pending_approvals,
+            oldest_pending_seconds,
+            rotation_due,
+            rotation_overdue_seconds,
+            scrape_errors,
+        }
+    }
+
+    /// Reads the state gauges from the backend's health (`ready`) and the store (freeze,
+    /// approval backlog, rotations due) as of `now`. A store read that fails leaves its gauges
+    /// as they were and counts a scrape error.
+    pub async fn refresh<S: Store>(&self, ready: bool, store: &S, now: UnixMillis) {
+        self.ready.set(i64::from(ready));
+        let mut failed = false;
+        match store.freeze_state().await {
+            Ok(f) => {
+                self.frozen.set(i64::from(f.is_some()));
+            }
+            Err(_) => failed = true,
+        }
+        match store.pending_backlog(now).await {
+            Ok((count, oldest)) => {
+                self.pending_approvals
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+                self.oldest_pending_seconds
+                    .set(oldest.map_or(0.0, |t| seconds_between(t, now)));
+            }
+            Err(_) => failed = true,
+        }
+        match store.keys_due_for_rotation(now).await {
+            Ok(due) => {
+                self.rotation_due
+                    .set(i64::try_from(due.len()).unwrap_or(i64::MAX));
+                let overdue = due
+                    .iter()
+                    .filter_map(|r| {
+                        let since = r.activated_at.unwrap_or(r.created_at);
+                        r.rotate_every_ms
+                            .map(|every| seconds_between(since.plus_ms(every), now))
+                    })
+                    .fold(0.0, f64::max);
+                self.rotation_overdue_seconds.set(overdue);
+            }
+            Err(_) => failed = true,
+        }
+        if failed {
+            self.scrape_errors.inc();
         }
     }
 
@@ -106,6 +200,11 @@ impl Metrics {
         }
         out
     }
+}
+
+fn seconds_between(from: UnixMillis, to: UnixMillis) -> f64 {
+    // Millisecond counts far below 2^53: exact in f64.
+    to.0.saturating_sub(from.0) as f64 / 1000.0
 }
 
 #[cfg(test)]

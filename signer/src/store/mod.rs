@@ -976,6 +976,13 @@ pub trait Store: Send + Sync + 'static {
         id: RequestId,
     ) -> impl Future<Output = Result<Option<(PendingRequest, Vec<Approval>)>, StoreError>> + Send;
 
+    /// Requests still waiting for approvals at `now` (pending, not expired): how many, and when
+    /// the oldest was created (for the approval-backlog metrics).
+    fn pending_backlog(
+        &self,
+        now: UnixMillis,
+    ) -> impl Future<Output = Result<(u64, Option<UnixMillis>), StoreError>> + Send;
+
     /// Moves a pending request to another status.
     fn set_pending_status(
         &self,

@@ -772,6 +772,23 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn pending_backlog(
+        &self,
+        now: UnixMillis,
+    ) -> Result<(u64, Option<UnixMillis>), StoreError> {
+        let now = ms(now)?;
+        self.read(move |c| {
+            let (count, oldest) = c.query_row(
+                "SELECT count(*), min(created_at) FROM pending
+                 WHERE status = 'pending' AND expires_at > ?1",
+                [now],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?)),
+            )?;
+            Ok((u64::try_from(count).unwrap_or(0), oldest.map(from_ms)))
+        })
+        .await
+    }
+
     async fn pending(
         &self,
         id: RequestId,
