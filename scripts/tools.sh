@@ -17,6 +17,8 @@ need_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok
 need_pkg softhsm2
 need_pkg opensc
 need_pkg stunnel4
+# promtool (scripts/test checks the Prometheus alert rules with it).
+command -v promtool >/dev/null || need_pkg prometheus
 if [ "${#apt_missing[@]}" -gt 0 ]; then
   echo "==> apt-get install ${apt_missing[*]}"
   as_root apt-get update -qq
