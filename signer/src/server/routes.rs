@@ -577,6 +577,12 @@ pub(super) async fn run<B: KeyBackend, S: Store>(
         s.audit_refusal(rid, caller.identity.as_str(), &e).await;
         Err::<Signed, ApiError>(e)
     };
+    // `name@N` names one version: the active one, or a retiring one, which the policy lets sign
+    // only what its retiring rules allow (a sweep to the successor's address).
+    let (name, version) = match name.split_once('@') {
+        Some((n, v)) => (n, Some(v)),
+        None => (name, None),
+    };
     if !caller.grants.may_use(name) {
         return refuse(ApiError::forbidden(
             "key_not_allowed",
@@ -584,14 +590,21 @@ pub(super) async fn run<B: KeyBackend, S: Store>(
         ))
         .await;
     }
-    let Some(key) = s.active_key(name) else {
-        return refuse(no_active_key(s, name).await).await;
+    let (key, key_status) = match version {
+        None => match s.active_key(name) {
+            Some(k) => (k, policy::KeyStatus::Active),
+            None => return refuse(no_active_key(s, name).await).await,
+        },
+        Some(v) => match live_version(s, name, v) {
+            Ok(k) => k,
+            Err(e) => return refuse(e).await,
+        },
     };
     let payload_digest = job.payload_digest()?;
     let digest = request_digest(rid, name, caller.identity.as_str(), payload_digest);
     let request = policy::Request {
         key: policy::KeyName::new(name),
-        key_status: policy::KeyStatus::Active,
+        key_status,
         client: policy::ClientId::new(caller.identity.as_str()),
         digest,
         kind: job.policy_kind()?,
@@ -604,7 +617,8 @@ pub(super) async fn run<B: KeyBackend, S: Store>(
         // A pending request re-evaluated with the approvals so far: still waiting.
         Verdict::NeedsApprovals if !approvals.is_empty() => Ok((StatusCode::ACCEPTED, Value::Null)),
         Verdict::NeedsApprovals => {
-            create_pending(s, caller, name, rid, &job, digest, &decision, now).await
+            let named = (name, version);
+            create_pending(s, caller, named, rid, &job, digest, &decision, now).await
         }
         Verdict::Allow => {
             execute(
@@ -620,6 +634,56 @@ pub(super) async fn run<B: KeyBackend, S: Store>(
             .await
         }
     }
+}
+
+/// The live version `name@v` and the status the policy judges it in: active, or retiring with
+/// its successor's address. Anything else (unknown, pending, retired, revoked) is refused.
+fn live_version<B: KeyBackend, S: Store>(
+    s: &Signer<B, S>,
+    name: &str,
+    v: &str,
+) -> Result<(LiveKey, policy::KeyStatus), ApiError> {
+    let Some(v) = v.parse::<u32>().ok().filter(|v| *v >= 1) else {
+        return Err(ApiError::bad_request(
+            "invalid_key_name",
+            format!("key version {name}@{v:?} must be name@N"),
+        ));
+    };
+    let keys = match s.keys.read() {
+        Ok(k) => k,
+        Err(p) => p.into_inner(),
+    };
+    let versions = keys.get(name).map(Vec::as_slice).unwrap_or_default();
+    let Some(key) = versions.iter().find(|k| k.record.version.version == v) else {
+        return Err(ApiError::conflict(
+            "key_not_signable",
+            format!("{name}@{v} is neither active nor retiring"),
+        ));
+    };
+    let status = match &key.record.status {
+        store::KeyStatus::Active => policy::KeyStatus::Active,
+        store::KeyStatus::Retiring { successor, .. } => {
+            let Some(succ) = versions
+                .iter()
+                .find(|k| k.record.version.version == *successor)
+            else {
+                return Err(ApiError::conflict(
+                    "key_not_signable",
+                    format!("{name}@{v} is retiring but its successor @{successor} is not live"),
+                ));
+            };
+            policy::KeyStatus::Retiring {
+                successor: succ.record.address,
+            }
+        }
+        other => {
+            return Err(ApiError::conflict(
+                "key_not_signable",
+                format!("{name}@{v} is {}", other.state()),
+            ));
+        }
+    };
+    Ok((key.clone(), status))
 }
 
 /// Why a key has no version that may sign: revoked (409), no such key (404), or none active.
@@ -686,7 +750,7 @@ fn policy_error(d: &policy::Decision) -> ApiError {
 async fn create_pending<B: KeyBackend, S: Store>(
     s: &Signer<B, S>,
     caller: &Caller,
-    name: &str,
+    (name, version): (&str, Option<&str>),
     rid: &str,
     job: &Job,
     digest: B256,
@@ -698,7 +762,7 @@ async fn create_pending<B: KeyBackend, S: Store>(
             ApiError::internal("policy asked for approvals without naming a tier")
         })?;
     let expires_at = now.plus_ms(s.pending_ttl_ms);
-    let request_json = match job {
+    let mut request_json = match job {
         Job::Transaction(tx) => json!({ "kind": "transaction", "tx": tx }),
         Job::Message(m) => json!({ "kind": "personal_message", "message": Bytes::from(m.clone()) }),
         Job::TypedData(t) => json!({ "kind": "typed_data", "typedData": t }),
@@ -708,6 +772,10 @@ async fn create_pending<B: KeyBackend, S: Store>(
             json!({ "kind": "bundle", "bundle": req })
         }
     };
+    if let (Some(v), Some(o)) = (version, request_json.as_object_mut()) {
+        // Executed with the version it named once approved.
+        o.insert("keyVersion".into(), json!(v));
+    }
     let pending = PendingRequest {
         id: RequestId::new(rid)
             .map_err(|e| ApiError::bad_request("invalid_request_id", e.to_string()))?,
@@ -792,7 +860,9 @@ async fn execute<B: KeyBackend, S: Store>(
         identity: caller.identity.to_string(),
         at: now,
         digest,
-        allow_retiring: false,
+        // `run` resolves a retiring version only for a request that named it, and the policy
+        // judged it as retiring (its retiring rules) before allowing it.
+        allow_retiring: matches!(key.record.status, store::KeyStatus::Retiring { .. }),
         reservations,
         details,
     };
@@ -1277,7 +1347,10 @@ async fn try_execute_pending<B: KeyBackend, S: Store>(
                 )
             })?,
     };
-    let name = pending.key.to_string();
+    let name = match pending.request.get("keyVersion").and_then(Value::as_str) {
+        Some(v) => format!("{}@{v}", pending.key),
+        None => pending.key.to_string(),
+    };
     let (status, _) = run(s, &caller, &name, id, job, signed).await?;
     if status == StatusCode::OK {
         s.store
