@@ -89,8 +89,8 @@ pub fn names_used() -> Result<Vec<(String, &'static str)>, String> {
 }
 
 /// The sample names a Prometheus (or OpenMetrics) text exposition can answer queries for,
-/// derived from its `# TYPE` lines (so a metric with no sample yet still counts) and its
-/// sample lines: a counter `x` is queried as `x_total`, a histogram as `x_bucket`, `x_sum` and
+/// derived from its `# TYPE` lines and its sample lines (prometheus-client writes nothing for a
+/// labelled family without samples: scrape after the traffic that creates them): a counter `x` is queried as `x_total`, a histogram as `x_bucket`, `x_sum` and
 /// `x_count`.
 pub fn exported_names(exposition: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
