@@ -80,7 +80,8 @@ impl FromStr for Quantity {
     type Err = QuantityError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let v = if let Some(hex) = s.strip_prefix("0x") {
-            if hex.is_empty() || hex.len() > 16 {
+            // Hex digits only: `from_str_radix` alone would take a leading `+`.
+            if hex.is_empty() || hex.len() > 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(QuantityError(s.to_owned()));
             }
             u64::from_str_radix(hex, 16)
@@ -115,7 +116,8 @@ impl FromStr for Wei {
     type Err = QuantityError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parsed = if let Some(hex) = s.strip_prefix("0x") {
-            if hex.is_empty() {
+            // Hex digits only: ruint's `from_str_radix` skips `_`, so `"0x_"` would be zero.
+            if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(QuantityError(s.to_owned()));
             }
             U256::from_str_radix(hex, 16)
@@ -453,6 +455,11 @@ mod tests {
             " 1",
         ] {
             assert!(bad.parse::<Quantity>().is_err(), "{bad}");
+        }
+        // Found by api/tests/prop_decode.rs: `from_str_radix` takes `+` and ruint skips `_`.
+        for bad in ["0x+1", "0x_", "0x1_0", "0x 1", "+1", "1_0"] {
+            assert!(bad.parse::<Quantity>().is_err(), "{bad}");
+            assert!(bad.parse::<Wei>().is_err(), "{bad}");
         }
         assert!(serde_json::from_str::<Quantity>("16").is_err());
         assert_eq!(serde_json::to_string(&Quantity(255)).unwrap(), "\"0xff\"");
