@@ -7,5 +7,6 @@ pub mod audit;
 pub mod backend;
 pub mod config;
 pub mod eth;
+pub mod hardening;
 pub mod server;
 pub mod store;

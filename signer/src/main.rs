@@ -32,10 +32,22 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Before anything is read: no core file and no ptrace by others can ever hold what follows.
+    castellan_signer::hardening::disable_core_dumps()?;
     let args = Args::parse();
     init_tracing(args.log_json);
 
     let config = SignerConfig::load(&args.config)?;
+    // Before the PIN is read or a device opened: refuse root unless allowed, lock memory.
+    let hardened = castellan_signer::hardening::apply(&config.hardening)?;
+    tracing::info!(
+        memory_locked = hardened.memory_locked,
+        as_root = hardened.as_root,
+        "process hardened: core dumps off, not dumpable"
+    );
+    if hardened.as_root {
+        tracing::warn!("running as root (hardening.allow_root = true): use a dedicated user");
+    }
     let policy_text = std::fs::read_to_string(&config.policy.path)
         .with_context(|| format!("reading policy {}", config.policy.path.display()))?;
     let policy = Policy::from_toml(&policy_text)
