@@ -26,9 +26,11 @@ use crate::backend::{BackendError, Health};
 
 /// How often the keeper checks that its session is alive and logged in.
 pub(super) const PING_INTERVAL: Duration = Duration::from_millis(500);
-/// First and largest pause between recovery attempts.
+/// First and largest pause between recovery attempts. The largest bounds how long the pool
+/// stays down after the token is back (an attempt is a `C_Finalize`/`C_Initialize` and a slot
+/// scan: cheap).
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// The loaded module and where the token is.
 pub(super) struct Library {
@@ -291,15 +293,37 @@ pub(super) fn keeper(shared: &Shared, mut session: Option<Session>, mut generati
 }
 
 fn ping(shared: &Shared, session: Option<&Session>) -> Result<(), (Loss, String)> {
-    let _lib = shared.read_lib();
+    let lib = shared.read_lib();
     let Some(session) = session else {
         return Err((Loss::Session, "no login session".into()));
     };
     match token::is_logged_in(session) {
-        Ok(true) => Ok(()),
-        Ok(false) => Err((Loss::Login, "the token logged the session out".into())),
-        Err(OpError::Lost { loss, reason }) => Err((loss, reason)),
-        Err(other) => Err((Loss::Session, other.into_backend_error().to_string())),
+        Ok(true) => {}
+        Ok(false) => return Err((Loss::Login, "the token logged the session out".into())),
+        Err(OpError::Lost { loss, reason }) => return Err((loss, reason)),
+        Err(other) => return Err((Loss::Session, other.into_backend_error().to_string())),
+    }
+    token_present(&lib, &shared.login.token_label)
+}
+
+/// Whether the token is still in its slot: the session state alone lives in the module's memory
+/// and survives the token's files or device going away (SoftHSM answers `C_GetTokenInfo` with
+/// `CKR_GENERAL_ERROR` once the token's directory is gone, and keeps failing until it is
+/// re-initialised even after the directory is back).
+pub(super) fn token_present(lib: &Library, label: &str) -> Result<(), (Loss, String)> {
+    match lib.ctx.get_token_info(lib.slot) {
+        Ok(info) if info.label() == label => Ok(()),
+        Ok(info) => Err((
+            Loss::Device,
+            format!(
+                "the token's slot now holds a token labelled {:?}, not {label:?}",
+                info.label()
+            ),
+        )),
+        Err(e) => match OpError::ck(e, Function::GetTokenInfo) {
+            OpError::Lost { loss, reason } => Err((loss, reason)),
+            other => Err((Loss::Device, other.into_backend_error().to_string())),
+        },
     }
 }
 

@@ -245,7 +245,14 @@ impl Worker {
             Op::FindByLabel(label) => {
                 token::find_by_label(session, label).map(|k| Done::Reply(Reply::Key(k)))
             }
-            Op::Sign { key, digest, .. } => sign(ws, key, digest).map(Done::RawSignature),
+            Op::Sign { key, digest, .. } => match sign(ws, key, digest) {
+                // A key that passed the self-check is missing: tell a token that went away (or
+                // a login renewed under the look-up) from a destroyed key.
+                Err(OpError::Fail(BackendError::KeyNotFound(what))) => {
+                    Err(missing_key(&shared, &lib, epoch, what))
+                }
+                other => other.map(Done::RawSignature),
+            },
             Op::Destroy(key) => {
                 let _admin = shared.admin_lock();
                 let result = token::destroy(session, key).map(|()| Done::Reply(Reply::Done));
@@ -322,6 +329,25 @@ impl Worker {
                 let _ = ws.session.close();
             }
         }
+    }
+}
+
+/// Why a signing key was not found in a logged-in session that belongs to recovery `epoch`.
+fn missing_key(shared: &Shared, lib: &Library, epoch: u64, what: String) -> OpError {
+    if shared.epoch.load(Ordering::Acquire) != epoch {
+        // The keeper logged in again while the look-up ran in a session not yet covered by the
+        // login: the key was merely invisible. The worker retries once on a fresh session.
+        return OpError::Lost {
+            loss: Loss::Session,
+            reason: format!("key {what} was invisible while the login was renewed"),
+        };
+    }
+    match super::pool::token_present(lib, &shared.login.token_label) {
+        Ok(()) => OpError::Fail(BackendError::KeyNotFound(what)),
+        Err((loss, reason)) => OpError::Lost {
+            loss,
+            reason: format!("key {what} not found: {reason}"),
+        },
     }
 }
 
