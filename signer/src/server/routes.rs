@@ -697,7 +697,9 @@ async fn no_active_key<B: KeyBackend, S: Store>(s: &Signer<B, S>, name: &str) ->
     } else if versions.iter().all(|v| {
         matches!(
             v.status,
-            store::KeyStatus::Revoked { .. } | store::KeyStatus::Destroyed
+            store::KeyStatus::Revoked { .. }
+                | store::KeyStatus::DestroyScheduled { .. }
+                | store::KeyStatus::Destroyed
         )
     }) {
         ApiError::conflict(
