@@ -19,6 +19,8 @@ need_pkg opensc
 need_pkg stunnel4
 # promtool (scripts/test checks the Prometheus alert rules with it).
 command -v promtool >/dev/null || need_pkg prometheus
+# systemd-analyze (tests/tests/systemd_units.rs scores the deploy/systemd units with it).
+command -v systemd-analyze >/dev/null || need_pkg systemd
 if [ "${#apt_missing[@]}" -gt 0 ]; then
   echo "==> apt-get install ${apt_missing[*]}"
   as_root apt-get update -qq
