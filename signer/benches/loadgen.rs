@@ -426,4 +426,33 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
             p99.saturating_sub(hp99).as_micros()
         );
     }
+    // Machine-readable summary for scripts/bench: one `BENCH key=value` per line.
+    for (sessions, raw, served) in &rows {
+        let outside = served.cpu_per_req.saturating_sub(raw.cpu_per_sign);
+        println!("BENCH loadgen.s{sessions}.raw_per_s={:.1}", raw.rate);
+        println!("BENCH loadgen.s{sessions}.signer_per_s={:.1}", served.rate);
+        println!(
+            "BENCH loadgen.s{sessions}.ratio={:.4}",
+            served.rate / raw.rate
+        );
+        println!(
+            "BENCH loadgen.s{sessions}.cpu_per_req_us={}",
+            served.cpu_per_req.as_micros()
+        );
+        println!(
+            "BENCH loadgen.s{sessions}.outside_hsm_cpu_us={}",
+            outside.as_micros()
+        );
+    }
+    if let Some((rate, p50, p99, _, hp50, hp99)) = half_load {
+        println!("BENCH loadgen.open_loop_per_s={rate:.1}");
+        for (k, v) in [
+            ("p50", p50),
+            ("p99", p99),
+            ("hsm_p50", hp50),
+            ("hsm_p99", hp99),
+        ] {
+            println!("BENCH loadgen.{k}_us={}", v.as_micros());
+        }
+    }
 }
