@@ -136,7 +136,7 @@ impl Walk {
             format!(
                 "strategy host alpha (mTLS) uses {version} at {from}; anvil funded it with 100 ETH"
             ),
-            json!({"version": version, "address": from}),
+            json!({"version": version, "address": from.to_checksum(None)}),
         );
 
         // 2. A bundle: signed, handed to the submitter, sent to the builder, included.
@@ -186,7 +186,7 @@ impl Walk {
                 signed.submitted.relays.join(", "),
             ),
             json!({"bundleId": signed.bundle_id, "keyVersion": signed.key_version,
-                   "txHash": tx_hash, "from": from, "targetBlock": target, "lastBlock": last,
+                   "txHash": tx_hash, "from": from.to_checksum(None), "targetBlock": target, "lastBlock": last,
                    "includedBlock": block, "relays": signed.submitted.relays,
                    "submitterState": status.state}),
         );
@@ -283,7 +283,7 @@ impl Walk {
                 rotated["old"]["status"].as_str().unwrap_or("?"),
             ),
             json!({"old": old, "new": new, "oldVersion": rotated["old"]["version"],
-                   "newVersion": rotated["new"]["version"], "signedBy": next.from}),
+                   "newVersion": rotated["new"]["version"], "signedBy": next.from.to_checksum(None)}),
         );
 
         // 6. Revocation: the very next request is refused.

@@ -1,0 +1,300 @@
+//! The README's first command, run as a new user would (non-interactively: `--ci` stops after the
+//! walk-through), from a clean working directory; then every step's outcome is checked, the
+//! bundle's inclusion block on anvil itself (the chain the quickstart's anvil dumped on exit,
+//! loaded into a fresh anvil), and that everything the quickstart started has stopped.
+//!
+//! The quickstart uses this build's binaries (`CASTELLAN_BIN_DIR`: `target/<profile>/`, where
+//! `cargo test --workspace` puts `signer`, `submitter` and `keyctl`, and cargo this package's
+//! `castellan-walkthrough` and `castellan-standin-builder`), so it builds nothing. It needs the
+//! tools `scripts/test` installs (`source scripts/tools.sh`): without `CASTELLAN_ANVIL` it fails
+//! instead of letting the quickstart install them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, B256};
+use alloy::providers::{Provider, ProviderBuilder};
+use serde_json::Value;
+
+/// The quickstart takes about ten seconds on two cores with the binaries built; the bound is
+/// generous for a loaded CI machine.
+const QUICKSTART_TIMEOUT: Duration = Duration::from_secs(150);
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The commands of the README's first code block (comments stripped), in order.
+fn readme_commands() -> Vec<String> {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let start = readme.find("```sh\n").expect("README.md has a ```sh block");
+    let block = &readme[start + 6..];
+    let block = &block[..block.find("```").expect("the block ends")];
+    block
+        .lines()
+        .map(|l| l.split('#').next().unwrap().trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[test]
+fn readme_starts_with_the_quickstart_and_the_test_command() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let first_block = readme.find("```").unwrap();
+    // Nothing but the title and one line of introduction before the two commands.
+    assert!(
+        readme[..first_block]
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count()
+            <= 3,
+        "the README must start with its two commands"
+    );
+    assert_eq!(readme_commands(), ["scripts/quickstart", "scripts/test"]);
+    for c in readme_commands() {
+        let path = root().join(&c);
+        let mode = std::os::unix::fs::PermissionsExt::mode(&path.metadata().unwrap().permissions());
+        assert!(mode & 0o111 != 0, "{c} is not executable");
+    }
+}
+
+#[test]
+fn quickstart_runs_the_main_job_from_a_clean_state() {
+    let anvil = std::env::var_os("CASTELLAN_ANVIL").unwrap_or_else(|| {
+        panic!("CASTELLAN_ANVIL is not set: run the tests with scripts/test (or `source scripts/tools.sh` first)")
+    });
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_castellan-walkthrough"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    for b in ["signer", "submitter", "keyctl", "castellan-standin-builder"] {
+        assert!(
+            bin_dir.join(b).is_file(),
+            "{} is missing: run `cargo test --workspace` (or cargo build the signer, submitter \
+             and keyctl packages first)",
+            bin_dir.join(b).display()
+        );
+    }
+
+    // Exactly the README's command, plus the flag that stops after the walk-through.
+    let command = readme_commands()[0].clone();
+    assert_eq!(command, "scripts/quickstart");
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("quickstart");
+    let log = tmp.path().join("quickstart.log");
+    let started = Instant::now();
+    let mut child = Command::new(root().join(&command))
+        .arg("--ci")
+        .current_dir(root())
+        .env("CASTELLAN_BIN_DIR", &bin_dir)
+        .env("CASTELLAN_QUICKSTART_DIR", &work)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap().try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait(&mut child, QUICKSTART_TIMEOUT, &log);
+    let took = started.elapsed();
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{command} --ci failed:\n{out}");
+    eprintln!("{command} --ci took {took:?}");
+
+    // One line per step, in order, and the commands to talk to the appliance.
+    let mut at = 0;
+    for step in 1..=7 {
+        let tag = format!("[{step}/7] ");
+        let pos = out[at..]
+            .find(&tag)
+            .unwrap_or_else(|| panic!("no step {step} after byte {at}:\n{out}"));
+        at += pos + tag.len();
+    }
+    for needle in [
+        "walk-through complete",
+        "--config",
+        "curl --cacert",
+        "/metrics",
+    ] {
+        assert!(out.contains(needle), "no {needle:?} in:\n{out}");
+    }
+
+    // Each step's outcome, as the walk-through recorded it.
+    let app = work.join("appliance");
+    let w: Value =
+        serde_json::from_str(&std::fs::read_to_string(app.join("walkthrough.json")).unwrap())
+            .unwrap();
+    let bundle = &w["bundle"];
+    let block = bundle["includedBlock"].as_u64().unwrap();
+    assert!(
+        (bundle["targetBlock"].as_u64().unwrap()..=bundle["lastBlock"].as_u64().unwrap())
+            .contains(&block),
+        "{bundle}"
+    );
+    assert_eq!(bundle["keyVersion"], "searcher-hot@1", "{bundle}");
+    assert_eq!(bundle["relays"], serde_json::json!(["builder"]), "{bundle}");
+    assert_eq!(bundle["submitterState"], "included", "{bundle}");
+    assert!(out.contains(&format!("included in block {block}")), "{out}");
+    assert_eq!(
+        (w["denied"]["status"].as_u64(), w["denied"]["code"].as_str()),
+        (Some(422), Some("value_cap_exceeded")),
+        "{w}"
+    );
+    assert!(
+        w["denied"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("defaults.max_value"),
+        "{w}"
+    );
+    let approved = &w["approved"];
+    assert_eq!(approved["state"], "signed", "{approved}");
+    assert_eq!(approved["approvals"], 2, "{approved}");
+    assert_eq!(approved["threshold"], 2, "{approved}");
+    assert_eq!(approved["approvers"].as_array().unwrap().len(), 2);
+    let rotated = &w["rotated"];
+    assert_ne!(rotated["old"], rotated["new"], "{rotated}");
+    assert_eq!(rotated["old"], w["key"]["address"], "{w}");
+    assert_eq!(rotated["signedBy"], rotated["new"], "{rotated}");
+    assert_eq!(rotated["newVersion"], "searcher-hot@2");
+    let revoked = &w["revoked"];
+    assert_eq!(
+        revoked["revoked"],
+        serde_json::json!(["searcher-hot@1", "searcher-hot@2"]),
+        "{revoked}"
+    );
+    assert_eq!(
+        (revoked["status"].as_u64(), revoked["code"].as_str()),
+        (Some(409), Some("key_revoked")),
+        "{revoked}"
+    );
+    let audit = &w["audit"];
+    assert!(audit["records"].as_u64().unwrap() >= 10, "{audit}");
+    assert!(
+        audit["independent"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("OK {} records", audit["records"])),
+        "{audit}"
+    );
+    // The export holds the bundle's signature, by the strategy host.
+    let export = std::fs::read_to_string(app.join("audit-export.jsonl")).unwrap();
+    let tx_hash: B256 = bundle["txHash"].as_str().unwrap().parse().unwrap();
+    assert!(
+        export.lines().any(|l| l.contains("\"kind\":\"signature\"")
+            && l.to_lowercase().contains(&format!("{tx_hash:#x}"))
+            && l.contains("spiffe://castellan/strategy/alpha")),
+        "no signature record of {tx_hash:#x} in the audit export"
+    );
+
+    // Everything the quickstart started has stopped: its ports are closed.
+    for prefix in ["signer on ", "submitter on ", "anvil on http://"] {
+        let addr = out
+            .lines()
+            .find_map(|l| l.split_once(prefix).map(|(_, r)| r))
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no {prefix:?} line:\n{out}"));
+        assert!(
+            TcpStream::connect(addr).is_err(),
+            "{addr} still accepts connections after the quickstart exited"
+        );
+    }
+
+    // The chain itself: the state anvil dumped on exit, loaded into a fresh anvil.
+    let state = work.join("anvil-state.json");
+    assert!(state.is_file(), "anvil did not dump its state:\n{out}");
+    let node = LoadedAnvil::start(&anvil, &state);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let provider = ProviderBuilder::new()
+            .connect_http(node.url.parse().unwrap())
+            .erased();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while provider.get_chain_id().await.is_err() {
+            assert!(Instant::now() < deadline, "the loaded anvil did not answer");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let receipt = provider
+            .get_transaction_receipt(tx_hash)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("the bundle's tx {tx_hash:#x} is not on the chain"));
+        assert!(receipt.status(), "the bundle's transaction reverted");
+        assert_eq!(receipt.block_number, Some(block), "inclusion block");
+        let from: Address = bundle["from"].as_str().unwrap().parse().unwrap();
+        assert_eq!(receipt.from, from, "signed by the HSM key");
+    });
+}
+
+fn wait(child: &mut Child, timeout: Duration, log: &Path) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() >= deadline {
+            // SIGTERM lets the script's trap stop what it started.
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            std::thread::sleep(Duration::from_secs(3));
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the quickstart did not finish within {timeout:?}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// anvil started on a chain state file, killed on drop.
+struct LoadedAnvil {
+    child: Child,
+    url: String,
+}
+
+impl LoadedAnvil {
+    fn start(anvil: &std::ffi::OsStr, state: &Path) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(anvil)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--silent",
+            ])
+            .arg("--load-state")
+            .arg(state)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for LoadedAnvil {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
