@@ -17,6 +17,7 @@ need_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok
 need_pkg softhsm2
 need_pkg opensc
 need_pkg stunnel4
+need_pkg curl
 # promtool (scripts/test checks the Prometheus alert rules with it).
 command -v promtool >/dev/null || need_pkg prometheus
 # systemd-analyze (tests/tests/systemd_units.rs scores the deploy/systemd units with it).
