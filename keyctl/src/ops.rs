@@ -149,14 +149,15 @@ pub async fn keys_generate(
     let active = store
         .activate_version(rec.version.clone(), None, change(c, g))
         .await?;
-    Ok(Report::new(
-        format!(
-            "generated {} address {} ({})",
-            active.version, active.address, active.key_ref
-        ),
-        json!({"key": active.version.to_string(), "address": active.address.to_checksum(None),
-               "backend": active.key_ref.to_string(), "rotateEveryMs": rotate_every_ms}),
-    ))
+    let mut text = format!(
+        "generated {} address {} ({})",
+        active.version, active.address, active.key_ref
+    );
+    let mut json = json!({"key": active.version.to_string(), "address": active.address.to_checksum(None),
+           "backend": active.key_ref.to_string(), "rotateEveryMs": rotate_every_ms});
+    // A running signer serves the new key at once, as after a rotation.
+    signer_reload(c, &mut json, &mut text).await;
+    Ok(Report::new(text, json))
 }
 
 /// `keyctl keys list` and `keys show`.
