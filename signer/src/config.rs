@@ -167,6 +167,9 @@ pub struct LimitsConfig {
     /// Requests allowed to wait for admission; beyond it, 503 with `Retry-After`.
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// Longest wait for admission; a request that waited this long is refused with 503.
+    #[serde(default = "default_queue_wait", deserialize_with = "duration")]
+    pub queue_wait: Duration,
     /// How long a request waiting for approvals lives.
     #[serde(default = "default_pending_ttl", deserialize_with = "duration")]
     pub pending_ttl: Duration,
@@ -178,6 +181,7 @@ impl Default for LimitsConfig {
             max_body_bytes: default_max_body(),
             max_in_flight: default_in_flight(),
             queue: default_queue(),
+            queue_wait: default_queue_wait(),
             pending_ttl: default_pending_ttl(),
         }
     }
@@ -352,6 +356,9 @@ fn default_in_flight() -> usize {
 }
 fn default_queue() -> usize {
     256
+}
+fn default_queue_wait() -> Duration {
+    Duration::from_millis(250)
 }
 fn default_pending_ttl() -> Duration {
     Duration::from_secs(15 * 60)

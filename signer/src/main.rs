@@ -79,6 +79,11 @@ async fn main() -> anyhow::Result<()> {
         upstream,
         submitter,
         policy_path: Some(config.policy.path.clone()),
+        admission: castellan_signer::server::admission::AdmissionLimits {
+            max_in_flight: config.limits.max_in_flight,
+            queue: config.limits.queue,
+            max_wait: config.limits.queue_wait,
+        },
     };
     let signer = Arc::new(Signer::new(settings, policy, store, backend));
     match signer.self_check().await {

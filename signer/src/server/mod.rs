@@ -15,6 +15,7 @@
 //! durable audit record and every limit reservation exist before the backend is called. A
 //! refusal at any step is answered with a stable code and reason and is audited.
 
+pub mod admission;
 pub mod error;
 pub mod metrics;
 mod routes;
@@ -72,6 +73,8 @@ pub struct Signer<B: KeyBackend, S: Store> {
     /// Per key name: held shared while a decided request is being signed, taken exclusively by a
     /// revocation to wait for those signatures.
     in_flight: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    /// The gate in front of the signing pipeline (see [`admission`]).
+    admission: admission::Admission,
 }
 
 /// The signer's mTLS link to the submitter.
@@ -167,6 +170,8 @@ pub struct SignerSettings {
     pub submitter: Option<SubmitterLink>,
     /// The policy file, for approved reloads.
     pub policy_path: Option<std::path::PathBuf>,
+    /// Signing requests in the pipeline at once, waiting, and the longest wait.
+    pub admission: admission::AdmissionLimits,
 }
 
 /// The caller of a request, resolved from its certificate identity.
@@ -214,7 +219,13 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
             policy_path: settings.policy_path,
             metrics: metrics::Metrics::new(),
             in_flight: Mutex::new(HashMap::new()),
+            admission: admission::Admission::new(settings.admission),
         }
+    }
+
+    /// The admission gate of the signing routes.
+    pub fn admission(&self) -> &admission::Admission {
+        &self.admission
     }
 
     /// The store.

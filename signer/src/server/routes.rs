@@ -73,6 +73,12 @@ pub fn router<B: KeyBackend, S: Store>(signer: Shared<B, S>) -> Router {
         .layer(axum::middleware::from_fn(move |req, next| {
             oversized_guard(limit, req, next)
         }))
+        // Outermost: a signing request past the admission limits is refused before anything
+        // reads its body.
+        .layer(axum::middleware::from_fn_with_state(
+            signer.clone(),
+            super::admission::gate::<B, S>,
+        ))
         .with_state(signer)
 }
 
