@@ -31,6 +31,10 @@ pub struct KeyctlConfig {
     /// The submitter's API base URL, for `status` reachability.
     #[serde(default)]
     pub submitter_url: Option<String>,
+    /// Client TLS for the submitter's API (`keyctl revoke` cancels the key's live bundles; role
+    /// `admin` there). Default: the `[signer]` certificate.
+    #[serde(default)]
+    pub submitter_tls: Option<ClientTlsConfig>,
     /// Development only: the SoftHSM configuration keyctl sets for itself (it re-executes itself
     /// with `SOFTHSM2_CONF` set, never changing its own environment).
     #[serde(default)]
@@ -41,6 +45,31 @@ pub struct KeyctlConfig {
     /// Default grace period of a rotated-out version (`"24h"`).
     #[serde(default)]
     pub rotate_grace: Option<String>,
+    /// How long a revoked version's HSM object is kept before `keys destroy-due` (run by
+    /// `rotate --due`) deletes it (`"7d"` by default); `keys cancel-destroy` undoes it meanwhile.
+    #[serde(default)]
+    pub destroy_wait: Option<String>,
+    /// `keyctl rotate --sweep` / `keyctl sweep`: the node and the identity that asks the signer
+    /// for the sweep.
+    #[serde(default)]
+    pub sweep: Option<SweepConfig>,
+}
+
+/// How a retiring version's balance is swept to its successor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepConfig {
+    /// Ethereum JSON-RPC node: balance, nonce and fees are read from it (untrusted: the policy
+    /// judges the transfer) and the signed transfer is sent to it.
+    pub rpc_url: String,
+    /// Client TLS of an identity with role `strategy` that may use the swept keys.
+    pub tls: ClientTlsConfig,
+    /// Priority fee in wei (default 1 gwei); the max fee is twice the base fee plus this.
+    #[serde(default)]
+    pub priority_fee_wei: Option<u128>,
+    /// Seconds to wait for the receipt (default 60; 0: do not wait).
+    #[serde(default)]
+    pub confirm_timeout_secs: Option<u64>,
 }
 
 /// The signer's API, as an admin client.
@@ -95,6 +124,10 @@ impl KeyctlConfig {
         if let Some(g) = &config.rotate_grace {
             crate::parse_duration_ms(g)
                 .with_context(|| format!("{}: rotate_grace", path.display()))?;
+        }
+        if let Some(w) = &config.destroy_wait {
+            crate::parse_duration_ms(w)
+                .with_context(|| format!("{}: destroy_wait", path.display()))?;
         }
         Ok(config)
     }

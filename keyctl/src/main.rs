@@ -9,6 +9,7 @@ mod dev;
 mod ops;
 mod policy_lint;
 mod remote;
+mod sweep;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -80,6 +81,20 @@ enum Command {
         /// How long the old version stays `retiring` (e.g. "24h"; "0s" retires it at once).
         #[arg(long)]
         grace: Option<String>,
+        /// Then move the old address's whole ETH balance (less the fee) to the new address:
+        /// signed by the retiring version through the signer (policy, audit), sent to the
+        /// `[sweep]` node.
+        #[arg(long, conflicts_with = "due")]
+        sweep: bool,
+    },
+    /// Sweep a retiring version's ETH balance to its successor's address (again, after a
+    /// failed `rotate --sweep`), or send an approved sweep request.
+    Sweep {
+        /// `name@N`, the retiring version.
+        key: String,
+        /// The id of a sweep request that waited for approvals and is now signed.
+        #[arg(long)]
+        request: Option<String>,
     },
     /// Revoke a key (every version) or one version (`name@N`), at once and for good.
     Revoke {
@@ -91,6 +106,14 @@ enum Command {
         /// Work on the store directly, without asking the signer.
         #[arg(long)]
         direct: bool,
+        /// Delete the key objects on the HSM now instead of after the waiting period
+        /// (`destroy_wait`). Needs a second confirmation: --confirm-destroy <name>, or typing
+        /// the key's name.
+        #[arg(long)]
+        destroy: bool,
+        /// The second confirmation of --destroy: the key's name.
+        #[arg(long, value_name = "NAME", requires = "destroy")]
+        confirm_destroy: Option<String>,
     },
     /// Stop all signing (global kill switch).
     Freeze {
@@ -182,6 +205,13 @@ enum KeysCommand {
         /// Key name.
         name: String,
     },
+    /// Cancel the scheduled destruction of a key's versions (or one, `name@N`).
+    CancelDestroy {
+        /// `name` or `name@N`.
+        key: String,
+    },
+    /// Delete the HSM objects whose destruction is due (also done by `rotate --due`).
+    DestroyDue,
 }
 
 #[derive(Debug, clap::Args)]
@@ -323,6 +353,44 @@ impl Globals {
     }
 }
 
+impl Globals {
+    /// The second confirmation of an irreversible command: `given` (a flag's value) or, on a
+    /// terminal, the typed text must be exactly `name`. `--yes` does not count for it.
+    pub fn confirm_name(&self, what: &str, name: &str, given: Option<&str>) -> anyhow::Result<()> {
+        match given {
+            Some(g) if g == name => return Ok(()),
+            Some(g) => {
+                return Err(fail(
+                    3,
+                    format!("{what}: not confirmed (--confirm-destroy names {g:?}, not {name:?})"),
+                ));
+            }
+            None => {}
+        }
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return Err(fail(
+                3,
+                format!(
+                    "{what}: not confirmed (irreversible: pass --confirm-destroy {name}; --yes \
+                     does not count for it)"
+                ),
+            ));
+        }
+        eprint!("{what}. This cannot be undone. Type the key name ({name}) to continue: ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        stdin
+            .read_line(&mut line)
+            .map_err(|e| fail(3, format!("{what}: not confirmed ({e})")))?;
+        if line.trim() == name {
+            Ok(())
+        } else {
+            Err(fail(3, format!("{what}: not confirmed")))
+        }
+    }
+}
+
 /// Parses "90s", "15m", "24h", "30d" into milliseconds.
 pub fn parse_duration_ms(s: &str) -> anyhow::Result<u64> {
     let secs = castellan_policy::parse_duration(s)
@@ -443,16 +511,31 @@ async fn dispatch(command: Command, c: &KeyctlConfig, g: &Globals) -> anyhow::Re
         }
         Command::Keys(KeysCommand::List) => ops::keys_list(c, g, None).await,
         Command::Keys(KeysCommand::Show { name }) => ops::keys_list(c, g, Some(&name)).await,
-        Command::Rotate { name, due, grace } => match (name, due) {
-            (Some(n), false) => ops::rotate(c, g, &n, grace.as_deref()).await,
+        Command::Keys(KeysCommand::CancelDestroy { key }) => ops::cancel_destroy(c, g, &key).await,
+        Command::Keys(KeysCommand::DestroyDue) => ops::destroy_due(c, g).await,
+        Command::Rotate {
+            name,
+            due,
+            grace,
+            sweep,
+        } => match (name, due) {
+            (Some(n), false) => ops::rotate(c, g, &n, grace.as_deref(), sweep).await,
             (None, true) => ops::rotate_due(c, g, grace.as_deref()).await,
             _ => Err(fail(2, "rotate needs a key name or --due")),
         },
+        Command::Sweep { key, request } => {
+            sweep::sweep_command(c, g, &key, request.as_deref()).await
+        }
         Command::Revoke {
             key,
             reason,
             direct,
-        } => remote::revoke(c, g, &key, &reason, direct).await,
+            destroy,
+            confirm_destroy,
+        } => {
+            let destroy = destroy.then_some(confirm_destroy.as_deref());
+            remote::revoke(c, g, &key, &reason, direct, destroy).await
+        }
         Command::Freeze { reason } => remote::freeze(c, g, &reason).await,
         Command::Unfreeze { reason } => remote::unfreeze(c, g, &reason).await,
         Command::Pause {

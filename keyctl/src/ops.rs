@@ -307,6 +307,7 @@ pub async fn rotate(
     g: &Globals,
     name: &str,
     grace: Option<&str>,
+    sweep: bool,
 ) -> anyhow::Result<Report> {
     let name = key_name(name)?;
     let grace = grace_ms(c, grace)?;
@@ -315,10 +316,41 @@ pub async fn rotate(
         bail!("unknown key {name}");
     }
     let backend = open_backend(c).await?;
+    if sweep {
+        if grace == 0 {
+            bail!("--sweep needs a grace period: a retired version cannot sign the sweep");
+        }
+        if c.sweep.is_none() {
+            bail!("--sweep: keyctl.toml has no [sweep] section (node URL and sweeping identity)");
+        }
+    }
     let (old, new) = rotate_one(&store, &backend, c, g, &name, grace).await?;
+    drop(backend);
+    drop(store);
     let mut json = rotation_json(&old, &new);
     let mut text = rotation_text(&old, &new, g.now);
     signer_reload(c, &mut json, &mut text).await;
+    if sweep {
+        match crate::sweep::sweep(c, g, &old.version).await {
+            Ok(s) => {
+                let _ = write!(text, "\n{}", s.text);
+                if let Value::Object(m) = &mut json {
+                    m.insert("sweep".into(), s.json);
+                }
+            }
+            Err(e) => {
+                let code = e.downcast_ref::<crate::Failure>().map_or(1, |f| f.code);
+                return Err(fail(
+                    code,
+                    format!(
+                        "the sweep failed: {e:#} ({}; retry the sweep with `keyctl sweep {}`)",
+                        text.replace('\n', "; "),
+                        old.version
+                    ),
+                ));
+            }
+        }
+    }
     Ok(Report::new(text, json))
 }
 
@@ -344,9 +376,19 @@ pub async fn rotate_due(
             retired.push(r.version.to_string());
         }
     }
+    let (destroyed, destroy_failures) = destroy_due_versions(c, g, &store).await?;
+    for d in &destroyed {
+        let _ = writeln!(text, "destroyed {d} (scheduled destruction due)");
+    }
     let due = store.keys_due_for_rotation(g.now).await?;
     let mut rotated = Vec::new();
-    let mut failures = Vec::new();
+    let mut failures: Vec<Value> = destroy_failures
+        .iter()
+        .map(|f| {
+            let _ = writeln!(text, "FAILED destroying {f}");
+            json!({"destroy": f})
+        })
+        .collect();
     if !due.is_empty() {
         let backend = open_backend(c).await?;
         for d in due {
@@ -369,7 +411,7 @@ pub async fn rotate_due(
     if !failures.is_empty() {
         bail!("{}", text.trim_end().replace('\n', "; "));
     }
-    let mut json = json!({"retired": retired, "rotated": rotated});
+    let mut json = json!({"retired": retired, "rotated": rotated, "destroyed": destroyed});
     if !rotated.is_empty() {
         signer_reload(c, &mut json, &mut text).await;
     }
@@ -617,6 +659,10 @@ fn status_detail(s: &KeyStatus, now: UnixMillis) -> String {
             )
         }
         KeyStatus::Revoked { reason, .. } => format!(" ({reason})"),
+        KeyStatus::DestroyScheduled { at } => format!(
+            " (HSM object deleted {}; `keyctl keys cancel-destroy` undoes it)",
+            relative(now, *at).replace("DUE", "due")
+        ),
         _ => String::new(),
     }
 }
@@ -635,4 +681,210 @@ async fn signer_reload(c: &KeyctlConfig, json: &mut Value, text: &mut String) {
             json!({"reload": state, "warning": warning}),
         );
     }
+}
+
+/// Default waiting period before a revoked version's HSM object is deleted.
+const DEFAULT_DESTROY_WAIT: &str = "7d";
+
+/// The configured waiting period before destruction, in milliseconds.
+pub fn destroy_wait_ms(c: &KeyctlConfig) -> anyhow::Result<u64> {
+    parse_duration_ms(c.destroy_wait.as_deref().unwrap_or(DEFAULT_DESTROY_WAIT))
+}
+
+/// Schedules the destruction of `versions` (just revoked) after the waiting period; returns
+/// each version with the time its object may be deleted.
+pub async fn schedule_destroy(
+    c: &KeyctlConfig,
+    g: &Globals,
+    versions: &[KeyVersion],
+) -> anyhow::Result<Vec<(KeyVersion, UnixMillis)>> {
+    let at = g.now.plus_ms(destroy_wait_ms(c)?);
+    let store = open_store(c)?;
+    let mut out = Vec::new();
+    for v in versions {
+        store
+            .set_key_status(v.clone(), KeyStatus::DestroyScheduled { at }, change(c, g))
+            .await
+            .with_context(|| format!("scheduling the destruction of {v}"))?;
+        out.push((v.clone(), at));
+    }
+    Ok(out)
+}
+
+/// Deletes at once the HSM objects of the revoked (or destroy-scheduled) versions of `name`
+/// (or of `name@version`). The version is marked `destroy_scheduled` (due now) before the object
+/// is deleted, and `destroyed` after: a failure in between leaves it due for `keys destroy-due`.
+pub async fn destroy_now(
+    c: &KeyctlConfig,
+    g: &Globals,
+    name: &KeyName,
+    version: Option<u32>,
+) -> anyhow::Result<Vec<KeyVersion>> {
+    let store = open_store(c)?;
+    let targets: Vec<KeyVersionRecord> = store
+        .list_keys(Some(name.clone()))
+        .await?
+        .into_iter()
+        .filter(|r| version.is_none_or(|v| r.version.version == v))
+        .filter(|r| {
+            matches!(
+                r.status,
+                KeyStatus::Revoked { .. } | KeyStatus::DestroyScheduled { .. }
+            )
+        })
+        .collect();
+    if targets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let backend = open_backend(c).await?;
+    let mut out = Vec::new();
+    for r in targets {
+        destroy_one(&store, &backend, c, g, &r, true).await?;
+        out.push(r.version);
+    }
+    Ok(out)
+}
+
+async fn destroy_one(
+    store: &SqliteStore,
+    backend: &AnyBackend,
+    c: &KeyctlConfig,
+    g: &Globals,
+    r: &KeyVersionRecord,
+    mark_due: bool,
+) -> anyhow::Result<()> {
+    let kind = r.key_ref.to_string();
+    if !kind.starts_with(&format!("{}:", backend.kind())) {
+        bail!(
+            "{} lives on {kind}, not on the configured {} backend: not destroyed",
+            r.version,
+            backend.kind()
+        );
+    }
+    if mark_due && !matches!(r.status, KeyStatus::DestroyScheduled { .. }) {
+        store
+            .set_key_status(
+                r.version.clone(),
+                KeyStatus::DestroyScheduled { at: g.now },
+                change(c, g),
+            )
+            .await?;
+    }
+    backend
+        .destroy(&r.key_ref)
+        .await
+        .with_context(|| format!("deleting {} ({kind}) on the device", r.version))?;
+    store
+        .set_key_status(r.version.clone(), KeyStatus::Destroyed, change(c, g))
+        .await?;
+    Ok(())
+}
+
+/// `keyctl keys destroy-due` (and part of `rotate --due`): deletes the objects whose scheduled
+/// destruction time has come. Returns the destroyed versions, and failures as text.
+pub async fn destroy_due_versions(
+    c: &KeyctlConfig,
+    g: &Globals,
+    store: &SqliteStore,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let due: Vec<KeyVersionRecord> = store
+        .list_keys(None)
+        .await?
+        .into_iter()
+        .filter(|r| matches!(r.status, KeyStatus::DestroyScheduled { at } if at <= g.now))
+        .collect();
+    let (mut done, mut failed) = (Vec::new(), Vec::new());
+    if due.is_empty() {
+        return Ok((done, failed));
+    }
+    let backend = open_backend(c).await?;
+    for r in due {
+        match destroy_one(store, &backend, c, g, &r, false).await {
+            Ok(()) => done.push(r.version.to_string()),
+            Err(e) => failed.push(format!("{}: {e:#}", r.version)),
+        }
+    }
+    Ok((done, failed))
+}
+
+/// `keyctl keys destroy-due`.
+pub async fn destroy_due(c: &KeyctlConfig, g: &Globals) -> anyhow::Result<Report> {
+    let store = open_store(c)?;
+    let (done, failed) = destroy_due_versions(c, g, &store).await?;
+    if !failed.is_empty() {
+        bail!("destroying due versions failed: {}", failed.join("; "));
+    }
+    let text = if done.is_empty() {
+        "nothing due for destruction".to_owned()
+    } else {
+        format!("destroyed {}", done.join(", "))
+    };
+    Ok(Report::new(text, json!({"destroyed": done})))
+}
+
+/// `keyctl keys cancel-destroy <name>[@N]`: puts each destroy-scheduled version back in the
+/// state it was in when the destruction was scheduled (`revoked`, with its reason, or `retired`),
+/// read from the audit record of the scheduling.
+pub async fn cancel_destroy(c: &KeyctlConfig, g: &Globals, key: &str) -> anyhow::Result<Report> {
+    let (name, version) = match key.split_once('@') {
+        Some(_) => {
+            let kv: KeyVersion = key.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+            (kv.name, Some(kv.version))
+        }
+        None => (key_name(key)?, None),
+    };
+    let store = open_store(c)?;
+    let versions = store.list_keys(Some(name.clone())).await?;
+    if versions.is_empty() {
+        bail!("unknown key {name}");
+    }
+    if let Some(v) = version
+        && !versions.iter().any(|r| r.version.version == v)
+    {
+        bail!("unknown key version {name}@{v}");
+    }
+    let targets: Vec<&KeyVersionRecord> = versions
+        .iter()
+        .filter(|r| version.is_none_or(|v| r.version.version == v))
+        .filter(|r| matches!(r.status, KeyStatus::DestroyScheduled { .. }))
+        .collect();
+    if targets.is_empty() {
+        bail!("{key}: no destruction is scheduled (nothing to cancel)");
+    }
+    let records = all_records(&store).await?;
+    let mut restored = Vec::new();
+    for r in targets {
+        let wanted = r.version.to_string();
+        // The last status change into destroy_scheduled names the state it came from.
+        let previous: KeyStatus = records
+            .iter()
+            .rev()
+            .find(|a| {
+                a.payload.get("op").and_then(Value::as_str) == Some("set_status")
+                    && a.payload.get("key").and_then(Value::as_str) == Some(wanted.as_str())
+                    && a.payload.pointer("/to/state").and_then(Value::as_str)
+                        == Some("destroy_scheduled")
+            })
+            .and_then(|a| a.payload.get("from").cloned())
+            .and_then(|v| serde_json::from_value(v).ok())
+            .filter(|s: &KeyStatus| matches!(s, KeyStatus::Revoked { .. } | KeyStatus::Retired))
+            .unwrap_or(KeyStatus::Retired);
+        store
+            .set_key_status(r.version.clone(), previous.clone(), change(c, g))
+            .await
+            .with_context(|| format!("cancelling the destruction of {wanted}"))?;
+        restored.push(json!({"version": wanted, "status": previous.state()}));
+    }
+    let text = restored
+        .iter()
+        .map(|r| {
+            format!(
+                "destruction of {} cancelled (back to {})",
+                r["version"].as_str().unwrap_or("?"),
+                r["status"].as_str().unwrap_or("?")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    Ok(Report::new(text, json!({"cancelled": restored})))
 }

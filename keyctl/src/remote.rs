@@ -18,7 +18,7 @@ use castellan_api::tls::ClientTlsConfig;
 use castellan_policy::{APPROVE, Approval, Policy, castellan_domain};
 use castellan_signer::audit::UnixMillis;
 use castellan_signer::backend::{KeyBackend, SignRequest};
-use castellan_signer::store::{KeyVersion, Store};
+use castellan_signer::store::{KeyName, KeyVersion, Store};
 use serde_json::{Value, json};
 
 use crate::config::KeyctlConfig;
@@ -42,7 +42,8 @@ fn reqwest_builder(timeout: Duration) -> reqwest::ClientBuilder {
         .timeout(timeout)
 }
 
-fn api_error(what: &str, e: ClientError) -> anyhow::Error {
+/// A signer API error as a failure with its exit code (4: unreachable, 1: refused).
+pub fn api_error(what: &str, e: ClientError) -> anyhow::Error {
     match e {
         ClientError::Transport(t) => fail(4, format!("{what}: signer unreachable: {t}")),
         ClientError::Api {
@@ -57,13 +58,18 @@ fn api_error(what: &str, e: ClientError) -> anyhow::Error {
     }
 }
 
-/// `keyctl revoke <name>[@N] --reason`.
+/// `keyctl revoke <name>[@N] --reason [--destroy --confirm-destroy <name>]`.
+///
+/// Revokes (through the signer, or in the store when it cannot be reached), tells the submitter
+/// to cancel the key's live bundles, then deletes the HSM objects at once (`destroy` =
+/// `Some(second confirmation)`) or schedules their deletion after `destroy_wait`.
 pub async fn revoke(
     c: &KeyctlConfig,
     g: &Globals,
     key: &str,
     reason: &str,
     direct: bool,
+    destroy: Option<Option<&str>>,
 ) -> anyhow::Result<Report> {
     let (name, version) = match key.split_once('@') {
         Some(_) => {
@@ -90,6 +96,13 @@ pub async fn revoke(
         }
     }
     g.confirm(&format!("revoke {key} (signs nothing, ever again)"))?;
+    if let Some(given) = destroy {
+        g.confirm_name(
+            &format!("delete the HSM objects of {key} now"),
+            name.as_str(),
+            given,
+        )?;
+    }
     let mut via = "signer";
     let mut warning = None;
     let revoked: Vec<String> = if direct || c.signer.is_none() {
@@ -135,15 +148,113 @@ pub async fn revoke(
             Err(e) => return Err(api_error("revoke", e)),
         }
     };
-    let text = if revoked.is_empty() {
+    let mut text = if revoked.is_empty() {
         format!("{key}: nothing to revoke (already revoked or destroyed)")
     } else {
         format!("revoked {} (via {via})", revoked.join(", "))
     };
-    Ok(Report::new(
-        text,
-        json!({"revoked": revoked, "via": via, "warning": warning}),
-    ))
+    let mut json = json!({"revoked": revoked, "via": via, "warning": warning});
+    // The submitter stops resubmitting the key's bundles.
+    let cancel = cancel_bundles(c, &name).await;
+    match &cancel {
+        Ok(Some(n)) => {
+            let _ = write!(text, "\nsubmitter: cancelled {n} live bundle(s) of {name}");
+        }
+        Ok(None) => {}
+        Err(w) => {
+            eprintln!("keyctl: warning: {w}");
+            let _ = write!(text, "\nwarning: {w}");
+        }
+    }
+    json["submitterCancelled"] = match &cancel {
+        Ok(n) => json!(n),
+        Err(w) => json!({"error": w}),
+    };
+    // Then the HSM objects: now (second confirmation given), or scheduled.
+    let destruction: anyhow::Result<Value> = async {
+        if destroy.is_some() {
+            let gone = ops::destroy_now(c, g, &name, version).await?;
+            let gone: Vec<String> = gone.iter().map(ToString::to_string).collect();
+            if !gone.is_empty() {
+                let _ = write!(text, "\ndestroyed the HSM objects of {}", gone.join(", "));
+            }
+            Ok(json!({"destroyed": gone}))
+        } else if revoked.is_empty() || !c.store.path.is_file() {
+            Ok(Value::Null)
+        } else {
+            let versions: Vec<KeyVersion> = revoked.iter().filter_map(|v| v.parse().ok()).collect();
+            let scheduled = ops::schedule_destroy(c, g, &versions).await?;
+            for (v, at) in &scheduled {
+                let _ = write!(
+                    text,
+                    "\n{v}: HSM object deletion scheduled at {} (`keyctl keys cancel-destroy {v}` \
+                     undoes it)",
+                    at.0 / 1000
+                );
+            }
+            Ok(json!({"scheduled": scheduled.iter().map(|(v, at)| json!({
+                "version": v.to_string(), "at": at.0 / 1000
+            })).collect::<Vec<_>>()}))
+        }
+    }
+    .await;
+    match destruction {
+        Ok(d) => json["destruction"] = d,
+        Err(e) => {
+            return Err(fail(
+                1,
+                format!(
+                    "{} — but the HSM objects were not {}: {e:#}",
+                    text.replace('\n', "; "),
+                    if destroy.is_some() {
+                        "destroyed"
+                    } else {
+                        "scheduled for destruction"
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(Report::new(text, json))
+}
+
+/// Asks the submitter to cancel every live bundle of `name` (`POST /v1/keys/{name}/cancel`, role
+/// `admin`). `Ok(None)` when no submitter is configured; `Err` (a warning: the revocation stands)
+/// when it cannot be reached or refuses.
+pub async fn cancel_bundles(c: &KeyctlConfig, name: &KeyName) -> Result<Option<u64>, String> {
+    let Some(url) = &c.submitter_url else {
+        return Ok(None);
+    };
+    let Some(tls) = c
+        .submitter_tls
+        .as_ref()
+        .or(c.signer.as_ref().map(|s| &s.tls))
+    else {
+        return Err(
+            "the submitter was not told to cancel the key's bundles: keyctl.toml has \
+                    no submitter_tls or [signer] certificate"
+                .into(),
+        );
+    };
+    let client = SignerClient::with_builder(
+        url.trim_end_matches('/').to_owned(),
+        tls,
+        reqwest_builder(Duration::from_secs(5)),
+    )
+    .map_err(|e| format!("submitter client: {e}"))?;
+    match client
+        .post::<_, Value>(&format!("/v1/keys/{name}/cancel"), &json!({}))
+        .await
+    {
+        Ok(v) => Ok(Some(
+            v.get("cancelled")
+                .and_then(|c| c.as_array().map(|a| a.len() as u64).or(c.as_u64()))
+                .unwrap_or(0),
+        )),
+        Err(e) => Err(format!(
+            "the submitter was not told to cancel the bundles of {name}: {e}"
+        )),
+    }
 }
 
 /// What the running signer did about a rotation, and a warning for the operator if it could not

@@ -232,7 +232,7 @@ fn revoke_with_the_signer_down_stays_refused_after_it_restarts() {
     assert_eq!(v["via"], "store", "{v}");
     assert_eq!(v["revoked"], serde_json::json!(["searcher-hot@1"]));
     assert!(String::from_utf8_lossy(&o.stderr).contains("signer unreachable"));
-    assert_eq!(a.status("searcher-hot", 1), "revoked");
+    assert_eq!(a.status("searcher-hot", 1), "destroy_scheduled");
 
     let signer = RunningSigner::start(&a);
     match sign(&a, "searcher-hot", 1) {
@@ -258,7 +258,7 @@ fn revoke_through_the_signer_refuses_its_very_next_request() {
     let (refused, gap) = timed(|| sign(&a, "searcher-hot", 1));
     eprintln!("keyctl revoke took {took:?}; the next request was answered {gap:?} later");
     assert!(refused.is_err(), "a revoked key signed: {refused:?}");
-    assert_eq!(a.status("searcher-hot", 1), "revoked");
+    assert_eq!(a.status("searcher-hot", 1), "destroy_scheduled");
 }
 
 fn copy_store(a: &Appliance, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
