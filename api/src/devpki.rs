@@ -266,6 +266,15 @@ impl DevCa {
     }
 }
 
+/// The serial number of a certificate in PEM (the first one in `pem`), e.g. to revoke a
+/// certificate issued earlier by a [`DevCa`] whose [`Issued`] value is gone.
+pub fn serial_of_pem(pem: &str) -> Result<u64, PkiError> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(gen_err)?;
+    let cert = block.parse_x509().map_err(gen_err)?;
+    u64::try_from(cert.tbs_certificate.serial.clone())
+        .map_err(|_| gen_err("the serial number does not fit in 64 bits"))
+}
+
 /// Writes a file durably with the given mode: temp file, `sync_all`, rename, directory fsync.
 /// Secret files are created with their mode from the start (never world-readable in between).
 pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
@@ -306,4 +315,21 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiErro
 
 fn gen_err(e: impl std::fmt::Display) -> PkiError {
     PkiError::Generate(e.to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_of_pem_reads_back_what_was_issued() {
+        let mut ca = DevCa::new("serial test").unwrap();
+        for _ in 0..3 {
+            let leaf = ca.issue(&LeafSpec::client_uri("spiffe://t/x")).unwrap();
+            assert_eq!(serial_of_pem(&leaf.cert_pem).unwrap(), leaf.serial);
+        }
+        assert_eq!(serial_of_pem(ca.cert_pem()).unwrap(), 1);
+        assert!(serial_of_pem("not a certificate").is_err());
+    }
 }
