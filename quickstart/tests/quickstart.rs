@@ -19,6 +19,9 @@ use alloy::primitives::{Address, B256};
 use alloy::providers::{Provider, ProviderBuilder};
 use serde_json::Value;
 
+/// The two quickstart runs prefer the same ports (8545, 8443…): one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The quickstart takes about ten seconds on two cores with the binaries built; the bound is
 /// generous for a loaded CI machine.
 const QUICKSTART_TIMEOUT: Duration = Duration::from_secs(150);
@@ -64,8 +67,8 @@ fn readme_starts_with_the_quickstart_and_the_test_command() {
     }
 }
 
-#[test]
-fn quickstart_runs_the_main_job_from_a_clean_state() {
+/// The tools of scripts/test, and the directory of this build's binaries.
+fn prerequisites() -> (std::ffi::OsString, PathBuf) {
     let anvil = std::env::var_os("CASTELLAN_ANVIL").unwrap_or_else(|| {
         panic!("CASTELLAN_ANVIL is not set: run the tests with scripts/test (or `source scripts/tools.sh` first)")
     });
@@ -81,6 +84,13 @@ fn quickstart_runs_the_main_job_from_a_clean_state() {
             bin_dir.join(b).display()
         );
     }
+    (anvil, bin_dir)
+}
+
+#[test]
+fn quickstart_runs_the_main_job_from_a_clean_state() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (anvil, bin_dir) = prerequisites();
 
     // Exactly the README's command, plus the flag that stops after the walk-through.
     let command = readme_commands()[0].clone();
@@ -117,7 +127,7 @@ fn quickstart_runs_the_main_job_from_a_clean_state() {
     for needle in [
         "walk-through complete",
         "--config",
-        "curl --cacert",
+        "--cacert",
         "/metrics",
     ] {
         assert!(out.contains(needle), "no {needle:?} in:\n{out}");
@@ -232,6 +242,132 @@ fn quickstart_runs_the_main_job_from_a_clean_state() {
         let from: Address = bundle["from"].as_str().unwrap().parse().unwrap();
         assert_eq!(receipt.from, from, "signed by the HSM key");
     });
+}
+
+#[test]
+fn quickstart_stays_up_its_printed_commands_work_and_ctrl_c_stops_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (_, bin_dir) = prerequisites();
+    // Exactly the README's command, as a user runs it.
+    let command = readme_commands()[0].clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("quickstart.log");
+    let mut child = Command::new(root().join(&command))
+        .current_dir(root())
+        .env("CASTELLAN_BIN_DIR", &bin_dir)
+        .env("CASTELLAN_QUICKSTART_DIR", tmp.path().join("quickstart"))
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap().try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + QUICKSTART_TIMEOUT;
+    let out = loop {
+        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        if out.contains("quickstart: running") {
+            break out;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{command} exited with {status} before it was running:\n{out}");
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command} was not running within {QUICKSTART_TIMEOUT:?}:\n{out}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    // Every command it printed, run as it is.
+    let commands: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("  $ ")).collect();
+    assert!(commands.len() >= 8, "{out}");
+    let mut answers = Vec::new();
+    for c in &commands {
+        let o = Command::new("bash")
+            .args(["-c", c])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            o.status.success(),
+            "`{c}` failed ({}):\n{text}\n--- quickstart ---\n{out}",
+            o.status
+        );
+        answers.push(text);
+    }
+    let answer = |needle: &str| {
+        commands
+            .iter()
+            .position(|c| c.contains(needle))
+            .map(|i| answers[i].clone())
+            .unwrap_or_else(|| panic!("no printed command with {needle:?}:\n{out}"))
+    };
+    let status = answer(" status");
+    assert!(
+        status.contains("signer:     reachable") && status.contains("submitter:  reachable"),
+        "{status}"
+    );
+    let generated = answer("keys generate searcher-2");
+    let address = generated
+        .split_whitespace()
+        .skip_while(|w| *w != "address")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{generated}"))
+        .to_owned();
+    let signed: Value = serde_json::from_str(answer("/sign/transaction").trim()).unwrap();
+    assert_eq!(
+        signed["from"].as_str().unwrap().to_lowercase(),
+        address.to_lowercase(),
+        "{signed}"
+    );
+    assert!(
+        signed["raw"].as_str().unwrap().starts_with("0x02"),
+        "{signed}"
+    );
+    assert!(answer("/v1/relays").contains("\"builder\""));
+    let metrics: String = commands
+        .iter()
+        .zip(&answers)
+        .filter(|(c, _)| c.ends_with("/metrics"))
+        .map(|(_, a)| a.as_str())
+        .collect();
+    assert!(
+        metrics.contains("castellan_signer_requests_total"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("castellan_submitter_"), "{metrics}");
+    let height: u64 = answer("block-number").trim().parse().unwrap();
+    assert!(height >= 2, "{height}");
+
+    // Ctrl-C (SIGINT to the script) stops everything it started.
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = wait(&mut child, Duration::from_secs(30), &log);
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(130), "{out}");
+    assert!(
+        out.contains("==> stopping anvil standin-builder submitter signer"),
+        "{out}"
+    );
+    for prefix in ["signer on ", "submitter on ", "anvil on http://"] {
+        let addr = out
+            .lines()
+            .find_map(|l| l.split_once(prefix).map(|(_, r)| r))
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no {prefix:?} line:\n{out}"));
+        assert!(
+            TcpStream::connect(addr).is_err(),
+            "{addr} still open after Ctrl-C"
+        );
+    }
 }
 
 fn wait(child: &mut Child, timeout: Duration, log: &Path) -> std::process::ExitStatus {
