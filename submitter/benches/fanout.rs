@@ -25,7 +25,14 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 const RELAYS: usize = 5;
-const SAMPLES: usize = 2000;
+/// Bundles per case (`FANOUT_SAMPLES`, default 2000).
+fn samples() -> usize {
+    std::env::var("FANOUT_SAMPLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000)
+        .clamp(10, 100_000)
+}
 
 struct LocalAuth(PrivateKeySigner);
 
@@ -129,7 +136,8 @@ async fn one(b: &mut Bench) -> (Duration, Duration) {
     (accepted - started, last - accepted)
 }
 
-fn percentiles(name: &str, mut samples: Vec<Duration>) {
+/// Prints the percentiles, and `BENCH fanout.<key>.<p>_us=<µs>` lines for scripts/bench.
+fn percentiles(name: &str, key: &str, mut samples: Vec<Duration>) {
     samples.sort();
     let p = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
     println!(
@@ -140,6 +148,12 @@ fn percentiles(name: &str, mut samples: Vec<Duration>) {
         p(0.99),
         samples[samples.len() - 1]
     );
+    for (label, q) in [("p50", 0.50), ("p99", 0.99)] {
+        println!(
+            "BENCH fanout.{key}.{label}_us={:.1}",
+            p(q).as_secs_f64() * 1e6
+        );
+    }
 }
 
 fn fanout(c: &mut Criterion) {
@@ -154,7 +168,7 @@ fn fanout(c: &mut Criterion) {
         let (submits, fanouts): (Vec<_>, Vec<_>) = runtime
             .block_on(async {
                 let mut v = Vec::new();
-                for _ in 0..SAMPLES {
+                for _ in 0..samples() {
                     v.push(one(&mut bench).await);
                 }
                 v
@@ -163,10 +177,12 @@ fn fanout(c: &mut Criterion) {
             .unzip();
         percentiles(
             &format!("fanout/{label}: accepted -> last of {RELAYS} relay requests"),
+            &format!("{label}.accepted_to_last_relay"),
             fanouts,
         );
         percentiles(
             &format!("fanout/{label}: submit (validate + SQLite fsync commit)"),
+            &format!("{label}.submit"),
             submits,
         );
         c.bench_function(
