@@ -338,6 +338,16 @@ fn run(token: &SoftHsmToken) {
     row("1 session, 2 requests in flight", raw1, be1);
     row("1 session, sequential caller", raw1, seq1);
     row("2 sessions, 4 requests in flight", raw2, be2);
+    // Medians, machine-readable for scripts/bench.
+    for (k, v) in [
+        ("raw_s1", raw1.0),
+        ("backend_s1", be1.0),
+        ("raw_s2", raw2.0),
+        ("backend_s2", be2.0),
+        ("conversion", prepared.0),
+    ] {
+        println!("BENCH pkcs11.{k}_per_s={v:.0}");
+    }
     for (name, rate) in [
         ("original", original),
         ("lincomb", lincomb),
