@@ -167,8 +167,12 @@ pub struct LimitsConfig {
     /// Requests allowed to wait for admission; beyond it, 503 with `Retry-After`.
     #[serde(default = "default_queue")]
     pub queue: usize,
-    /// Longest wait for admission; a request that waited this long is refused with 503.
-    #[serde(default = "default_queue_wait", deserialize_with = "duration")]
+    /// Longest wait for admission (`"250ms"`, `"1s"`); a request that waited this long is
+    /// refused with 503.
+    #[serde(
+        default = "default_queue_wait",
+        deserialize_with = "crate::backend::device_duration"
+    )]
     pub queue_wait: Duration,
     /// How long a request waiting for approvals lives.
     #[serde(default = "default_pending_ttl", deserialize_with = "duration")]
