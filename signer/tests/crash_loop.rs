@@ -42,13 +42,34 @@ use serde_json::{Value, json};
 use support::{Appliance, CHAIN_ID, runtime};
 
 const RESTARTS: usize = 20;
-const CLIENTS: u64 = 4;
+/// Clients: three of alpha signing with `hot`, one of beta signing with `cold`.
+const CLIENTS: [Who; 4] = [ALPHA_HOT, ALPHA_HOT, ALPHA_HOT, BETA_COLD];
 const RECIPIENT: Address = address!("70997970C51812dc3A010C7d01b50e0d17dc79C8");
 const ALPHA: &str = "spiffe://castellan/strategy/alpha";
 const GAS: u64 = 21_000;
 const MAX_FEE: u128 = 2_000_000_000;
 /// Kill moments: uniformly this many milliseconds after the signer printed "listening".
 const KILL_AFTER_MS: std::ops::Range<u64> = 0..400;
+/// Client beta signs transfers of `UNIT` wei with key `cold`, whose hourly value limit is
+/// `CAP_UNITS` of them: it reaches the limit during the loop, across restarts.
+const UNIT: u128 = 1_000_000;
+const CAP_UNITS: u128 = 12;
+
+/// A client: its certificate and the key it signs with.
+#[derive(Clone, Copy, Debug)]
+struct Who {
+    stem: &'static str,
+    key: &'static str,
+}
+
+const ALPHA_HOT: Who = Who {
+    stem: "alpha",
+    key: "hot",
+};
+const BETA_COLD: Who = Who {
+    stem: "beta",
+    key: "cold",
+};
 
 /// Windows on key `hot` and on client alpha: value, worst-case cost and request count.
 fn policy() -> String {
@@ -73,12 +94,21 @@ name = "hot"
 velocity = [{{ window = "1h", max_value = "1000 ether", max_cost = "2000 ether" }}]
 rate = [{{ window = "1h", max_requests = 1000000 }}]
 
+[[keys]]
+name = "cold"
+velocity = [{{ window = "1h", max_value = "{cap} wei" }}]
+
 [[clients]]
 identity = "{ALPHA}"
 keys = ["hot"]
 velocity = [{{ window = "24h", max_value = "1000 ether" }}]
 rate = [{{ window = "24h", max_requests = 1000000 }}]
-"#
+
+[[clients]]
+identity = "spiffe://castellan/strategy/beta"
+keys = ["cold"]
+"#,
+        cap = UNIT * CAP_UNITS
     )
 }
 
@@ -90,6 +120,7 @@ fn windows() -> Vec<(String, u64)> {
         ("key:hot:requests:3600".into(), 3_600_000),
         (format!("client:{ALPHA}:value:86400"), 86_400_000),
         (format!("client:{ALPHA}:requests:86400"), 86_400_000),
+        ("key:cold:value:3600".into(), 3_600_000),
     ]
 }
 
@@ -107,11 +138,11 @@ impl Target {
     }
 }
 
-fn https_client(dir: &std::path::Path, addr: SocketAddr) -> reqwest::Client {
+fn https_client(dir: &std::path::Path, addr: SocketAddr, stem: &str) -> reqwest::Client {
     let tls = ClientTlsConfig {
         server_ca: dir.join("ca.pem"),
-        cert: dir.join("alpha.pem"),
-        key: dir.join("alpha.key"),
+        cert: dir.join(format!("{stem}.pem")),
+        key: dir.join(format!("{stem}.key")),
     }
     .build()
     .unwrap();
@@ -133,10 +164,10 @@ enum Job {
 }
 
 impl Job {
-    fn path(&self) -> &'static str {
+    fn path(&self, key: &str) -> String {
         match self {
-            Self::Tx { .. } => "/v1/keys/hot/sign/transaction",
-            Self::Message(_) => "/v1/keys/hot/sign/message",
+            Self::Tx { .. } => format!("/v1/keys/{key}/sign/transaction"),
+            Self::Message(_) => format!("/v1/keys/{key}/sign/message"),
         }
     }
     fn body(&self) -> Value {
@@ -159,7 +190,7 @@ impl Job {
 #[derive(Default)]
 struct Ledger {
     /// Every 200 answer, per request id (several when an id was re-sent).
-    signed: BTreeMap<String, (Job, Vec<Value>)>,
+    signed: BTreeMap<String, (Who, Job, Vec<Value>)>,
     /// Decided before a crash, no outcome: `409 request_in_progress`.
     in_doubt: Vec<String>,
     /// `409 request_failed`.
@@ -168,20 +199,37 @@ struct Ledger {
     retries: u64,
     /// Signed ids re-sent on purpose after a restart; each answer must be the first one.
     resent: u64,
+    /// `422 velocity_exceeded` answers.
+    over_limit: u64,
+    /// Signed ids whose re-sent answer was not the signature.
+    resend_problems: Vec<String>,
 }
 
+/// A refusal that settles a request id.
+#[derive(Debug)]
+enum Refused {
+    /// `409 request_in_progress`: decided before a crash, no outcome recorded.
+    InDoubt,
+    /// `409 request_failed`.
+    Failed,
+    /// `422 velocity_exceeded`.
+    OverLimit,
+}
+
+/// A definite answer: the signature, or a refusal with its body.
 enum Answer {
     Signed(Value),
-    InDoubt,
-    Failed,
+    Refused(Refused, Value),
 }
 
 /// Sends `job` under `rid` until it has a definite answer (retrying after connection failures,
 /// at whatever address the signer has by then). `None` once `deadline` passed without one.
+#[allow(clippy::too_many_arguments)]
 async fn settle(
     dir: &std::path::Path,
     target: &Target,
     conn: &mut Option<(u64, reqwest::Client)>,
+    who: Who,
     rid: &str,
     job: &Job,
     ledger: &Mutex<Ledger>,
@@ -193,11 +241,15 @@ async fn settle(
         }
         let (epoch, addr) = target.get();
         if conn.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            *conn = Some((epoch, https_client(dir, addr)));
+            *conn = Some((epoch, https_client(dir, addr, who.stem)));
         }
         let client = &conn.as_ref().unwrap().1;
         let sent = client
-            .post(format!("https://localhost:{}{}", addr.port(), job.path()))
+            .post(format!(
+                "https://localhost:{}{}",
+                addr.port(),
+                job.path(who.key)
+            ))
             .header("x-request-id", rid)
             .json(&job.body())
             .send()
@@ -212,10 +264,13 @@ async fn settle(
         match answer {
             Ok((200, body)) => return Some(Answer::Signed(body)),
             Ok((409, body)) if body["error"]["code"] == "request_in_progress" => {
-                return Some(Answer::InDoubt);
+                return Some(Answer::Refused(Refused::InDoubt, body));
             }
             Ok((409, body)) if body["error"]["code"] == "request_failed" => {
-                return Some(Answer::Failed);
+                return Some(Answer::Refused(Refused::Failed, body));
+            }
+            Ok((422, body)) if body["error"]["code"] == "velocity_exceeded" => {
+                return Some(Answer::Refused(Refused::OverLimit, body));
             }
             // Not decided (the store or the HSM is not there yet): the same id again.
             Ok((503, _)) => {}
@@ -231,6 +286,7 @@ async fn settle(
 /// last signed id and checks the answer is the same signature.
 async fn client_loop(
     n: u64,
+    who: Who,
     seed: u64,
     dir: std::path::PathBuf,
     target: Target,
@@ -239,7 +295,7 @@ async fn client_loop(
 ) {
     let mut rng = StdRng::seed_from_u64(seed ^ (n + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut conn: Option<(u64, reqwest::Client)> = None;
-    let mut last_signed: Option<(String, Job, Value)> = None;
+    let mut last_signed: Option<(String, Job)> = None;
     let mut seen_epoch = target.get().0;
     let deadline = Instant::now() + Duration::from_secs(120);
     for i in 0u64.. {
@@ -249,26 +305,28 @@ async fn client_loop(
         let epoch = target.get().0;
         if epoch != seen_epoch {
             seen_epoch = epoch;
-            if let Some((rid, job, first)) = &last_signed {
-                match settle(&dir, &target, &mut conn, rid, job, &ledger, deadline).await {
-                    Some(Answer::Signed(again)) => {
-                        assert_eq!(
-                            &again, first,
-                            "request {rid} answered differently after a restart"
-                        );
-                        let mut l = ledger.lock().unwrap();
-                        l.resent += 1;
-                        l.signed.get_mut(rid).unwrap().1.push(again);
-                    }
-                    Some(_) => {
-                        panic!("signed request {rid} answered as not signed after a restart")
-                    }
+            if let Some((rid, job)) = &last_signed {
+                let answer =
+                    settle(&dir, &target, &mut conn, who, rid, job, &ledger, deadline).await;
+                let mut l = ledger.lock().unwrap();
+                l.resent += 1;
+                match answer {
+                    // Compared with the first answer in the final checks.
+                    Some(Answer::Signed(again)) => l.signed.get_mut(rid).unwrap().2.push(again),
+                    Some(Answer::Refused(kind, body)) => l.resend_problems.push(format!(
+                        "request {rid}: signed and received, then answered {kind:?} {body} after a restart"
+                    )),
                     None => panic!("no answer to {rid} within the deadline"),
                 }
             }
         }
         let rid = format!("crash-c{n}-{i}");
-        let job = if rng.gen_range(0..4) == 0 {
+        let job = if who.key == BETA_COLD.key {
+            Job::Tx {
+                nonce: n * 1_000_000 + i,
+                value: UNIT,
+            }
+        } else if rng.gen_range(0..4) == 0 {
             Job::Message(format!("crash loop {rid}"))
         } else {
             Job::Tx {
@@ -276,17 +334,21 @@ async fn client_loop(
                 value: rng.gen_range(1..1_000_000_000u128),
             }
         };
-        match settle(&dir, &target, &mut conn, &rid, &job, &ledger, deadline).await {
+        match settle(&dir, &target, &mut conn, who, &rid, &job, &ledger, deadline).await {
             Some(Answer::Signed(body)) => {
                 ledger
                     .lock()
                     .unwrap()
                     .signed
-                    .insert(rid.clone(), (job.clone(), vec![body.clone()]));
-                last_signed = Some((rid, job, body));
+                    .insert(rid.clone(), (who, job.clone(), vec![body.clone()]));
+                last_signed = Some((rid, job));
             }
-            Some(Answer::InDoubt) => ledger.lock().unwrap().in_doubt.push(rid),
-            Some(Answer::Failed) => ledger.lock().unwrap().failed.push(rid),
+            Some(Answer::Refused(Refused::InDoubt, _)) => ledger.lock().unwrap().in_doubt.push(rid),
+            Some(Answer::Refused(Refused::Failed, _)) => ledger.lock().unwrap().failed.push(rid),
+            Some(Answer::Refused(Refused::OverLimit, _)) => {
+                ledger.lock().unwrap().over_limit += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             None => panic!("no answer to {rid} within the deadline"),
         }
     }
@@ -319,16 +381,17 @@ fn kill_9_at_random_moments_loses_no_signature_and_signs_nothing_twice() {
                 println!("crash loop seed {seed} (CASTELLAN_CRASH_SEED={seed} replays the kill moments)");
                 let mut rng = StdRng::seed_from_u64(seed);
                 let started = Instant::now();
-                let mut app = Appliance::start(token, &["hot"], &policy()).await;
-                let key = app.keys["hot"];
+                let mut app = Appliance::start(token, &["hot", "cold"], &policy()).await;
                 let dir = app.dir.path().to_path_buf();
                 let target = Target(Arc::new(RwLock::new((0, app.addr))));
                 let stop = Arc::new(AtomicBool::new(false));
                 let ledger = Arc::new(Mutex::new(Ledger::default()));
-                let clients: Vec<_> = (0..CLIENTS)
-                    .map(|n| {
+                let clients: Vec<_> = (0u64..)
+                    .zip(CLIENTS)
+                    .map(|(n, who)| {
                         tokio::spawn(client_loop(
                             n,
+                            who,
                             seed,
                             dir.clone(),
                             target.clone(),
@@ -376,7 +439,7 @@ fn kill_9_at_random_moments_loses_no_signature_and_signs_nothing_twice() {
                 let summary = verify_chain(&records, None).expect("the audit chain verifies");
                 let mut decisions: HashMap<&str, &Value> = HashMap::new();
                 let mut signatures: HashMap<&str, &Value> = HashMap::new();
-                let mut problems = Vec::new();
+                let mut problems = ledger.resend_problems.clone();
                 for r in &records {
                     let Some(rid) = r.request_id.as_deref() else { continue };
                     let into = match r.kind {
@@ -391,9 +454,12 @@ fn kill_9_at_random_moments_loses_no_signature_and_signs_nothing_twice() {
 
                 // Every signature received: recovers to the key, and matches its audit records.
                 let mut matched = 0usize;
-                let mut received_value = U256::ZERO;
-                let mut received_cost = U256::ZERO;
-                for (rid, (job, answers)) in &ledger.signed {
+                // Per key: value, worst-case cost and count of the signatures received.
+                let mut received: HashMap<&str, [U256; 3]> = HashMap::new();
+                for (rid, (who, job, answers)) in &ledger.signed {
+                    let key = app.keys[who.key];
+                    let sums = received.entry(who.key).or_default();
+                    sums[2] += U256::from(1);
                     let first = &answers[0];
                     if answers.iter().any(|a| a != first) {
                         problems.push(format!("request {rid}: different answers {answers:?}"));
@@ -412,8 +478,8 @@ fn kill_9_at_random_moments_loses_no_signature_and_signs_nothing_twice() {
                             if !ok {
                                 problems.push(format!("request {rid}: {first} is not a signature by {key} of the job"));
                             }
-                            received_value += U256::from(*value);
-                            received_cost += U256::from(*value) + U256::from(GAS) * U256::from(MAX_FEE);
+                            sums[0] += U256::from(*value);
+                            sums[1] += U256::from(*value) + U256::from(GAS) * U256::from(MAX_FEE);
                             (("txHash", json!(r.hash)), r.signature)
                         }
                         Job::Message(text) => {
@@ -447,9 +513,8 @@ fn kill_9_at_random_moments_loses_no_signature_and_signs_nothing_twice() {
                     }
                 }
                 // Every signature record reached a client (the clients retried every id).
-                let received: HashSet<&str> = ledger.signed.keys().map(String::as_str).collect();
                 for rid in signatures.keys() {
-                    if !received.contains(rid) {
+                    if !ledger.signed.contains_key(*rid) {
                         problems.push(format!("request {rid}: signed and audited, never received"));
                     }
                 }
@@ -504,13 +569,15 @@ fn kill_9_at_random_moments_loses_no_signature_and_signs_nothing_twice() {
                     )
                     .await
                     .unwrap();
-                let count = U256::from(ledger.signed.len());
                 for (w, spent) in &sums {
                     let w = w.as_str();
+                    // Alpha signs only with `hot`: its client windows count what `hot` signed.
+                    let key = if w.starts_with("key:cold:") { "cold" } else { "hot" };
+                    let sums = received.get(key).copied().unwrap_or_default();
                     let received = match w.rsplit(':').nth(1) {
-                        Some("value") => received_value,
-                        Some("cost") => received_cost,
-                        Some("requests") => count,
+                        Some("value") => sums[0],
+                        Some("cost") => sums[1],
+                        Some("requests") => sums[2],
                         other => panic!("window {w}: metric {other:?}"),
                     };
                     let exact = reserved.get(w).copied().unwrap_or_default();
@@ -523,12 +590,37 @@ fn kill_9_at_random_moments_loses_no_signature_and_signs_nothing_twice() {
                     }
                 }
                 assert_eq!(reserved.len(), ws.len(), "windows reserved: {:?}", reserved.keys());
+                // The capped key never went over its limit, across every restart, and refused
+                // (and audited the refusal) once it was reached.
+                let cold = sums
+                    .iter()
+                    .find(|(w, _)| w.as_str() == "key:cold:value:3600")
+                    .unwrap()
+                    .1;
+                assert!(cold <= U256::from(UNIT * CAP_UNITS), "key cold spent {cold}");
+                // Refused by the policy's in-memory pre-check (`velocity_exceeded`) or, when that
+                // mirror does not know the window's total (it starts empty at each start), by the
+                // store's check-and-reserve (`limit_exceeded` in the audit record).
+                let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+                for r in records.iter().filter(|r| r.kind == AuditKind::Refusal) {
+                    let code = r.payload["code"].as_str().unwrap_or_default().to_owned();
+                    *codes.entry(code).or_default() += 1;
+                }
+                println!("refusal records by code: {codes:?}");
+                let refusals = codes.get("velocity_exceeded").copied().unwrap_or_default()
+                    + codes.get("limit_exceeded").copied().unwrap_or_default();
+                assert!(
+                    refusals >= ledger.over_limit,
+                    "{} velocity refusals received, {refusals} audited",
+                    ledger.over_limit
+                );
 
                 println!(
                     "crash loop: {RESTARTS} restarts (kill moments {moments:?} ms), {} signatures received, \
                      {matched} matched to audit records, {} mismatches; {} signature records, {} decisions, \
                      {} decided without outcome (in doubt), {} failed, {} retried attempts, {} signed ids re-sent \
-                     after a restart with the same answer; {} audit records, {:.1} s",
+                     after a restart with the same answer; key cold: {} of {CAP_UNITS} units spent, {} refusals \
+                     over its limit; {} audit records, {:.1} s",
                     ledger.signed.len(),
                     problems.len(),
                     signatures.len(),
@@ -537,10 +629,17 @@ fn kill_9_at_random_moments_loses_no_signature_and_signs_nothing_twice() {
                     ledger.failed.len(),
                     ledger.retries,
                     ledger.resent,
+                    cold / U256::from(UNIT),
+                    ledger.over_limit,
                     summary.records,
                     started.elapsed().as_secs_f64(),
                 );
-                assert!(problems.is_empty(), "{} problems:\n{}", problems.len(), problems.join("\n"));
+                assert!(
+                    problems.is_empty(),
+                    "{} problems (first 20):\n{}",
+                    problems.len(),
+                    problems.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+                );
                 assert_eq!(matched, ledger.signed.len());
                 assert_eq!(
                     decisions.len(),
