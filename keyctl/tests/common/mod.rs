@@ -68,6 +68,11 @@ pub struct Appliance {
 
 impl Appliance {
     pub fn new() -> Self {
+        Self::with_args(&[])
+    }
+
+    /// `keyctl dev init` with extra arguments (`--node-url`, `--builder-url`).
+    pub fn with_args(extra: &[&str]) -> Self {
         let module = castellan_tests::softhsm::module_path().unwrap_or_else(|e| panic!("{e}"));
         let tmp = tempfile::Builder::new()
             .prefix("keyctl-test-")
@@ -81,6 +86,7 @@ impl Appliance {
             .arg("--module")
             .arg(&module)
             .args(["--port", &port.to_string()])
+            .args(extra)
             .output()
             .unwrap();
         assert!(out.status.success(), "dev init failed: {}", dump(&out));
@@ -208,6 +214,79 @@ pub fn signer_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// A binary of this build (`target/<profile>/<name>`), built by `cargo build -p <its crate>`.
+pub fn sibling_bin(name: &str) -> PathBuf {
+    let bin = signer_bin().with_file_name(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (these tests run the real binary)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running process of an appliance that printed `ready_line` on stdout; killed on drop.
+pub struct RunningProcess {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl RunningProcess {
+    /// Starts `bin --config <config>` with the appliance's SoftHSM configuration and waits for
+    /// `ready_line` on its stdout.
+    pub fn start(a: &Appliance, bin: &Path, config: &Path, ready_line: &str) -> Self {
+        let name = bin.file_name().unwrap().to_string_lossy().into_owned();
+        let log = a.dir.join(format!("{name}-{}.log", now_nanos()));
+        let mut child = Command::new(bin)
+            .arg("--config")
+            .arg(config)
+            .env("SOFTHSM2_CONF", a.dir.join("softhsm2.conf"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ready_line = ready_line.to_owned();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains(&ready_line) {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let started = rx.recv_timeout(Duration::from_secs(30)).is_ok();
+        let mut p = Self {
+            child: Some(child),
+            log,
+        };
+        if !started {
+            let log = p.log_text();
+            if let Some(mut c) = p.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            panic!("{name} did not start; its log:\n{log}");
+        }
+        p
+    }
+
+    /// Its stderr so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for RunningProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// A running signer of an appliance; killed on drop.
