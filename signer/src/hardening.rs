@@ -8,7 +8,8 @@
 //! another process of the same user would expose them. This module closes those three doors:
 //! - `setrlimit(RLIMIT_CORE, 0)` and `prctl(PR_SET_DUMPABLE, 0)`: no core file is written, and
 //!   only root can ptrace the process or read its memory through `/proc`;
-//! - `mlockall(MCL_CURRENT | MCL_FUTURE)` (unless `hardening.no_mlock`): no page is swapped out;
+//! - `mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)` (unless `hardening.no_mlock`): no page
+//!   the process has touched is swapped out;
 //!   it needs `RLIMIT_MEMLOCK` raised (systemd: `LimitMEMLOCK=`) or `CAP_IPC_LOCK`, and a failure
 //!   stops the signer instead of running unlocked;
 //! - running with effective uid 0 is refused unless `hardening.allow_root`: a root signer's bug
@@ -35,7 +36,7 @@ pub enum HardeningError {
     Dumpable(std::io::Error),
     /// `mlockall` failed, typically because `RLIMIT_MEMLOCK` is too low.
     #[error(
-        "cannot lock memory (mlockall MCL_CURRENT|MCL_FUTURE): {error}; the memory-lock limit is \
+        "cannot lock memory (mlockall MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT): {error}; the memory-lock limit is \
          {limit}: raise it (systemd: LimitMEMLOCK=infinity) or set `no_mlock = true` in [hardening]"
     )]
     Mlock {
@@ -90,12 +91,16 @@ pub fn apply(config: &HardeningConfig) -> Result<Applied, HardeningError> {
         false
     } else {
         use rustix::mm::{MlockAllFlags, mlockall};
-        mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE).map_err(|e| {
-            HardeningError::Mlock {
+        // ONFAULT: lock pages as they are touched instead of populating every mapping up front.
+        // Every page that can hold a secret is touched before it holds one, so it is locked just
+        // the same; without ONFAULT each new thread stack and allocator arena would become
+        // resident in full (a blocking-pool thread costs its whole 2 MiB stack).
+        mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT).map_err(
+            |e| HardeningError::Mlock {
                 error: e.into(),
                 limit: memlock_limit(),
-            }
-        })?;
+            },
+        )?;
         true
     };
     Ok(Applied {
