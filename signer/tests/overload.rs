@@ -1,0 +1,228 @@
+//! Overload and rate limits over the real signer binary:
+//! - past the admission limits (`[limits] max_in_flight`, `queue`, `queue_wait`), a signing
+//!   request is answered 503 `overloaded` with `Retry-After` at once, the refusals are audited
+//!   (in aggregate), and the signer serves normally right after;
+//! - a client over its policy rate limit is answered 429 `rate_limited` with `X-RateLimit-Limit`,
+//!   `X-RateLimit-Remaining`, `X-RateLimit-Reset` and `Retry-After`, carrying the policy's numbers,
+//!   while another client is not limited.
+//!
+//! The throughput and latency figures under 10× overload are a benchmark
+//! (`cargo bench -p castellan-signer --bench overload`), not a test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use alloy::primitives::Address;
+use castellan_tests::softhsm::in_own_process;
+use serde_json::{Value, json};
+use support::{Appliance, CHAIN_ID, policy_toml, refused_with, runtime};
+
+fn policy() -> String {
+    policy_toml(&[0x41, 0x42, 0x43].map(Address::repeat_byte))
+}
+
+fn tx_json(nonce: u64) -> Value {
+    json!({ "tx": {
+        "chainId": CHAIN_ID.to_string(),
+        "nonce": nonce.to_string(),
+        "to": Address::repeat_byte(0x11).to_string(),
+        "value": "1",
+        "gas": "21000",
+        "maxFeePerGas": "0x77359400",
+        "maxPriorityFeePerGas": "0x3b9aca00",
+    }})
+}
+
+/// Restarts the signer with `lines` added to signer.toml's `[limits]` table.
+fn set_limits(app: &mut Appliance, lines: &str) {
+    app.kill();
+    let path = app.path("signer.toml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    assert!(config.contains("\n[limits]\n"), "{config}");
+    std::fs::write(
+        &path,
+        config.replace("\n[limits]\n", &format!("\n[limits]\n{lines}")),
+    )
+    .unwrap();
+    app.spawn();
+}
+
+fn header(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
+#[test]
+fn past_the_admission_limit_503_overloaded_with_retry_after_then_serves_normally() {
+    in_own_process(
+        "past_the_admission_limit_503_overloaded_with_retry_after_then_serves_normally",
+        "overload",
+        |token| {
+            runtime().block_on(async {
+                // One request in the pipeline, one waiting at most 20 ms: a burst of 64 at once
+                // must be mostly refused.
+                let mut app = Appliance::start(token, &["hot"], &policy()).await;
+                set_limits(
+                    &mut app,
+                    "max_in_flight = 1\nqueue = 1\nqueue_wait = \"20ms\"\n",
+                );
+                let clients: Vec<reqwest::Client> =
+                    (0..64).map(|_| app.client(Some("alpha"))).collect();
+                // Connect every client first, so that the burst is requests, not handshakes.
+                for c in &clients {
+                    assert_eq!(
+                        c.get(app.url("/ready"))
+                            .send()
+                            .await
+                            .unwrap()
+                            .status()
+                            .as_u16(),
+                        200
+                    );
+                }
+                let mut tasks = Vec::new();
+                for (i, c) in clients.iter().enumerate() {
+                    let c = c.clone();
+                    let url = app.url("/v1/keys/hot/sign/transaction");
+                    tasks.push(tokio::spawn(async move {
+                        let t = Instant::now();
+                        let r = c
+                            .post(&url)
+                            .header("x-request-id", format!("burst-{i}"))
+                            .json(&tx_json(i as u64))
+                            .send()
+                            .await
+                            .unwrap();
+                        let status = r.status().as_u16();
+                        let retry = header(&r, "retry-after");
+                        let rid = header(&r, "x-request-id");
+                        let body: Value = r.json().await.unwrap();
+                        (status, retry, rid, body, t.elapsed())
+                    }));
+                }
+                let mut signed = 0;
+                let mut refused = 0;
+                for t in tasks {
+                    let (status, retry, rid, body, latency) = t.await.unwrap();
+                    match status {
+                        200 => signed += 1,
+                        503 => {
+                            refused += 1;
+                            assert_eq!(body["error"]["code"], "overloaded", "{body}");
+                            assert_eq!(retry.as_deref(), Some("1"), "{body}");
+                            assert!(rid.is_some_and(|r| r.starts_with("burst-")));
+                            let msg = body["error"]["message"].as_str().unwrap();
+                            assert!(msg.contains("saturated"), "{msg}");
+                            assert_eq!(body["error"]["details"]["maxInFlight"], 1, "{body}");
+                            assert_eq!(body["error"]["details"]["queue"], 1, "{body}");
+                            // Refused at once or after the bounded wait, never queued longer.
+                            assert!(latency < Duration::from_secs(2), "{latency:?}");
+                        }
+                        other => panic!("unexpected {other}: {body}"),
+                    }
+                }
+                println!(
+                    "burst of 64 with 1 in flight + 1 waiting: {signed} signed, {refused} refused"
+                );
+                assert!(
+                    signed >= 1 && refused >= 1,
+                    "{signed} signed, {refused} refused"
+                );
+
+                // The refusals are in the audit chain (aggregated: at most one record a second).
+                let deadline = Instant::now() + Duration::from_secs(5);
+                loop {
+                    if refused_with(&app.audit().await, "overloaded") {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "no `overloaded` refusal audited");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let records = app.audit().await;
+                let rec = records
+                    .iter()
+                    .find(|r| r.payload.get("code").and_then(Value::as_str) == Some("overloaded"))
+                    .unwrap();
+                let reason = rec.payload["reason"].as_str().unwrap();
+                assert!(reason.contains("refused for overload"), "{reason}");
+                assert!(reason.contains("1 in flight"), "{reason}");
+
+                // Right after: one request at a time is served normally.
+                for i in 0..5u64 {
+                    let r = clients[0]
+                        .post(app.url("/v1/keys/hot/sign/transaction"))
+                        .json(&tx_json(1000 + i))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+                }
+            });
+        },
+    );
+}
+
+#[test]
+fn over_its_rate_limit_a_client_gets_429_with_the_policys_numbers() {
+    in_own_process(
+        "over_its_rate_limit_a_client_gets_429_with_the_policys_numbers",
+        "ratelimit",
+        |token| {
+            runtime().block_on(async {
+                let alpha = "identity = \"spiffe://castellan/strategy/alpha\"\nkeys = [\"hot\", \"cold\"]\n";
+                let policy = policy();
+                assert!(policy.contains(alpha));
+                let policy = policy.replace(
+                    alpha,
+                    &format!("{alpha}rate = [{{ window = \"1m\", max_requests = 3 }}]\n"),
+                );
+                let app = Appliance::start(token, &["hot", "cold"], &policy).await;
+                let alpha = app.client(Some("alpha"));
+                let beta = app.client(Some("beta"));
+                let sign = async |c: &reqwest::Client, key: &str, nonce: u64| {
+                    c.post(app.url(&format!("/v1/keys/{key}/sign/transaction")))
+                        .json(&tx_json(nonce))
+                        .send()
+                        .await
+                        .unwrap()
+                };
+                let started = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                for (n, remaining) in [(0u64, "2"), (1, "1"), (2, "0")] {
+                    let r = sign(&alpha, "hot", n).await;
+                    assert_eq!(r.status().as_u16(), 200);
+                    // Allowed answers need not carry the headers; when they do, they count down.
+                    if let Some(rem) = header(&r, "x-ratelimit-remaining") {
+                        assert_eq!(rem, remaining);
+                    }
+                }
+                let r = sign(&alpha, "hot", 3).await;
+                assert_eq!(r.status().as_u16(), 429);
+                assert_eq!(header(&r, "x-ratelimit-limit").as_deref(), Some("3"));
+                assert_eq!(header(&r, "x-ratelimit-remaining").as_deref(), Some("0"));
+                let reset: u64 = header(&r, "x-ratelimit-reset").unwrap().parse().unwrap();
+                // The oldest counted request leaves the 1-minute window a minute after it was made.
+                assert!(
+                    (started + 59..=started + 62).contains(&reset),
+                    "reset {reset}, started {started}"
+                );
+                let retry: u64 = header(&r, "retry-after").unwrap().parse().unwrap();
+                assert!((1..=61).contains(&retry), "{retry}");
+                let body: Value = r.json().await.unwrap();
+                assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+                let msg = body["error"]["message"].as_str().unwrap();
+                assert!(msg.contains("limit 3"), "{msg}");
+                // The limit is the client's: another key of the same client is limited too, and
+                // another client is not.
+                assert_eq!(sign(&alpha, "cold", 4).await.status().as_u16(), 429);
+                assert_eq!(sign(&beta, "cold", 5).await.status().as_u16(), 200);
+                assert!(refused_with(&app.audit().await, "rate_limited"));
+            });
+        },
+    );
+}
