@@ -10,6 +10,7 @@
 //!
 //! The attempts at the handshake use a plain rustls client over a `TcpStream` (so the test knows
 //! its local port), sending a real signing request: had any got in, it would have been signed.
+//! TLS 1.2 is offered a second time by an independent client, `openssl s_client -tls1_2`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -171,6 +172,15 @@ async fn refusal_of(app: &Appliance, local: SocketAddr) -> AuditRecord {
     }
 }
 
+/// How many `tls_refused` records the chain holds.
+async fn tls_refusals(app: &Appliance) -> usize {
+    app.audit()
+        .await
+        .iter()
+        .filter(|r| r.kind.as_str() == "refusal" && r.payload["code"] == "tls_refused")
+        .count()
+}
+
 #[test]
 fn every_tls_attack_is_refused_and_audited_and_a_crl_update_needs_no_restart() {
     in_own_process(
@@ -250,6 +260,37 @@ fn every_tls_attack_is_refused_and_audited_and_a_crl_update_needs_no_restart() {
                     }
                     assert_eq!(record.identity, None, "{what}: {record:?}");
                     println!("{what}: refused ({:?}); audited: {reason}", a.error);
+                }
+
+                // TLS 1.2 again from an independent implementation: OpenSSL's s_client, with
+                // alpha's valid certificate.
+                let before = tls_refusals(&app).await;
+                let out = std::process::Command::new("openssl")
+                    .args(["s_client", "-tls1_2", "-connect"])
+                    .arg(app.addr.to_string())
+                    .args(["-servername", "localhost", "-cert"])
+                    .arg(app.path("alpha.pem"))
+                    .arg("-key")
+                    .arg(app.path("alpha.key"))
+                    .arg("-CAfile")
+                    .arg(app.path("ca.pem"))
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .expect("openssl is not installed");
+                let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    !out.status.success(),
+                    "openssl got a TLS 1.2 session:\n{text}"
+                );
+                assert!(text.contains("alert protocol version"), "{text}");
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while tls_refusals(&app).await <= before {
+                    assert!(
+                        Instant::now() < deadline,
+                        "openssl's TLS 1.2 attempt is not audited"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
 
                 // A valid certificate of the right CA whose identity nobody configured.
