@@ -17,6 +17,8 @@ need_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok
 need_pkg softhsm2
 need_pkg opensc
 need_pkg stunnel4
+# openssl s_client (signer/tests/tls_attacks.rs offers TLS 1.2 with it).
+need_pkg openssl
 need_pkg gdb  # signer/tests/hsm_faults.rs closes the signer's PKCS#11 sessions from outside
 need_pkg curl
 # promtool (scripts/test checks the Prometheus alert rules with it).
