@@ -1,0 +1,242 @@
+//! Store faults against the real signer binary: its SQLite store lives on a small tmpfs mounted
+//! for the test, and the filesystem is filled (disk full). While the store cannot commit, the
+//! signer refuses to sign (fails closed) with 503 `store_unavailable`; every signature it did
+//! answer has its durable decision record; and it signs again by itself once space is freed —
+//! no restart.
+//!
+//! Not covered: a store that turns read-only while the signer has it open. Linux refuses to
+//! remount a filesystem read-only while a process holds files open for writing on it (`mount
+//! point is busy`), for tmpfs and for bind mounts alike; only a filesystem error
+//! (`errors=remount-ro`) or a shutdown does it, which needs a block device.
+//!
+//! Needs root (or CAP_SYS_ADMIN) to mount; the test fails with a message saying so otherwise.
+//! The mount is removed when the test ends, also when it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use alloy::primitives::Address;
+use castellan_tests::softhsm::in_own_process;
+use serde_json::{Value, json};
+use support::{Appliance, CHAIN_ID, policy_toml, runtime};
+
+fn tx_json(nonce: u64) -> Value {
+    json!({ "tx": {
+        "chainId": CHAIN_ID.to_string(),
+        "nonce": nonce.to_string(),
+        "to": Address::repeat_byte(0x11).to_string(),
+        "value": "1",
+        "gas": "21000",
+        "maxFeePerGas": "0x77359400",
+        "maxPriorityFeePerGas": "0x3b9aca00",
+    }})
+}
+
+/// A tmpfs mounted for the test; unmounted on drop (also when the test panics).
+struct Tmpfs {
+    at: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
+            .arg("castellan-store-faults")
+            .arg(at)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run mount: {e}"));
+        assert!(
+            out.status.success(),
+            "this test needs to mount a tmpfs (run it as root or with CAP_SYS_ADMIN): mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { at: at.to_owned() }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: succeeds even while the (killed) signer's files are still being closed.
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}
+
+/// Fills the filesystem holding `dir` with one file until it is full; returns its path.
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0x5a_u8; 64 * 1024];
+    let mut written = 0usize;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(n) => written += n,
+            Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+            Err(e) => panic!("filling the store's filesystem: {e}"),
+        }
+        assert!(written < 1 << 30, "the filesystem does not fill up");
+    }
+    // The last partial pages too.
+    for _ in 0..64 {
+        if f.write(&[0x5a; 512]).is_err() {
+            break;
+        }
+    }
+    let _ = f.sync_all();
+    path
+}
+
+struct Answer {
+    status: u16,
+    code: Option<String>,
+    message: Option<String>,
+    retry_after: Option<String>,
+    request_id: String,
+}
+
+async fn sign(app: &Appliance, c: &reqwest::Client, n: u64) -> Answer {
+    let request_id = format!("store-fault-{n}");
+    let r = c
+        .post(app.url("/v1/keys/hot/sign/transaction"))
+        .header("x-request-id", &request_id)
+        .json(&tx_json(n))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let retry_after = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    Answer {
+        status,
+        code: body["error"]["code"].as_str().map(str::to_owned),
+        message: body["error"]["message"].as_str().map(str::to_owned),
+        retry_after,
+        request_id,
+    }
+}
+
+fn assert_store_refusal(a: &Answer) {
+    assert_eq!(a.status, 503, "{:?} {:?}", a.code, a.message);
+    assert_eq!(
+        a.code.as_deref(),
+        Some("store_unavailable"),
+        "{:?}",
+        a.message
+    );
+    assert!(a.retry_after.is_some(), "no Retry-After");
+    let m = a.message.as_deref().unwrap();
+    assert!(m.contains("nothing was signed"), "{m}");
+}
+
+#[test]
+fn disk_full_store_fails_closed_and_recovers() {
+    in_own_process(
+        "disk_full_store_fails_closed_and_recovers",
+        "storefaults",
+        |token| {
+            runtime().block_on(async {
+                let policy = policy_toml(&[0x41, 0x42, 0x43].map(Address::repeat_byte));
+                let mut app = Appliance::start(token, &["hot"], &policy).await;
+                // Move the store onto a 4 MiB tmpfs and restart the signer on it.
+                app.kill();
+                let fs = Tmpfs::mount(&app.path("storefs"), "4m");
+                for suffix in ["", "-wal", "-shm"] {
+                    let from = app.path(&format!("signer.db{suffix}"));
+                    if from.exists() {
+                        std::fs::copy(&from, fs.at.join(format!("signer.db{suffix}"))).unwrap();
+                    }
+                }
+                let config_path = app.path("signer.toml");
+                let config = std::fs::read_to_string(&config_path).unwrap();
+                let old = format!("path = \"{}\"", app.path("signer.db").display());
+                assert!(config.contains(&old), "{config}");
+                let new = format!("path = \"{}\"", fs.at.join("signer.db").display());
+                std::fs::write(&config_path, config.replace(&old, &new)).unwrap();
+                app.spawn();
+                let pid = app.pid().unwrap();
+                let c = app.client(Some("alpha"));
+                let mut n = 0u64;
+                let mut signed = Vec::new();
+                for _ in 0..5 {
+                    n += 1;
+                    let a = sign(&app, &c, n).await;
+                    assert_eq!(a.status, 200, "{:?}", a.message);
+                    signed.push(a.request_id);
+                }
+
+                // 1. Disk full: sign until the store cannot commit (bounded), then every further
+                //    request is refused until space is freed.
+                let filler = fill(&fs.at);
+                let mut first_refusal = None;
+                for _ in 0..400 {
+                    n += 1;
+                    let a = sign(&app, &c, n).await;
+                    match a.status {
+                        200 => signed.push(a.request_id),
+                        _ => {
+                            assert_store_refusal(&a);
+                            first_refusal = Some(n);
+                            break;
+                        }
+                    }
+                }
+                let first_refusal =
+                    first_refusal.expect("400 signatures on a full filesystem and no refusal");
+                println!(
+                    "disk full: {} signed before the first refusal (WAL space), refused at #{first_refusal}",
+                    signed.len() - 5
+                );
+                for _ in 0..10 {
+                    n += 1;
+                    let a = sign(&app, &c, n).await;
+                    assert_store_refusal(&a);
+                }
+                // Space comes back: the signer signs again by itself.
+                std::fs::remove_file(&filler).unwrap();
+                let freed = Instant::now();
+                let recovered = loop {
+                    n += 1;
+                    let a = sign(&app, &c, n).await;
+                    if a.status == 200 {
+                        signed.push(a.request_id);
+                        break freed.elapsed();
+                    }
+                    assert_store_refusal(&a);
+                    assert!(freed.elapsed() < Duration::from_secs(10), "no recovery after freeing space");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                };
+                println!("disk full: signing again {} ms after space was freed", recovered.as_millis());
+
+                for _ in 0..5 {
+                    n += 1;
+                    let a = sign(&app, &c, n).await;
+                    assert_eq!(a.status, 200, "{:?}", a.message);
+                    signed.push(a.request_id);
+                }
+
+                // No restart, and every signature answered has its decision in the audit chain.
+                assert_eq!(app.pid(), Some(pid));
+                assert_eq!(app.stderr().matches("signer ready").count(), 2, "one restart: the move to tmpfs");
+                let records = app.audit().await;
+                for rid in &signed {
+                    assert!(
+                        records.iter().any(|r| r.kind.as_str() == "decision"
+                            && r.request_id.as_deref() == Some(rid.as_str())),
+                        "signature {rid} has no decision record"
+                    );
+                }
+                println!("{} signatures, each with its decision record", signed.len());
+                app.kill();
+            });
+        },
+    );
+}
