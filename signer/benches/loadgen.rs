@@ -8,7 +8,13 @@
 //!   backend's own CPU per signature measured in-process);
 //! - p50/p99 latency at half the sustainable load, beside the HSM's own p50/p99.
 //!
-//! Environment: `LOADGEN_SECONDS` (default 8) per phase.
+//! - the store's own floor beside them: `fdatasync` latency of a 4 KiB append in the store's
+//!   directory, measured in the same run (the decision must be on disk before the HSM signs, so
+//!   one such sync is in every request's latency).
+//!
+//! Environment: `LOADGEN_SECONDS` (default 8) per phase; `LOADGEN_CLIENTS` (default 16) closed-
+//! loop clients per HSM session: enough requests in flight to cover the decision's fsync
+//! (milliseconds on a virtual disk) while the HSM signs others.
 #![allow(
     missing_docs,
     clippy::unwrap_used,
@@ -374,11 +380,17 @@ async fn open_loop(
 async fn run(token: &SoftHsmToken, dur: Duration) {
     let mut rows = Vec::new();
     let mut half_load = None;
+    let per_session: usize = std::env::var("LOADGEN_CLIENTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16);
+    let mut sync = None;
     for sessions in [1usize, 2] {
         let raw = raw_backend(token, sessions, dur).await;
         let app = support::Appliance::start_full(token, &["hot"], POLICY, "", sessions).await;
-        let served = closed_loop(&app, 4 * sessions, dur).await;
+        let served = closed_loop(&app, per_session * sessions, dur).await;
         if sessions == 1 {
+            sync = Some(sync_latency(app.dir.path()));
             let (p50, p99, n) = open_loop(&app, served.rate / 2.0, dur).await;
             half_load = Some((served.rate / 2.0, p50, p99, n, raw.p50, raw.p99));
         }
@@ -389,6 +401,7 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
     println!(
         "signer over mTLS (keep-alive, policy with 3 velocity windows + rate limit, durable audit) vs raw backend, same run"
     );
+    println!("({per_session} closed-loop clients per session)");
     println!(
         "{:>8} {:>14} {:>14} {:>8} {:>18} {:>18}",
         "sessions", "raw signs/s", "signer req/s", "ratio", "signer CPU/req", "outside-HSM CPU"
@@ -455,4 +468,31 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
             println!("BENCH loadgen.{k}_us={}", v.as_micros());
         }
     }
+    if let Some((p50, p99)) = sync {
+        println!(
+            "  store  p50 {:>7} µs   p99 {:>7} µs   (fdatasync of a 4 KiB append in the store's directory: the floor of one durable commit)",
+            p50.as_micros(),
+            p99.as_micros()
+        );
+    }
+}
+
+/// `fdatasync` latency of 4 KiB appends in `dir` (what one WAL commit with
+/// `synchronous=FULL` waits for at least).
+fn sync_latency(dir: &std::path::Path) -> (Duration, Duration) {
+    use std::io::Write;
+    let path = dir.join("sync-probe");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let page = [0x5au8; 4096];
+    let mut lat = Vec::with_capacity(200);
+    for _ in 0..200 {
+        f.write_all(&page).unwrap();
+        let t = Instant::now();
+        f.sync_data().unwrap();
+        lat.push(t.elapsed());
+    }
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    lat.sort();
+    (pct(&lat, 50.0), pct(&lat, 99.0))
 }

@@ -9,7 +9,8 @@
 //!
 //! `writer_cpu` measures the store's own cost per signing request: the CPU time of the writer
 //! thread (`castellan-store`, read from `/proc/self/task/<tid>/schedstat`, nanoseconds) per
-//! decision with five windows plus its recorded outcome, with 1 and with 8 callers. Run it alone
+//! decision with five windows plus its queued outcome (as the signing pipeline records it), with 1
+//! and with 8 callers. Run it alone
 //! with `cargo bench -p castellan-signer --bench store -- writer_cpu`; set `STORE_BENCH_CPU_ONLY=1`
 //! to skip the throughput groups (e.g. under `valgrind --tool=callgrind`) and
 //! `STORE_BENCH_REQUESTS` to change the number of requests (default 4000).
@@ -255,7 +256,7 @@ fn writer_cpu_run(requests: u64, history: bool) {
                             let request_id = d.request_id.clone();
                             store.commit_decision(d).await.expect("decision");
                             store
-                                .record_outcome(OutcomeTx {
+                                .queue_outcome(OutcomeTx {
                                     request_id,
                                     at: UnixMillis::now(),
                                     outcome: Outcome::Signed {
@@ -289,13 +290,14 @@ fn writer_cpu_run(requests: u64, history: bool) {
         let commits = stats.commits - stats_before.commits;
         eprintln!(
             "writer_cpu {label}, {callers} callers: {:.1} us writer CPU per request (decision with 5 \
-             windows + outcome; user {:.1} us, system {:.1} us), {:.0} requests/s, {:.1} jobs \
-             per commit",
+             windows + queued outcome; user {:.1} us, system {:.1} us), {:.0} requests/s, {:.1} \
+             jobs per commit, {:.2} fsynced commits per request",
             cpu as f64 / 1e3 / requests as f64,
             tick_us(user_after - user_before),
             tick_us(sys_after - sys_before),
             requests as f64 / elapsed.as_secs_f64(),
             (stats.jobs - stats_before.jobs) as f64 / commits.max(1) as f64,
+            (commits - (stats.unsynced - stats_before.unsynced)) as f64 / requests as f64,
         );
     }
 }

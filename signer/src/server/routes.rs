@@ -952,8 +952,9 @@ async fn execute<B: KeyBackend, S: Store>(
         at: now_ms(),
         outcome: Outcome::Signed { details },
     };
-    if let Err(e) = s.store.record_outcome(outcome).await {
-        // The decision record already covers this signature; the outcome record is the receipt.
+    // The durable decision record already covers this signature; the outcome record is the
+    // receipt, queued without waiting for an fsync (see "Outcomes" in the store docs).
+    if let Err(e) = s.store.queue_outcome(outcome).await {
         tracing::error!(error = %e, request_id = rid, "cannot record a signature outcome");
     }
     Ok((StatusCode::OK, body))

@@ -32,6 +32,24 @@
 //! A decision whose outcome is never recorded (the signer crashed while signing) keeps its
 //! reservations — a crash never lowers a window's spent total — and its request id stays used.
 //!
+//! # Outcomes
+//! The invariant of the signing pipeline is that no signature leaves the signer unless a
+//! *durable* audit record and a limit reservation cover it. The decision record is that record:
+//! it names the request, the key, the request digest (which binds what is signed), the client
+//! and the reservations, and it is on disk before the backend is asked to sign. The `signature`
+//! record that follows is the receipt (signature, transaction hash, response). So the signing
+//! path does not wait for an fsync of the receipt: [`Store::queue_outcome`] queues it, the writer
+//! commits it in its next batch — with `synchronous=FULL` when the batch holds any job that
+//! must be durable (a decision, a change), otherwise with `synchronous=NORMAL`, i.e. written to
+//! the WAL without an fsync — and the next durable commit's fsync of the WAL makes it durable
+//! too (the WAL is one append-only file: syncing it syncs every frame before). A process crash
+//! loses nothing (the frames are in the OS's page cache); a power loss before the next durable
+//! commit loses at most such receipts, never a decision record, and the request then stays
+//! `reserved` with its reservations kept, as for a crash while signing. Failures (which release
+//! reservations) and every other change are still answered only after their fsync. Reads
+//! through this store first wait until every outcome queued before them is committed, so a
+//! client that got its signature and then asks for the request's status sees the outcome.
+//!
 //! # Limit windows
 //! A window is an opaque [`WindowKey`] (the policy crate names them, e.g.
 //! `key:searcher-hot:value:3600`) plus a duration. Amounts are `U256`, stored as 32-byte
@@ -824,6 +842,20 @@ pub trait Store: Send + Sync + 'static {
         &self,
         outcome: OutcomeTx,
     ) -> impl Future<Output = Result<DecisionReceipt, StoreError>> + Send;
+
+    /// Step 7 for a signature whose decision is already durable: appends the `signature` record
+    /// like [`Store::record_outcome`] with [`Outcome::Signed`], without waiting for an fsync.
+    ///
+    /// Returns once the outcome is queued behind every write queued before it. The writer runs
+    /// it in its next batch; it is then visible to every reader (this store's reads wait for
+    /// the outcomes queued before them) and is made durable by the next durable commit (the next
+    /// decision's, at the latest). A crash before that loses at most the outcome record: the
+    /// durable decision record still covers the signature and its reservations are kept (see
+    /// "Outcomes" in the module docs). A failure to write it is logged.
+    fn queue_outcome(
+        &self,
+        outcome: OutcomeTx,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// What is stored for a request id, if it was used.
     fn request(

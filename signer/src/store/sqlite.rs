@@ -66,8 +66,11 @@ pub struct SqliteStore {
 /// factor).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CommitStats {
-    /// Write transactions committed (one fsync each).
+    /// Write transactions committed (one fsync each, except the `unsynced` ones).
     pub commits: u64,
+    /// Of those, commits of batches that held only queued outcomes: written to the WAL without
+    /// an fsync, made durable by the next commit's fsync.
+    pub unsynced: u64,
     /// Write jobs (decisions, outcomes, changes) answered, committed or refused.
     pub jobs: u64,
 }
@@ -76,6 +79,10 @@ pub struct CommitStats {
 struct CommitCounters {
     commits: std::sync::atomic::AtomicU64,
     jobs: std::sync::atomic::AtomicU64,
+    /// Commits without an fsync (batches of queued outcomes only).
+    unsynced: std::sync::atomic::AtomicU64,
+    /// Outcomes queued ([`Store::queue_outcome`]) and not yet committed: reads wait for them.
+    queued: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -125,11 +132,23 @@ impl SqliteStore {
         use std::sync::atomic::Ordering::Relaxed;
         CommitStats {
             commits: self.stats.commits.load(Relaxed),
+            unsynced: self.stats.unsynced.load(Relaxed),
             jobs: self.stats.jobs.load(Relaxed),
         }
     }
 
+    /// Runs `f` in the writer's next batch; answers after the batch's durable commit.
     async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.write_with(true, f).await
+    }
+
+    /// Runs `f` in the writer's next batch; answers after the batch's commit, which is fsynced
+    /// if `durable` (or if any other job of the batch needs it).
+    async fn write_with<T, F>(&self, durable: bool, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
@@ -137,7 +156,7 @@ impl SqliteStore {
         let sender = self.sender.as_ref().ok_or(StoreError::Closed)?;
         let (tx, rx) = oneshot::channel();
         sender
-            .send(Box::new(ClosureJob { f, tx }))
+            .send(Box::new(ClosureJob { f, tx, durable }))
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -148,6 +167,11 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        // Read your writes: an outcome queued before this read (a client may have its signature
+        // already) is committed before the read starts. The barrier needs no fsync.
+        if self.stats.queued.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            self.write_with(false, |_| Ok(())).await?;
+        }
         let reader = Arc::clone(&self.reader);
         tokio::task::spawn_blocking(move || {
             let conn = reader
@@ -187,6 +211,26 @@ impl Store for SqliteStore {
         }
         ms(o.at)?;
         self.write(move |ctx| outcome(ctx, o)).await
+    }
+
+    async fn queue_outcome(&self, o: OutcomeTx) -> Result<(), StoreError> {
+        if let Outcome::Signed { details } = &o.outcome {
+            check_object(details)?;
+        } else {
+            return Err(StoreError::Invalid(
+                "only a signature's outcome may be queued; a failure is recorded durably".into(),
+            ));
+        }
+        ms(o.at)?;
+        let sender = self.sender.as_ref().ok_or(StoreError::Closed)?;
+        use std::sync::atomic::Ordering::AcqRel;
+        self.stats.queued.fetch_add(1, AcqRel);
+        let job = QueuedOutcome { outcome: o };
+        if sender.send(Box::new(job)).await.is_err() {
+            self.stats.queued.fetch_sub(1, AcqRel);
+            return Err(StoreError::Closed);
+        }
+        Ok(())
     }
 
     async fn request(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError> {
@@ -1079,6 +1123,14 @@ impl Store for SqliteStore {
 trait Job: Send {
     fn run(self: Box<Self>, ctx: &mut WriteCtx<'_>) -> Box<dyn Reply>;
     fn abort(self: Box<Self>, error: StoreError);
+    /// Whether the batch holding this job must be fsynced before anyone is answered.
+    fn durable(&self) -> bool {
+        true
+    }
+    /// Whether this is a queued outcome (counted in [`CommitCounters::queued`]).
+    fn queued(&self) -> bool {
+        false
+    }
 }
 
 /// A job's answer, held until its batch commits (or fails to).
@@ -1089,6 +1141,7 @@ trait Reply: Send {
 struct ClosureJob<T, F> {
     f: F,
     tx: oneshot::Sender<Result<T, StoreError>>,
+    durable: bool,
 }
 
 impl<T, F> Job for ClosureJob<T, F>
@@ -1097,13 +1150,62 @@ where
     F: FnOnce(&mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
 {
     fn run(self: Box<Self>, ctx: &mut WriteCtx<'_>) -> Box<dyn Reply> {
-        let Self { f, tx } = *self;
+        let Self { f, tx, .. } = *self;
         let result = ctx.in_savepoint(f);
         Box::new(HeldReply { result, tx })
     }
 
     fn abort(self: Box<Self>, error: StoreError) {
         let _ = self.tx.send(Err(error));
+    }
+
+    fn durable(&self) -> bool {
+        self.durable
+    }
+}
+
+/// A signature's outcome queued by [`Store::queue_outcome`]: nobody waits for it, a failure is
+/// logged.
+struct QueuedOutcome {
+    outcome: OutcomeTx,
+}
+
+impl Job for QueuedOutcome {
+    fn run(self: Box<Self>, ctx: &mut WriteCtx<'_>) -> Box<dyn Reply> {
+        let request_id = self.outcome.request_id.clone();
+        let result = ctx.in_savepoint(|ctx| outcome(ctx, self.outcome).map(|_| ()));
+        Box::new(LoggedReply { result, request_id })
+    }
+
+    fn abort(self: Box<Self>, error: StoreError) {
+        tracing::error!(%error, request_id = %self.outcome.request_id,
+            "cannot record a signature outcome");
+    }
+
+    fn durable(&self) -> bool {
+        false
+    }
+
+    fn queued(&self) -> bool {
+        true
+    }
+}
+
+struct LoggedReply {
+    result: Result<(), StoreError>,
+    request_id: RequestId,
+}
+
+impl Reply for LoggedReply {
+    fn send(self: Box<Self>, commit: Result<(), String>) {
+        let error = match (self.result, commit) {
+            (Err(e), _) => e.to_string(),
+            (Ok(()), Err(e)) => e,
+            (Ok(()), Ok(())) => return,
+        };
+        // The decision record (durable before the signature was made) still covers it.
+        tracing::error!(%error, request_id = %self.request_id,
+            "cannot record a signature outcome");
     }
 }
 
@@ -1249,6 +1351,8 @@ fn writer_loop(
 ) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
     let mut cache = WindowCache::default();
+    // Whether the connection may have been left at `synchronous=NORMAL` (see `run_batch`).
+    let mut sync_unsure = false;
     while let Some(job) = receiver.blocking_recv() {
         batch.push(job);
         while batch.len() < max_batch {
@@ -1260,23 +1364,47 @@ fn writer_loop(
         stats
             .jobs
             .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        run_batch(&conn, &mut cache, batch.drain(..), stats);
+        let durable = batch.iter().any(|j| j.durable());
+        let queued = batch.iter().filter(|j| j.queued()).count() as u64;
+        if sync_unsure {
+            // Fail closed: nothing commits until every commit is fsynced again.
+            match exec_cached(&conn, "PRAGMA synchronous = FULL") {
+                Ok(()) => sync_unsure = false,
+                Err(e) => {
+                    let msg = format!("cannot restore synchronous=FULL: {e}");
+                    for job in batch.drain(..) {
+                        job.abort(StoreError::Database(msg.clone()));
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            sync_unsure = run_batch(&conn, &mut cache, batch.drain(..), durable, stats);
+        }
+        stats
+            .queued
+            .fetch_sub(queued, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
-/// One transaction, one fsync, for every job in the batch; answers after the commit.
+/// One transaction for every job in the batch, answers after the commit. The commit is fsynced
+/// (`synchronous=FULL`) if any job is `durable`; a batch of queued outcomes only is committed
+/// with `synchronous=NORMAL` (WAL write, no fsync; durable with the next fsynced commit).
+/// Returns true if the connection could not be set back to `synchronous=FULL`.
 fn run_batch(
     conn: &Connection,
     cache: &mut WindowCache,
     jobs: impl Iterator<Item = Box<dyn Job>>,
+    durable: bool,
     stats: &CommitCounters,
-) {
+) -> bool {
+    let unsynced = lower_sync(conn, durable);
     if let Err(e) = exec_cached(conn, "BEGIN IMMEDIATE") {
         let msg = format!("cannot begin a write transaction: {e}");
         for job in jobs {
             job.abort(StoreError::Database(msg.clone()));
         }
-        return;
+        return unsynced && exec_cached(conn, "PRAGMA synchronous = FULL").is_err();
     }
     // Re-read the head inside the write lock: another store instance may have appended. For the
     // same reason, drop the window cache if another connection committed since the last batch.
@@ -1290,7 +1418,7 @@ fn run_batch(
                     "cannot read the audit head: {e}"
                 )));
             }
-            return;
+            return unsynced && exec_cached(conn, "PRAGMA synchronous = FULL").is_err();
         }
     };
     let mut ctx = WriteCtx {
@@ -1318,10 +1446,23 @@ fn run_batch(
         stats
             .commits
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if unsynced {
+            stats
+                .unsynced
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
+    let sync_unsure = unsynced && exec_cached(conn, "PRAGMA synchronous = FULL").is_err();
     for reply in replies {
         reply.send(commit.clone());
     }
+    sync_unsure
+}
+
+/// Sets `synchronous=NORMAL` for a batch that needs no fsync (it cannot be changed inside a
+/// transaction); true if it was set. If it cannot be lowered, the commit is simply fsynced.
+fn lower_sync(conn: &Connection, durable: bool) -> bool {
+    !durable && exec_cached(conn, "PRAGMA synchronous = NORMAL").is_ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1640,6 +1781,10 @@ fn open_connection(path: &Path, busy_timeout: Duration) -> Result<Connection, St
     // FULL: the WAL is fsynced at every commit, so an acknowledged commit survives power loss.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Every write job runs in a SAVEPOINT, whose statement journal (the pages' contents before
+    // the job) would otherwise spill to a temporary file past 64 KiB: tens of thousands of
+    // write(2) calls per second for data that only lives until the batch commits.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
     let fk: i64 = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0))?;
     if sync != 2 || fk != 1 {

@@ -183,3 +183,155 @@ async fn maintenance_prunes_and_checkpoints_until_shutdown() {
     );
     verify_chain(&records, Some(key.address)).expect("verifies");
 }
+
+/// A signature's outcome queued without waiting: visible to the next read, in chain order, and
+/// committed without an fsync of its own when nothing durable shares its batch; a second store
+/// on the file (another process, e.g. `keyctl`) sees it too; a failure cannot be queued.
+#[tokio::test]
+async fn queued_outcomes_are_read_back_in_order_without_an_fsync_of_their_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("db");
+    let store = SqliteStore::open(&path).expect("open");
+    let (vk, address) = {
+        let sk = k256::ecdsa::SigningKey::from_bytes(&[7u8; 32].into()).expect("scalar");
+        let vk = *sk.verifying_key();
+        (vk, Address::from_public_key(&vk))
+    };
+    let at = UnixMillis(1_800_000_000_000);
+    let change = Change::new("spiffe://castellan/admin", at);
+    let rec = store
+        .register_key_version(
+            NewKeyVersion {
+                name: KeyName::new("hot").expect("name"),
+                key_ref: KeyRef::Pkcs11 {
+                    label: "hot-1".into(),
+                    id: "01".into(),
+                },
+                address,
+                public_key: vk.to_encoded_point(true).as_bytes().to_vec(),
+                rotate_every_ms: None,
+            },
+            change.clone(),
+        )
+        .await
+        .expect("register");
+    let key = store
+        .activate_version(rec.version, None, change)
+        .await
+        .expect("activate")
+        .version;
+    let decision = |id: &str| DecisionTx {
+        request_id: RequestId::new(id).expect("id"),
+        key: key.clone(),
+        identity: "spiffe://castellan/strategy/alpha".into(),
+        at,
+        digest: B256::repeat_byte(3),
+        allow_retiring: false,
+        reservations: vec![Reservation {
+            window: WindowKey::new("key:hot:value:3600").expect("window"),
+            duration_ms: 3_600_000,
+            amount: U256::from(5),
+            limit: U256::from(1000),
+        }],
+        details: json!({"decision": "allow"}),
+    };
+    let signed = |id: &str, n: u64| OutcomeTx {
+        request_id: RequestId::new(id).expect("id"),
+        at: UnixMillis(at.0 + n),
+        outcome: Outcome::Signed {
+            details: json!({"response": {"n": n}}),
+        },
+    };
+
+    for i in 0..20u64 {
+        let id = format!("q{i}");
+        store.commit_decision(decision(&id)).await.expect("decide");
+        store.queue_outcome(signed(&id, i)).await.expect("queue");
+        // Read your writes: the outcome queued just before is there.
+        let stored = store
+            .request(RequestId::new(id.as_str()).expect("id"))
+            .await
+            .expect("read")
+            .expect("stored");
+        assert!(
+            matches!(stored.state, RequestState::Signed { .. }),
+            "{id}: {:?}",
+            stored.state
+        );
+    }
+    // The outcomes above were committed alone (the read barrier is not durable either): no
+    // fsync of their own.
+    let stats = store.commit_stats();
+    assert!(stats.unsynced >= 20, "{stats:?}");
+
+    // Each signature record follows its decision record in the chain, and the chain verifies.
+    let records = store
+        .audit_records(AuditCursor::Seq(1), usize::MAX)
+        .await
+        .expect("records");
+    verify_chain(&records, None).expect("verifies");
+    for i in 0..20u64 {
+        let id = format!("q{i}");
+        let kinds: Vec<AuditKind> = records
+            .iter()
+            .filter(|r| r.request_id.as_deref() == Some(id.as_str()))
+            .map(|r| r.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![AuditKind::Decision, AuditKind::Signature],
+            "{id}"
+        );
+    }
+
+    // Another connection to the file sees the outcome as soon as it has been committed.
+    store
+        .commit_decision(decision("last"))
+        .await
+        .expect("decide");
+    store
+        .queue_outcome(signed("last", 99))
+        .await
+        .expect("queue");
+    let _ = store.audit_head().await.expect("barrier");
+    let other = SqliteStore::open(&path).expect("second store");
+    let stored = other
+        .request(RequestId::new("last").expect("id"))
+        .await
+        .expect("read")
+        .expect("stored");
+    assert!(matches!(stored.state, RequestState::Signed { .. }));
+
+    // An outcome for a request that already has one is refused in the writer and logged; the
+    // original stays.
+    store
+        .queue_outcome(signed("last", 100))
+        .await
+        .expect("queue");
+    let stored = store
+        .request(RequestId::new("last").expect("id"))
+        .await
+        .expect("read")
+        .expect("stored");
+    match stored.state {
+        RequestState::Signed { details, .. } => assert!(details.contains("99"), "{details}"),
+        other => panic!("{other:?}"),
+    }
+
+    // A failure releases reservations: it is always recorded durably, never queued.
+    store
+        .commit_decision(decision("fails"))
+        .await
+        .expect("decide");
+    let e = store
+        .queue_outcome(OutcomeTx {
+            request_id: RequestId::new("fails").expect("id"),
+            at,
+            outcome: Outcome::Failed {
+                reason: "device".into(),
+                release: true,
+            },
+        })
+        .await;
+    assert!(matches!(e, Err(StoreError::Invalid(_))), "{e:?}");
+}

@@ -57,8 +57,10 @@ use self::token::OpError;
 use self::worker::{Job, Op, Reply, Verify, Worker};
 use super::{BackendError, EthSignature, Health, KeyBackend, KeyInfo, KeyRef, SignRequest};
 
-/// Queued requests per worker before new ones are refused with `Unavailable`.
-const QUEUE_PER_SESSION: usize = 16;
+/// Queued requests per worker before new ones are refused with `Unavailable`. Deep enough for
+/// the burst a group commit releases at once (every request decided in one fsync reaches the
+/// queue together); each waits at most its own `sign_timeout`.
+const QUEUE_PER_SESSION: usize = 64;
 
 /// Deadline of generate, destroy and key look-ups (not latency-sensitive; RSA-era HSMs can take
 /// seconds to generate).
