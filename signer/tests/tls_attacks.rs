@@ -6,7 +6,8 @@
 //! one not yet valid, one revoked by the CRL. Refused after it (audited with the identity and the
 //! stable code): a valid certificate whose identity is not configured (`unknown_identity`), and a
 //! strategy identity calling the admin and auditor routes (`role_required`). Then a certificate
-//! that works is revoked by rewriting the CRL file, and the same running process refuses it.
+//! that works, with a TLS session the client resumes, is revoked by rewriting the CRL file, and
+//! the same running process refuses it, the resumed session included.
 //!
 //! The attempts at the handshake use a plain rustls client over a `TcpStream` (so the test knows
 //! its local port), sending a real signing request: had any got in, it would have been signed.
@@ -54,6 +55,8 @@ struct Attempt {
     status: Option<String>,
     /// The client-side error, if the connection failed.
     error: Option<String>,
+    /// The handshake resumed an earlier TLS session (no certificate sent again).
+    resumed: bool,
 }
 
 impl Attempt {
@@ -78,6 +81,7 @@ fn attempt(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, request: &str) 
         .write_all(request.as_bytes())
         .and_then(|()| tls.flush())
         .and_then(|()| tls.read_to_end(&mut response).map(|_| ()));
+    let resumed = tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let text = String::from_utf8_lossy(&response).into_owned();
     let status = text
         .lines()
@@ -88,6 +92,7 @@ fn attempt(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, request: &str) 
         local,
         status,
         error: result.err().map(|e| e.to_string()),
+        resumed,
     }
 }
 
@@ -379,6 +384,14 @@ fn every_tls_attack_is_refused_and_audited_and_a_crl_update_needs_no_restart() {
                     Some("HTTP/1.1 200 OK"),
                     "{:?}",
                     before.error
+                );
+                // The server resumes sessions: a second connection resumes the first one's,
+                // without sending the certificate again.
+                let again = attempt(app.addr, &victim_client, LIVE);
+                assert_eq!(again.status.as_deref(), Some("HTTP/1.1 200 OK"));
+                assert!(
+                    again.resumed,
+                    "the second connection did not resume the session"
                 );
                 let revoked_serial =
                     serial_of_pem(&std::fs::read_to_string(d.join("revoked.pem")).unwrap())
