@@ -564,6 +564,10 @@ url = "{node}"
 [metrics]
 listen = "127.0.0.1:{metrics}"
 
+# The signer refuses to run as root unless allow_root: true here only because `keyctl dev init`
+# ran as root (a CI container). no_mlock: a developer account's memory-lock limit (often 8 MiB)
+# is too small for mlockall; a production signer locks its memory (deploy/signer.toml,
+# LimitMEMLOCK= in deploy/systemd/signer.service).
 [hardening]
 allow_root = {root}
 no_mlock = true
