@@ -49,6 +49,10 @@ pub struct KeyctlConfig {
     /// `rotate --due`) deletes it (`"7d"` by default); `keys cancel-destroy` undoes it meanwhile.
     #[serde(default)]
     pub destroy_wait: Option<String>,
+    /// The Ledger (timeouts) for `keys register-ledger` and Ledger approvers, when `[backend]`
+    /// is not a Ledger.
+    #[serde(default)]
+    pub ledger: Option<castellan_signer::backend::ledger::LedgerConfig>,
     /// `keyctl rotate --sweep` / `keyctl sweep`: the node and the identity that asks the signer
     /// for the sweep.
     #[serde(default)]
@@ -93,14 +97,20 @@ pub struct StorePath {
     pub path: PathBuf,
 }
 
-/// One approver whose EIP-712 key lives on the token.
+/// One approver whose EIP-712 key lives on the token (`key_label`) or on a Ledger
+/// (`ledger_path`): exactly one of the two.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApproverConfig {
     /// Name used on the command line (`keyctl approve --as <name>`).
     pub name: String,
     /// `CKA_LABEL` of the approver's key on the token.
-    pub key_label: String,
+    #[serde(default)]
+    pub key_label: Option<String>,
+    /// Derivation path of the approver's key on a Ledger (`"m/44'/60'/0'/0/0"`); the device
+    /// shows the approval (EIP-712) before signing.
+    #[serde(default)]
+    pub ledger_path: Option<String>,
     /// The approver's client certificate (role `approver` at the signer).
     pub tls: ClientTlsConfig,
 }
@@ -124,6 +134,15 @@ impl KeyctlConfig {
         if let Some(g) = &config.rotate_grace {
             crate::parse_duration_ms(g)
                 .with_context(|| format!("{}: rotate_grace", path.display()))?;
+        }
+        for a in &config.approvers {
+            if a.key_label.is_some() == a.ledger_path.is_some() {
+                bail!(
+                    "{}: approver {:?} needs exactly one of key_label and ledger_path",
+                    path.display(),
+                    a.name
+                );
+            }
         }
         if let Some(w) = &config.destroy_wait {
             crate::parse_duration_ms(w)
@@ -186,5 +205,22 @@ mod tests {
         assert!(format!("{:#}", KeyctlConfig::load(&p).unwrap_err()).contains("operatr"));
         std::fs::write(&p, base.replace("\"24h\"", "\"a day\"")).unwrap();
         assert!(format!("{:#}", KeyctlConfig::load(&p).unwrap_err()).contains("rotate_grace"));
+        // Approvers: on the token or on a Ledger, exactly one.
+        let tls = "tls = { server_ca = \"/ca.pem\", cert = \"/a.pem\", key = \"/a.key\" }";
+        let ledger = format!(
+            "{base}\n[[approvers]]\nname = \"carol\"\nledger_path = \"m/44'/60'/0'/0/0\"\n{tls}\n"
+        );
+        std::fs::write(&p, &ledger).unwrap();
+        let c = KeyctlConfig::load(&p).unwrap();
+        assert_eq!(
+            c.approver("carol").unwrap().ledger_path.as_deref(),
+            Some("m/44'/60'/0'/0/0")
+        );
+        std::fs::write(
+            &p,
+            ledger.replace("name = \"carol\"", "name = \"carol\"\nkey_label = \"bob\""),
+        )
+        .unwrap();
+        assert!(format!("{:#}", KeyctlConfig::load(&p).unwrap_err()).contains("exactly one"));
     }
 }

@@ -6,6 +6,7 @@
 
 mod config;
 mod dev;
+mod ledger;
 mod ops;
 mod policy_lint;
 mod remote;
@@ -204,6 +205,17 @@ enum KeysCommand {
     Show {
         /// Key name.
         name: String,
+    },
+    /// Register the address at a derivation path of a Ledger as a key (read from the device).
+    RegisterLedger {
+        /// Key name (`[a-z0-9][a-z0-9-]*`).
+        name: String,
+        /// BIP-32 derivation path, e.g. "m/44'/60'/0'/0/0".
+        #[arg(long)]
+        path: String,
+        /// Rotation period ("30d").
+        #[arg(long)]
+        rotate_every: Option<String>,
     },
     /// Cancel the scheduled destruction of a key's versions (or one, `name@N`).
     CancelDestroy {
@@ -513,6 +525,11 @@ async fn dispatch(command: Command, c: &KeyctlConfig, g: &Globals) -> anyhow::Re
         Command::Keys(KeysCommand::Show { name }) => ops::keys_list(c, g, Some(&name)).await,
         Command::Keys(KeysCommand::CancelDestroy { key }) => ops::cancel_destroy(c, g, &key).await,
         Command::Keys(KeysCommand::DestroyDue) => ops::destroy_due(c, g).await,
+        Command::Keys(KeysCommand::RegisterLedger {
+            name,
+            path,
+            rotate_every,
+        }) => ledger::register_command(c, g, &name, &path, rotate_every.as_deref()).await,
         Command::Rotate {
             name,
             due,

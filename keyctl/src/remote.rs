@@ -448,16 +448,31 @@ pub async fn approve(
         expiry,
     };
     let hash = approval.eip712_signing_hash(&castellan_domain(chain_id));
-    let backend = ops::open_backend(c).await?;
-    let info = backend
-        .find_by_label(&who.key_label)
-        .await
-        .with_context(|| format!("approver key {:?}", who.key_label))?;
-    let sig = backend
-        .sign(&info.key_ref, &info.public_key, SignRequest::digest(hash))
-        .await
-        .with_context(|| format!("signing with {:?}", who.key_label))?
-        .signature();
+    let (info, sig) = match (&who.key_label, &who.ledger_path) {
+        (Some(label), _) => {
+            let backend = ops::open_backend(c).await?;
+            let info = backend
+                .find_by_label(label)
+                .await
+                .with_context(|| format!("approver key {label:?}"))?;
+            let sig = backend
+                .sign(&info.key_ref, &info.public_key, SignRequest::digest(hash))
+                .await
+                .with_context(|| format!("signing with {label:?}"))?
+                .signature();
+            (info, sig)
+        }
+        (None, Some(path)) => {
+            let device = crate::ledger::open(c).await?;
+            let info = device
+                .find_by_label(path)
+                .await
+                .with_context(|| format!("approver key at {path} on the Ledger"))?;
+            let sig = crate::ledger::sign_approval(&device, &info, &approval, chain_id).await?;
+            (info, sig)
+        }
+        (None, None) => bail!("approver {approver:?} has neither key_label nor ledger_path"),
+    };
     let submission = ApprovalSubmission {
         approver: CheckedAddress(info.address),
         decision: decision.to_owned(),

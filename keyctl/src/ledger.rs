@@ -1,0 +1,336 @@
+//! Ledger devices in keyctl: registering a Ledger address as a key (`keyctl keys register-ledger`)
+//! and approvers whose EIP-712 key is on a Ledger (`ledger_path` in `[[approvers]]`).
+//!
+//! # Security
+//! A Ledger derives its keys from its seed; keyctl never generates or sees one. It reads the
+//! public key and address at a derivation path from the device (the backend checks that the
+//! stated address is the public key's) and registers that. For an approval it sends the Ethereum
+//! app the EIP-712 domain separator and struct hash (`SIGN_EIP712`), which the device shows
+//! before signing; the backend returns the signature only after verifying it against the key.
+
+use alloy::dyn_abi::TypedData;
+use alloy::primitives::Signature;
+use alloy::sol_types::SolStruct;
+use anyhow::{Context, bail};
+use castellan_policy::{Approval, castellan_domain};
+use castellan_signer::backend::ledger::{HidTransport, LedgerBackend, LedgerConfig};
+use castellan_signer::backend::{KeyBackend, KeyInfo, Payload, SignRequest};
+use castellan_signer::config::BackendConfig;
+use castellan_signer::store::{
+    Change, KeyName, KeyVersionRecord, NewKeyVersion, SqliteStore, Store,
+};
+use serde_json::json;
+
+use crate::config::KeyctlConfig;
+
+/// Opens the Ledger: the `[backend]` when it is a Ledger, else `[ledger]` (defaults when absent).
+pub async fn open(c: &KeyctlConfig) -> anyhow::Result<LedgerBackend<HidTransport>> {
+    let config = match (&c.backend, &c.ledger) {
+        (BackendConfig::Ledger(l), _) => l.clone(),
+        (_, Some(l)) => l.clone(),
+        (_, None) => LedgerConfig::default(),
+    };
+    LedgerBackend::open(&config)
+        .await
+        .context("opening the Ledger (plugged in, unlocked, Ethereum app open?)")
+}
+
+/// Reads the key at `path` from the device and registers it as the active (first) version of
+/// `name`. The name must be new.
+pub async fn register<B: KeyBackend>(
+    store: &SqliteStore,
+    device: &B,
+    name: &KeyName,
+    path: &str,
+    rotate_every_ms: Option<u64>,
+    change: impl Fn() -> Change,
+) -> anyhow::Result<(KeyVersionRecord, KeyInfo)> {
+    if !store.list_keys(Some(name.clone())).await?.is_empty() {
+        bail!("key {name} already exists");
+    }
+    let info = device
+        .find_by_label(path)
+        .await
+        .with_context(|| format!("reading the address at {path} from the Ledger"))?;
+    let rec = store
+        .register_key_version(
+            NewKeyVersion {
+                name: name.clone(),
+                key_ref: info.key_ref.clone(),
+                address: info.address,
+                public_key: info.public_key.to_encoded_point(false).as_bytes().to_vec(),
+                rotate_every_ms,
+            },
+            change(),
+        )
+        .await
+        .with_context(|| format!("registering {name}"))?;
+    let active = store
+        .activate_version(rec.version.clone(), None, change())
+        .await?;
+    Ok((active, info))
+}
+
+/// The approval as EIP-712 typed data under the Castellan domain, as the device is sent it.
+pub fn approval_typed_data(approval: &Approval, chain_id: u64) -> anyhow::Result<TypedData> {
+    let typed: TypedData = serde_json::from_value(json!({
+        "types": {
+            "EIP712Domain": [
+                {"name": "name", "type": "string"},
+                {"name": "version", "type": "string"},
+                {"name": "chainId", "type": "uint256"}
+            ],
+            "Approval": [
+                {"name": "request", "type": "bytes32"},
+                {"name": "decision", "type": "string"},
+                {"name": "expiry", "type": "uint64"}
+            ]
+        },
+        "primaryType": "Approval",
+        "domain": {"name": "Castellan", "version": "1", "chainId": chain_id},
+        "message": {
+            "request": approval.request,
+            "decision": approval.decision,
+            "expiry": approval.expiry
+        }
+    }))
+    .context("approval typed data")?;
+    // The same hash the signer verifies (the policy crate's own EIP-712 encoding).
+    let want = approval.eip712_signing_hash(&castellan_domain(chain_id));
+    let got = typed
+        .eip712_signing_hash()
+        .map_err(|e| anyhow::anyhow!("approval typed data: {e}"))?;
+    if got != want {
+        bail!("approval typed data hashes to {got}, the signer expects {want}");
+    }
+    Ok(typed)
+}
+
+/// Signs an approval with the approver's key on a device that signs EIP-712 payloads (a Ledger;
+/// digest-signing devices sign the same hash).
+pub async fn sign_approval<B: KeyBackend>(
+    device: &B,
+    key: &KeyInfo,
+    approval: &Approval,
+    chain_id: u64,
+) -> anyhow::Result<Signature> {
+    let typed = approval_typed_data(approval, chain_id)?;
+    let request = SignRequest {
+        digest: approval.eip712_signing_hash(&castellan_domain(chain_id)),
+        payload: Payload::TypedData(Box::new(typed)),
+    };
+    let sig = device
+        .sign(&key.key_ref, &key.public_key, request)
+        .await
+        .with_context(|| format!("signing the approval on the Ledger ({})", key.key_ref))?;
+    Ok(sig.signature())
+}
+
+/// `keyctl keys register-ledger <name> --path <path>`.
+pub async fn register_command(
+    c: &KeyctlConfig,
+    g: &crate::Globals,
+    name: &str,
+    path: &str,
+    rotate_every: Option<&str>,
+) -> anyhow::Result<crate::Report> {
+    let name = crate::ops::key_name(name)?;
+    let rotate_every_ms = rotate_every.map(crate::parse_duration_ms).transpose()?;
+    castellan_signer::backend::ledger::path_to_bytes(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store = crate::ops::open_store(c)?;
+    if !store.list_keys(Some(name.clone())).await?.is_empty() {
+        bail!("key {name} already exists");
+    }
+    let device = open(c).await?;
+    let (rec, _) = register(&store, &device, &name, path, rotate_every_ms, || {
+        crate::ops::change(c, g)
+    })
+    .await?;
+    Ok(crate::Report::new(
+        format!(
+            "registered {} address {} (Ledger {path})",
+            rec.version, rec.address
+        ),
+        json!({"key": rec.version.to_string(), "address": rec.address.to_checksum(None),
+               "backend": rec.key_ref.to_string()}),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    //! Over a scripted APDU transport: the device is a test double that answers the Ethereum
+    //! app's protocol, with a signature made by anvil's public dev key #0 (as the stand-in relays
+    //! do); the bytes keyctl sends are checked against independently computed values.
+
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
+    use alloy::primitives::{Address, B256};
+    use alloy::signers::SignerSync;
+    use castellan_signer::audit::UnixMillis;
+    use castellan_signer::backend::BackendError;
+    use castellan_signer::backend::ledger::{Apdu, LedgerTransport, path_to_bytes};
+
+    use super::*;
+
+    const PATH: &str = "m/44'/60'/0'/0/0";
+
+    #[derive(Clone, Default)]
+    struct Scripted {
+        sent: Arc<Mutex<Vec<Apdu>>>,
+        answers: Arc<Mutex<VecDeque<Vec<u8>>>>,
+    }
+
+    impl LedgerTransport for Scripted {
+        async fn exchange(&self, apdu: &Apdu) -> Result<Vec<u8>, BackendError> {
+            self.sent.lock().unwrap().push(apdu.clone());
+            self.answers
+                .lock()
+                .unwrap()
+                .pop_front()
+                .ok_or_else(|| BackendError::Unavailable("script exhausted".into()))
+        }
+    }
+
+    fn device_key() -> alloy::signers::local::PrivateKeySigner {
+        castellan_tests::relays::dev_signer(0)
+    }
+
+    /// GET_PUBLIC_KEY's answer: len ‖ 04‖X‖Y ‖ len ‖ ASCII address ‖ 9000.
+    fn address_answer() -> Vec<u8> {
+        let k = device_key();
+        let pk = k.credential().verifying_key().to_encoded_point(false);
+        let mut out = vec![65];
+        out.extend_from_slice(pk.as_bytes());
+        let addr = hex::encode(k.address().as_slice());
+        out.push(40);
+        out.extend_from_slice(addr.as_bytes());
+        out.extend_from_slice(&[0x90, 0x00]);
+        out
+    }
+
+    fn backend(script: &Scripted) -> LedgerBackend<Scripted> {
+        LedgerBackend::with_transport(script.clone(), LedgerConfig::default())
+    }
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path().join("s.db")).unwrap();
+        (dir, s)
+    }
+
+    #[tokio::test]
+    async fn register_reads_the_address_at_the_path_and_registers_it_active() {
+        let script = Scripted::default();
+        script.answers.lock().unwrap().push_back(address_answer());
+        let (_d, store) = store().await;
+        let name = KeyName::new("cold-ledger").unwrap();
+        let change = || Change::new("test", UnixMillis(1_000));
+        let (rec, info) = register(&store, &backend(&script), &name, PATH, None, change)
+            .await
+            .unwrap();
+        assert_eq!(rec.address, device_key().address());
+        assert_eq!(info.address, rec.address);
+        assert_eq!(rec.key_ref.to_string(), format!("ledger:{PATH}"));
+        assert_eq!(rec.version.to_string(), "cold-ledger@1");
+        assert_eq!(rec.status.state(), "active");
+        // The bytes sent: GET_PUBLIC_KEY without on-device confirmation, path encoded as BIP-32.
+        let sent = script.sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(
+            hex::encode(sent[0].to_bytes()),
+            "e002000015058000002c8000003c800000000000000000000000"
+        );
+        // A name that exists is refused before the device is asked.
+        let err = register(&store, &backend(&script), &name, PATH, None, change)
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("already exists"));
+        assert_eq!(script.sent.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn register_refuses_an_answer_whose_address_is_not_its_public_key() {
+        let script = Scripted::default();
+        let mut answer = address_answer();
+        // Change one hex digit of the stated address.
+        let i = 1 + 65 + 1;
+        answer[i] = if answer[i] == b'0' { b'1' } else { b'0' };
+        script.answers.lock().unwrap().push_back(answer);
+        let (_d, store) = store().await;
+        let name = KeyName::new("cold-ledger").unwrap();
+        let err = register(&store, &backend(&script), &name, PATH, None, || {
+            Change::new("t", UnixMillis(1))
+        })
+        .await
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("states address"), "{err:#}");
+        assert!(store.list_keys(None).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_approval_is_signed_as_eip712_on_the_ledger_and_recovers_to_the_approver() {
+        let chain_id = 31337;
+        let approval = Approval {
+            request: B256::repeat_byte(0xab),
+            decision: "approve".into(),
+            expiry: 1_900_000_000,
+        };
+        let domain = castellan_domain(chain_id);
+        let hash = approval.eip712_signing_hash(&domain);
+        let sig = device_key().sign_hash_sync(&hash).unwrap();
+        let mut sign_answer = vec![27 + u8::from(sig.v())];
+        sign_answer.extend_from_slice(&sig.r().to_be_bytes::<32>());
+        sign_answer.extend_from_slice(&sig.s().to_be_bytes::<32>());
+        sign_answer.extend_from_slice(&[0x90, 0x00]);
+
+        let script = Scripted::default();
+        script.answers.lock().unwrap().push_back(address_answer());
+        script.answers.lock().unwrap().push_back(sign_answer);
+        let device = backend(&script);
+        let key = device.find_by_label(PATH).await.unwrap();
+        let got = sign_approval(&device, &key, &approval, chain_id)
+            .await
+            .unwrap();
+        // What the signer checks: recovery under the Castellan domain to the approver.
+        let signed = castellan_policy::SignedApproval {
+            approval: approval.clone(),
+            signature: got,
+        };
+        assert_eq!(signed.signer(&domain), Some(device_key().address()));
+        // The SIGN_EIP712 APDU: path ‖ domain separator ‖ hashStruct(Approval), computed here by
+        // the policy crate's sol! encoding, independent of the dynamic typed data keyctl sends.
+        let sent = script.sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 2);
+        let apdu = &sent[1];
+        assert_eq!(
+            (apdu.cla, apdu.ins, apdu.p1, apdu.p2),
+            (0xe0, 0x0c, 0x00, 0x00)
+        );
+        let mut want = path_to_bytes(PATH).unwrap();
+        want.extend_from_slice(domain.separator().as_slice());
+        want.extend_from_slice(approval.eip712_hash_struct().as_slice());
+        assert_eq!(hex::encode(&apdu.data), hex::encode(&want));
+    }
+
+    #[tokio::test]
+    async fn a_rejection_on_the_device_is_a_clear_error() {
+        let script = Scripted::default();
+        script.answers.lock().unwrap().push_back(address_answer());
+        script.answers.lock().unwrap().push_back(vec![0x69, 0x85]);
+        let device = backend(&script);
+        let key = device.find_by_label(PATH).await.unwrap();
+        let approval = Approval {
+            request: B256::ZERO,
+            decision: "approve".into(),
+            expiry: 1,
+        };
+        let err = sign_approval(&device, &key, &approval, 1)
+            .await
+            .unwrap_err();
+        let text = format!("{err:#}").to_lowercase();
+        assert!(text.contains("reject"), "{text}");
+        let _: Address = key.address;
+    }
+}
