@@ -558,6 +558,37 @@ fn bad_input_to_every_command_exits_nonzero_with_one_line_and_changes_nothing() 
         ),
         (vec!["policy", "check", &bp], 1, "bad-policy.toml"),
         (vec!["teleport"], 2, "teleport"),
+        (vec!["rotate", "searcher-hot", "--sweep"], 1, "[sweep]"),
+        (vec!["rotate", "--due", "--sweep"], 2, "--sweep"),
+        (vec!["sweep", "searcher-hot"], 1, "name@N"),
+        (vec!["sweep", "searcher-hot@1"], 1, "[sweep]"),
+        (
+            vec!["revoke", "searcher-hot", "--reason", "x", "-y", "--destroy"],
+            3,
+            "--confirm-destroy",
+        ),
+        (vec!["keys", "cancel-destroy", "nope"], 1, "unknown key"),
+        (
+            vec!["keys", "cancel-destroy", "searcher-hot"],
+            1,
+            "no destruction is scheduled",
+        ),
+        (
+            vec!["keys", "register-ledger", "cold", "--path", "44/60"],
+            1,
+            "derivation path",
+        ),
+        (
+            vec![
+                "keys",
+                "register-ledger",
+                "searcher-hot",
+                "--path",
+                "m/44'/60'/0'/0/0",
+            ],
+            1,
+            "already exists",
+        ),
         (vec!["completions", "tcsh"], 2, "tcsh"),
     ];
     for (args, want_code, want_text) in &cases {
