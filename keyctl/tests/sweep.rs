@@ -199,3 +199,52 @@ fn rotate_sweep_moves_the_balance_to_the_new_address_and_the_retiring_version_on
     );
     a.ok(&["audit", "verify"]);
 }
+
+#[test]
+fn a_sweep_above_the_approval_tier_waits_for_approvals_then_keyctl_sends_it() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let anvil = rt.block_on(Anvil::start());
+    let a = Appliance::new();
+    configure_sweep(&a, anvil.url().as_str());
+    let signer = RunningSigner::start(&a);
+    let old = addr(&a.address("searcher-hot", 1));
+    // 3 ETH: above the dev policy's 1 ether tier (2 of 3 approvers), below its 5 ether cap.
+    let funded = U256::from(3_000_000_000_000_000_000u128);
+    rt.block_on(anvil.set_balance(old, funded));
+
+    // The rotation happens; the sweep waits for approvals, and keyctl says how to finish it.
+    let (code, line) = a.fails(&["rotate", "searcher-hot", "--grace", "1h", "--sweep"]);
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("waits for 2 approvals"), "{line}");
+    let id = line
+        .split("--request ")
+        .nth(1)
+        .and_then(|s| s.split('`').next())
+        .unwrap_or_else(|| panic!("no request id in {line}"))
+        .to_owned();
+    assert_eq!(a.status("searcher-hot", 1), "retiring");
+    assert_eq!(a.status("searcher-hot", 2), "active");
+    // Sending before it is signed: refused, nothing sent.
+    let (code, line) = a.fails(&["sweep", "searcher-hot@1", "--request", &id]);
+    assert_eq!(code, 1);
+    assert!(line.contains("not signed"), "{line}");
+
+    a.json(&["approve", &id, "--as", "approver-1"]);
+    let st = a.json(&["approve", &id, "--as", "approver-2"]);
+    assert_eq!(st["state"], "signed", "{st}\n{}", signer.log_text());
+    // Signed by the retiring version it named, not by the active one.
+    assert_eq!(st["result"]["keyVersion"], "searcher-hot@1", "{st}");
+
+    let sent = a.json(&["sweep", "searcher-hot@1", "--request", &id]);
+    assert_eq!(sent["swept"], true, "{sent}");
+    assert_eq!(sent["mined"], true, "{sent}");
+    let value: U256 = sent["value"].as_str().unwrap().parse().unwrap();
+    let new = addr(&a.address("searcher-hot", 2));
+    assert_eq!(rt.block_on(anvil.balance(new)), value);
+    assert!(value > U256::from(2_900_000_000_000_000_000u128), "{sent}");
+    a.ok(&["audit", "verify"]);
+}
