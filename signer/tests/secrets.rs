@@ -2,9 +2,10 @@
 //! submitter sending bundles to a bloXroute stand-in that checks its `Authorization` value), with
 //! successes, refusals, relay failures, a signer given a wrong PIN and a submitter given a
 //! world-readable auth file — then every log line (stdout and stderr of every process, at
-//! `RUST_LOG=debug`), every error body and every file in the run's directories other than the
-//! secret files is searched for the PINs (user and SO, also hex- and base64-encoded), the
-//! bloXroute `Authorization` value, and the TLS private keys (PEM lines and raw scalars).
+//! `RUST_LOG=debug`), every response body (errors included), both metrics pages, and every file
+//! in the run's directories other than the secret files is searched for the PINs (user and SO,
+//! also hex- and base64-encoded), the bloXroute `Authorization` value, and the TLS private keys
+//! (PEM lines and raw scalars).
 //! Nothing may be found. Every secret file is mode 0600.
 //!
 //! The secret files, by definition (everything else is searched):
@@ -101,7 +102,8 @@ fn no_secret_in_logs_error_bodies_or_files_and_secret_files_are_0600() {
                 // whole stdout and stderr in files and debug logging.
                 let approvers: Vec<Address> = (1..=3).map(Address::repeat_byte).collect();
                 let extra = format!(
-                    "[submitter]\nurl = \"https://localhost:{submitter_port}\"\n\
+                    "[metrics]\nlisten = \"127.0.0.1:0\"\n\n\
+                     [submitter]\nurl = \"https://localhost:{submitter_port}\"\n\
                      tls = {{ server_ca = \"{n}/ca.pem\", cert = \"{n}/signer.pem\", key = \"{n}/signer.key\" }}\n",
                     n = n.display(),
                 );
@@ -234,6 +236,21 @@ fn no_secret_in_logs_error_bodies_or_files_and_secret_files_are_0600() {
                     .unwrap();
                 assert!(r.status().is_client_error());
                 bodies.push(r.text().await.unwrap());
+                // Both metrics pages count as output too.
+                let signer_metrics =
+                    signer.wait_stdout_line("signer metrics on ", Duration::from_secs(5));
+                let submitter_metrics =
+                    submitter.wait_stdout_line("submitter metrics on ", Duration::from_secs(5));
+                for m in [signer_metrics, submitter_metrics] {
+                    let text = reqwest::get(format!("http://{m}/metrics"))
+                        .await
+                        .unwrap()
+                        .text()
+                        .await
+                        .unwrap();
+                    assert!(text.contains("# TYPE"), "{m}: {text}");
+                    bodies.push(text);
+                }
                 // Give the submitter a moment to log the relays' answers, then stop both.
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 drop(signer);
