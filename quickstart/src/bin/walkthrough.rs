@@ -317,6 +317,13 @@ impl Walk {
         ensure!(verified["ok"] == true, "keyctl audit verify: {verified}");
         let export = a.dir.join("audit-export.jsonl");
         keyctl.json(&["audit", "export", "--out", &export.display().to_string()])?;
+        // The chain grows meanwhile (outcome reports): the export is checked by both verifiers.
+        let exported =
+            keyctl.json(&["audit", "verify", "--file", &export.display().to_string()])?;
+        ensure!(
+            exported["ok"] == true,
+            "keyctl audit verify --file: {exported}"
+        );
         let py = Command::new(&a.python)
             .arg(&a.verify_audit)
             .arg(&export)
@@ -331,12 +338,13 @@ impl Walk {
         self.line(
             "audit",
             format!(
-                "keyctl audit verify: {} records, hash links whole (head seq {}); \
-                 scripts/verify_audit.py on the export: {py_line}",
-                verified["records"], verified["headSeq"]
+                "keyctl audit verify: {} records, hash links whole (head seq {}); an export of \
+                 {} records verified by keyctl and by scripts/verify_audit.py: {py_line}",
+                verified["records"], verified["headSeq"], exported["records"]
             ),
             json!({"records": verified["records"], "headSeq": verified["headSeq"],
-                   "headHash": verified["headHash"], "independent": py_line}),
+                   "headHash": verified["headHash"], "exportRecords": exported["records"],
+                   "independent": py_line}),
         );
         Ok(())
     }
