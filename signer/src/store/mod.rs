@@ -42,13 +42,16 @@
 //! commits it in its next batch — with `synchronous=FULL` when the batch holds any job that
 //! must be durable (a decision, a change), otherwise with `synchronous=NORMAL`, i.e. written to
 //! the WAL without an fsync — and the next durable commit's fsync of the WAL makes it durable
-//! too (the WAL is one append-only file: syncing it syncs every frame before). A process crash
-//! loses nothing (the frames are in the OS's page cache); a power loss before the next durable
-//! commit loses at most such receipts, never a decision record, and the request then stays
-//! `reserved` with its reservations kept, as for a crash while signing. Failures (which release
-//! reservations) and every other change are still answered only after their fsync. Reads
-//! through this store first wait until every outcome queued before them is committed, so a
-//! client that got its signature and then asks for the request's status sees the outcome.
+//! too (the WAL is one append-only file: syncing it syncs every frame before). The signing path
+//! waits for that commit (not for an fsync) before it answers, so a process crash after a client
+//! got its signature loses nothing (the frames are in the OS's page cache; shown by
+//! `signer/tests/crash_loop.rs`, which `kill -9`s the signer while it signs); a power loss
+//! before the next durable commit loses at most such receipts, never a decision record, and the
+//! request then stays `reserved` with its reservations kept, as for a crash while signing.
+//! Failures (which release reservations) and every other change are still answered only after
+//! their fsync. Reads through this store first wait until every outcome queued before them is
+//! committed, so a client that got its signature and then asks for the request's status sees the
+//! outcome.
 //!
 //! # Limit windows
 //! A window is an opaque [`WindowKey`] (the policy crate names them, e.g.
@@ -846,10 +849,10 @@ pub trait Store: Send + Sync + 'static {
     /// Step 7 for a signature whose decision is already durable: appends the `signature` record
     /// like [`Store::record_outcome`] with [`Outcome::Signed`], without waiting for an fsync.
     ///
-    /// Returns once the outcome is queued behind every write queued before it. The writer runs
-    /// it in its next batch; it is then visible to every reader (this store's reads wait for
-    /// the outcomes queued before them) and is made durable by the next durable commit (the next
-    /// decision's, at the latest). A crash before that loses at most the outcome record: the
+    /// Returns once the writer has committed the batch holding it (written to the WAL, without
+    /// an fsync of its own): it then survives a process crash, is visible to every reader, and
+    /// is made durable against a power loss by the next durable commit (the next decision's, at
+    /// the latest). A power loss before that loses at most the outcome record: the
     /// durable decision record still covers the signature and its reservations are kept (see
     /// "Outcomes" in the module docs). A failure to write it is logged.
     fn queue_outcome(

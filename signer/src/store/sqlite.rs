@@ -225,11 +225,17 @@ impl Store for SqliteStore {
         let sender = self.sender.as_ref().ok_or(StoreError::Closed)?;
         use std::sync::atomic::Ordering::AcqRel;
         self.stats.queued.fetch_add(1, AcqRel);
-        let job = QueuedOutcome { outcome: o };
+        let (done, committed) = oneshot::channel();
+        let job = QueuedOutcome { outcome: o, done };
         if sender.send(Box::new(job)).await.is_err() {
             self.stats.queued.fetch_sub(1, AcqRel);
             return Err(StoreError::Closed);
         }
+        // Answer only once the batch holding it was committed (written to the WAL, in the OS's
+        // page cache, with no fsync of its own): the caller then hands the signature out, and a
+        // kill -9 after that must not lose its record (signer/tests/crash_loop.rs). A failure
+        // to write it was logged by the writer.
+        let _ = committed.await;
         Ok(())
     }
 
@@ -1164,17 +1170,24 @@ where
     }
 }
 
-/// A signature's outcome queued by [`Store::queue_outcome`]: nobody waits for it, a failure is
-/// logged.
+/// A signature's outcome queued by [`Store::queue_outcome`]: its caller waits for the commit
+/// (not for an fsync); a failure is logged.
 struct QueuedOutcome {
     outcome: OutcomeTx,
+    /// Dropped or sent once the batch was committed (or failed to).
+    done: oneshot::Sender<()>,
 }
 
 impl Job for QueuedOutcome {
     fn run(self: Box<Self>, ctx: &mut WriteCtx<'_>) -> Box<dyn Reply> {
-        let request_id = self.outcome.request_id.clone();
-        let result = ctx.in_savepoint(|ctx| outcome(ctx, self.outcome).map(|_| ()));
-        Box::new(LoggedReply { result, request_id })
+        let Self { outcome: o, done } = *self;
+        let request_id = o.request_id.clone();
+        let result = ctx.in_savepoint(|ctx| outcome(ctx, o).map(|_| ()));
+        Box::new(LoggedReply {
+            result,
+            request_id,
+            done,
+        })
     }
 
     fn abort(self: Box<Self>, error: StoreError) {
@@ -1194,10 +1207,12 @@ impl Job for QueuedOutcome {
 struct LoggedReply {
     result: Result<(), StoreError>,
     request_id: RequestId,
+    done: oneshot::Sender<()>,
 }
 
 impl Reply for LoggedReply {
     fn send(self: Box<Self>, commit: Result<(), String>) {
+        let _ = self.done.send(());
         let error = match (self.result, commit) {
             (Err(e), _) => e.to_string(),
             (Ok(()), Err(e)) => e,
