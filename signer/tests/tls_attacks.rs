@@ -1,6 +1,9 @@
 //! TLS attacks on the real signer binary: every way in that must fail, each refused and each in
 //! the audit chain, plus a CRL update that takes effect without a restart.
 //!
+//! Every refusal is checked in the audit chain through the auditor API while the signer runs, and
+//! again in the store file itself once it is stopped.
+//!
 //! Refused at the handshake (audited as `tls_refused`, matched to the attempt by its TCP peer
 //! address): TLS 1.2 offered, no client certificate, a certificate of another CA, an expired one,
 //! one not yet valid, one revoked by the CRL. Refused after it (audited with the identity and the
@@ -25,6 +28,7 @@ use alloy::primitives::{Address, address};
 use castellan_api::devpki::{LeafSpec, serial_of_pem, write_file};
 use castellan_api::tls::ClientTlsConfig;
 use castellan_signer::audit::AuditRecord;
+use castellan_signer::store::{AuditCursor, SqliteStore, export_jsonl};
 use castellan_tests::softhsm::in_own_process;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -247,8 +251,10 @@ fn every_tls_attack_is_refused_and_audited_and_a_crl_update_needs_no_restart() {
                     ),
                     ("revoked", client(&app, "revoked"), &["revoked"]),
                 ];
+                let mut refused_peers: Vec<SocketAddr> = Vec::new();
                 for (what, config, words) in cases {
                     let a = attempt(app.addr, &config, &sign_request(1));
+                    refused_peers.push(a.local);
                     assert!(
                         a.refused(),
                         "{what}: got in with {:?}\n{}",
@@ -415,6 +421,7 @@ fn every_tls_attack_is_refused_and_audited_and_a_crl_update_needs_no_restart() {
                     std::thread::sleep(Duration::from_millis(100));
                 };
                 println!("CRL update in force after {:?}", written.elapsed());
+                refused_peers.push(refused.local);
                 let record = refusal_of(&app, refused.local).await;
                 let reason = record.payload["reason"].as_str().unwrap().to_lowercase();
                 assert!(reason.contains("revoked"), "{reason}");
@@ -428,8 +435,51 @@ fn every_tls_attack_is_refused_and_audited_and_a_crl_update_needs_no_restart() {
                 let alpha_again = attempt(app.addr, &client(&app, "alpha"), LIVE);
                 assert_eq!(alpha_again.status.as_deref(), Some("HTTP/1.1 200 OK"));
                 assert!(attempt(app.addr, &client(&app, "revoked"), LIVE).refused());
-                castellan_signer::audit::verify_chain(&app.audit().await, None).unwrap();
+                let via_api = app.audit().await;
+                castellan_signer::audit::verify_chain(&via_api, None).unwrap();
                 app.kill();
+
+                // The same records are in the store itself, read directly once the signer is
+                // stopped: every refused connection, each unknown-identity and role refusal.
+                let store = SqliteStore::open(&app.path("signer.db")).unwrap();
+                let mut jsonl = Vec::new();
+                export_jsonl(&store, AuditCursor::Seq(1), &mut jsonl)
+                    .await
+                    .unwrap();
+                let stored =
+                    castellan_signer::audit::read_jsonl(&String::from_utf8(jsonl).unwrap())
+                        .unwrap();
+                castellan_signer::audit::verify_chain(&stored, None).unwrap();
+                assert!(stored.len() >= via_api.len());
+                for (a, b) in via_api.iter().zip(&stored) {
+                    assert_eq!(
+                        a.hash, b.hash,
+                        "the API export differs from the store at {}",
+                        a.seq
+                    );
+                }
+                for peer in &refused_peers {
+                    assert!(
+                        stored.iter().any(|r| r.payload["code"] == "tls_refused"
+                            && r.payload["peer"] == peer.to_string().as_str()),
+                        "no tls_refused record for {peer} in the store"
+                    );
+                }
+                let in_store = |code: &str, identity: &str| {
+                    stored
+                        .iter()
+                        .filter(|r| {
+                            r.kind.as_str() == "refusal"
+                                && r.payload["code"] == code
+                                && r.identity.as_deref() == Some(identity)
+                        })
+                        .count()
+                };
+                assert_eq!(
+                    in_store("unknown_identity", "spiffe://castellan/strategy/unknown"),
+                    1
+                );
+                assert_eq!(in_store("role_required", ALPHA), admin.len());
             })
         },
     );
