@@ -441,7 +441,7 @@ fn every_tls_attack_is_refused_and_audited_and_a_crl_update_needs_no_restart() {
 
                 // The same records are in the store itself, read directly once the signer is
                 // stopped: every refused connection, each unknown-identity and role refusal.
-                let store = SqliteStore::open(&app.path("signer.db")).unwrap();
+                let store = SqliteStore::open(app.path("signer.db")).unwrap();
                 let mut jsonl = Vec::new();
                 export_jsonl(&store, AuditCursor::Seq(1), &mut jsonl)
                     .await
