@@ -10,7 +10,8 @@
 //! stable code): a valid certificate whose identity is not configured (`unknown_identity`), and a
 //! strategy identity calling the admin and auditor routes (`role_required`). Then a certificate
 //! that works, with a TLS session the client resumes, is revoked by rewriting the CRL file, and
-//! the same running process refuses it, the resumed session included.
+//! the same running process refuses it, the resumed session included. A connection that never
+//! starts its handshake is dropped at the signer's handshake deadline, and audited too.
 //!
 //! The attempts at the handshake use a plain rustls client over a `TcpStream` (so the test knows
 //! its local port), sending a real signing request: had any got in, it would have been signed.
@@ -215,6 +216,11 @@ fn every_tls_attack_is_refused_and_audited_and_a_crl_update_needs_no_restart() {
                 future.not_before_offset = 86400;
                 future.not_after_offset = 2 * 86400;
                 app.ca.issue(&future).unwrap().write(&d, "future").unwrap();
+
+                // A connection that never starts its handshake (slowloris): dropped after the
+                // signer's handshake deadline (5 s), and audited. Checked at the end.
+                let idle = TcpStream::connect(app.addr).unwrap();
+                let idle_local = idle.local_addr().unwrap();
 
                 // The control: alpha's own certificate over the same raw client gets a signature.
                 let ok = attempt(app.addr, &client(&app, "alpha"), &sign_request(0));
@@ -435,6 +441,21 @@ fn every_tls_attack_is_refused_and_audited_and_a_crl_update_needs_no_restart() {
                 let alpha_again = attempt(app.addr, &client(&app, "alpha"), LIVE);
                 assert_eq!(alpha_again.status.as_deref(), Some("HTTP/1.1 200 OK"));
                 assert!(attempt(app.addr, &client(&app, "revoked"), LIVE).refused());
+                // The idle connection was closed by the signer, and its refusal audited.
+                let mut idle = idle;
+                idle.set_read_timeout(Some(Duration::from_secs(15)))
+                    .unwrap();
+                let mut buf = [0u8; 16];
+                match idle.read(&mut buf) {
+                    Ok(0) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                    other => panic!("the signer kept a connection with no handshake: {other:?}"),
+                }
+                let record = refusal_of(&app, idle_local).await;
+                let reason = record.payload["reason"].as_str().unwrap();
+                assert!(reason.contains("timed out"), "{reason}");
+                refused_peers.push(idle_local);
+
                 let via_api = app.audit().await;
                 castellan_signer::audit::verify_chain(&via_api, None).unwrap();
                 app.kill();
