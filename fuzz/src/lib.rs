@@ -42,7 +42,9 @@ use castellan_policy::{
 use castellan_signer::eth::{self, ChainGuard};
 use castellan_submitter::bundle::ValidBundle;
 use castellan_submitter::relay::{SendResult, classify_answer};
-use castellan_submitter::wire::{RpcAnswer, lenient_u64, lenient_u256, parse_answer, parse_simulation};
+use castellan_submitter::wire::{
+    RpcAnswer, lenient_u64, lenient_u256, parse_answer, parse_simulation,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -132,7 +134,11 @@ pub fn check_unsigned(u: &wire::UnsignedTx) {
         }
     };
     assert_eq!(u64::from(u8::from(tx.tx_type())), expected_type(u));
-    assert_eq!(tx.chain_id(), Some(u.chain_id.0), "EIP-155 / typed: always a chain id");
+    assert_eq!(
+        tx.chain_id(),
+        Some(u.chain_id.0),
+        "EIP-155 / typed: always a chain id"
+    );
     assert_eq!(tx.nonce(), u.nonce.0);
     assert_eq!(tx.gas_limit(), u.gas.0);
     assert_eq!(tx.value(), u.value.map(|w| w.0).unwrap_or_default());
@@ -270,7 +276,11 @@ pub fn bundle_raw_tx(data: &[u8]) {
     };
     // Decoding is canonical: re-encoding gives back exactly the bytes read, and the hash is theirs.
     let read = &data[..consumed];
-    assert_eq!(env.encoded_2718(), read, "decode→encode is not the identity");
+    assert_eq!(
+        env.encoded_2718(),
+        read,
+        "decode→encode is not the identity"
+    );
     assert_eq!(env.encode_2718_len(), consumed);
     assert_eq!(*env.tx_hash(), keccak256(read));
     let sender = env.recover_signer().ok();
@@ -279,7 +289,12 @@ pub fn bundle_raw_tx(data: &[u8]) {
     let acceptable = buf.is_empty() && env.chain_id().is_some() && sender.is_some();
     match result {
         Ok(valid) => {
-            assert!(acceptable, "accepted: trailing {}, chain {:?}, sender {sender:?}", buf.len(), env.chain_id());
+            assert!(
+                acceptable,
+                "accepted: trailing {}, chain {:?}, sender {sender:?}",
+                buf.len(),
+                env.chain_id()
+            );
             check_valid_bundle(&valid, chain);
             assert_eq!(valid.tx_meta[0].sender, sender.expect("checked"));
             assert_eq!(valid.tx_hashes[0], *env.tx_hash());
@@ -327,7 +342,10 @@ fn kinds() -> Vec<RequestKind> {
         Some(to),
         U256::from(10u64).pow(U256::from(16)),
         21_000,
-        Fee::Eip1559 { max_fee_per_gas: gwei, max_priority_fee_per_gas: U256::from(1) },
+        Fee::Eip1559 {
+            max_fee_per_gas: gwei,
+            max_priority_fee_per_gas: U256::from(1),
+        },
         &[],
     );
     let call = TxFacts::new(
@@ -344,7 +362,10 @@ fn kinds() -> Vec<RequestKind> {
         Some(to),
         U256::MAX,
         u64::MAX,
-        Fee::Eip1559 { max_fee_per_gas: U256::MAX, max_priority_fee_per_gas: U256::MAX },
+        Fee::Eip1559 {
+            max_fee_per_gas: U256::MAX,
+            max_priority_fee_per_gas: U256::MAX,
+        },
         &[],
     );
     vec![
@@ -412,16 +433,24 @@ pub fn policy_file(data: &[u8]) {
                     // Windows are reserved only by an allow, and only the request's own scopes.
                     let mine = policy.windows_for(&key, &client);
                     for r in &d.reservations {
-                        assert!(mine.contains(&r.window), "reservation outside the request's windows");
+                        assert!(
+                            mine.contains(&r.window),
+                            "reservation outside the request's windows"
+                        );
                     }
                 }
-                let frozen = Context { frozen: true, ..Context::new(now, &limits) };
+                let frozen = Context {
+                    frozen: true,
+                    ..Context::new(now, &limits)
+                };
                 let d = policy.evaluate(&req, &frozen);
                 assert!(!d.is_allowed(), "allowed while frozen: {}", d.reason);
                 req.key_status = KeyStatus::Retired;
                 let d = policy.evaluate(&req, &Context::new(now, &limits));
                 assert!(!d.is_allowed(), "retired key allowed: {}", d.reason);
-                req.key_status = KeyStatus::Retiring { successor: Address::with_last_byte(7) };
+                req.key_status = KeyStatus::Retiring {
+                    successor: Address::with_last_byte(7),
+                };
                 let _ = policy.evaluate(&req, &Context::new(now, &limits));
             }
         }
@@ -437,7 +466,11 @@ pub fn split_relay_input(data: &[u8]) -> Option<(u16, Option<&str>, &[u8])> {
     let status = 100 + u16::from_le_bytes([head[0], head[1]]) % 500;
     let n = usize::from(head[2] % 16).min(rest.len());
     let (retry, body) = rest.split_at(n);
-    let retry = if n == 0 { None } else { std::str::from_utf8(retry).ok() };
+    let retry = if n == 0 {
+        None
+    } else {
+        std::str::from_utf8(retry).ok()
+    };
     Some((status, retry, body))
 }
 
@@ -451,7 +484,10 @@ pub fn relay_response(data: &[u8]) {
     let (result, value) = classify_answer(status, retry, body, latency);
     let retry_secs = retry.and_then(|r| r.trim().parse::<u64>().ok());
     match &result {
-        SendResult::Throttled { retry_after, latency: l } => {
+        SendResult::Throttled {
+            retry_after,
+            latency: l,
+        } => {
             assert!(
                 status == 429
                     || (!(500..600).contains(&status)
@@ -462,7 +498,11 @@ pub fn relay_response(data: &[u8]) {
             assert_eq!(*l, latency);
             assert!(value.is_none());
         }
-        SendResult::Failed { transient, latency: l, reason } => {
+        SendResult::Failed {
+            transient,
+            latency: l,
+            reason,
+        } => {
             assert_ne!(status, 429);
             assert_eq!(*transient, (500..600).contains(&status), "{reason}");
             if !transient {
@@ -471,7 +511,11 @@ pub fn relay_response(data: &[u8]) {
             assert_eq!(*l, Some(latency));
             assert!(value.is_none());
         }
-        SendResult::Accepted { hash, response, latency: l } => {
+        SendResult::Accepted {
+            hash,
+            response,
+            latency: l,
+        } => {
             assert!(status != 429 && !(500..600).contains(&status));
             let RpcAnswer::Result { hash: h, value: v } = &answer else {
                 panic!("accepted without a result: {answer:?}");
@@ -479,16 +523,29 @@ pub fn relay_response(data: &[u8]) {
             assert_eq!(hash, h);
             assert_eq!(value.as_ref(), Some(v));
             // Only an object whose `error` is absent or null, with a `result`, is accepted.
-            let obj: serde_json::Value = serde_json::from_slice(body).expect("accepted body is JSON");
+            let obj: serde_json::Value =
+                serde_json::from_slice(body).expect("accepted body is JSON");
             assert!(obj.get("error").is_none_or(serde_json::Value::is_null));
             assert_eq!(obj.get("result"), Some(v));
             // The kept response text is bounded (256 bytes, lossily decoded).
-            assert!(response.chars().count() <= 256, "{} chars kept", response.chars().count());
+            assert!(
+                response.chars().count() <= 256,
+                "{} chars kept",
+                response.chars().count()
+            );
             assert_eq!(*l, latency);
         }
-        SendResult::Rejected { code, message, latency: l } => {
+        SendResult::Rejected {
+            code,
+            message,
+            latency: l,
+        } => {
             assert!(status != 429 && !(500..600).contains(&status));
-            let RpcAnswer::Error { code: c, message: m } = &answer else {
+            let RpcAnswer::Error {
+                code: c,
+                message: m,
+            } = &answer
+            else {
                 panic!("rejected without an error: {answer:?}");
             };
             assert_eq!(code, c);
@@ -512,13 +569,24 @@ fn simulation(v: &serde_json::Value) {
     let Some(sim) = parse_simulation(v) else {
         return;
     };
-    let items = v["results"].as_array().expect("parsed results are an array");
+    let items = v["results"]
+        .as_array()
+        .expect("parsed results are an array");
     assert_eq!(sim.results.len(), items.len());
     for (r, item) in sim.results.iter().zip(items) {
-        let hash: B256 = item["txHash"].as_str().and_then(|s| s.parse().ok()).expect("hash");
+        let hash: B256 = item["txHash"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("hash");
         assert_eq!(r.tx_hash, hash);
-        assert_eq!(r.gas_used.map(|q| q.0), item.get("gasUsed").and_then(lenient_u64));
-        assert_eq!(r.coinbase_payment.map(|w| w.0), item.get("coinbaseDiff").and_then(lenient_u256));
+        assert_eq!(
+            r.gas_used.map(|q| q.0),
+            item.get("gasUsed").and_then(lenient_u64)
+        );
+        assert_eq!(
+            r.coinbase_payment.map(|w| w.0),
+            item.get("coinbaseDiff").and_then(lenient_u256)
+        );
         assert!(r.error.as_ref().is_none_or(|e| !e.is_empty()));
         assert!(r.revert.as_ref().is_none_or(|e| !e.is_empty()));
         // What the submitter reports onwards (status API) round-trips.
