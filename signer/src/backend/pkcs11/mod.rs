@@ -20,11 +20,15 @@
 //!   `CKR_SESSION_CLOSED`, `CKR_USER_NOT_LOGGED_IN`, `CKR_DEVICE_REMOVED`,
 //!   `CKR_TOKEN_NOT_PRESENT`, `CKR_DEVICE_ERROR`, `CKR_CRYPTOKI_NOT_INITIALIZED`, …),
 //!   [`KeyBackend::health`] turns to [`Health::Recovering`], new requests fail fast, and the
-//!   keeper recovers with exponential backoff (10 ms doubling to 1 s): first by logging in again
-//!   or reopening its session, then by `C_Finalize` + `C_Initialize` (the only way most modules
+//!   keeper recovers with exponential backoff (10 ms doubling to 250 ms): first by logging in
+//!   again or reopening its session, then by `C_Finalize` + `C_Initialize` (the only way most modules
 //!   notice a re-plugged device) and finding the token by label again. A request whose session
 //!   died under it is retried once on a fresh session. A refused PIN during recovery stops the
 //!   retries, because retrying would lock the PIN.
+//! - A token can vanish while the process's sessions still look logged in (SoftHSM keeps the
+//!   session state in memory when the token's files go away): the keeper's ping also reads
+//!   `C_GetTokenInfo`, and a signing key missing from a logged-in session is checked the same
+//!   way, so either is treated as a device loss rather than as a missing key.
 //!
 //! # Limits
 //! `C_Finalize` acts on the whole module in this process: configure at most one backend per
