@@ -130,6 +130,22 @@ impl VerifiedGrant {
     pub fn budget(&self) -> U256 {
         self.budget
     }
+    /// The client it covers.
+    pub fn client(&self) -> &ClientId {
+        &self.client
+    }
+    /// The key it covers.
+    pub fn key(&self) -> &KeyName {
+        &self.key
+    }
+    /// Unix seconds from which it counts (inclusive).
+    pub fn valid_from(&self) -> u64 {
+        self.valid_from
+    }
+    /// Unix seconds until which it counts (exclusive).
+    pub fn valid_until(&self) -> u64 {
+        self.valid_until
+    }
     pub(crate) fn covers(
         &self,
         client: &ClientId,
@@ -223,6 +239,38 @@ impl Policy {
             valid_until: g.validUntil,
             signers,
         })
+    }
+
+    /// The transaction tiers a verified grant can stand in for: those whose approver set holds
+    /// at least the tier's threshold of the grant's signers. A grant that satisfies none can
+    /// never let a request through; the signer refuses to register it.
+    pub fn grant_tiers(&self, grant: &VerifiedGrant) -> Vec<String> {
+        self.tiers
+            .iter()
+            .filter(|t| t.operation.is_none())
+            .filter(|t| {
+                self.approver_sets
+                    .get(&t.approvers)
+                    .is_some_and(|s| grant.approvals_in(&s.members) >= t.threshold)
+            })
+            .map(|t| t.name.clone())
+            .collect()
+    }
+
+    /// The lowest threshold of the transaction tiers (what a grant needs at least), if any.
+    pub fn lowest_tier_threshold(&self) -> Option<u32> {
+        self.tiers
+            .iter()
+            .filter(|t| t.operation.is_none())
+            .map(|t| t.threshold)
+            .min()
+    }
+
+    /// Whether `address` belongs to some approver set.
+    pub fn is_approver(&self, address: &Address) -> bool {
+        self.approver_sets
+            .values()
+            .any(|set| set.members.binary_search(address).is_ok())
     }
 
     /// The distinct signers of the approvals that count for `digest` at `now`: decision
