@@ -16,6 +16,8 @@
 //!   or 202 [`PendingResponse`])
 //! - `GET /v1/requests/{id}` [strategy, approver, admin] (→ [`RequestStatus`])
 //! - `POST /v1/requests/{id}/approvals` [approver] ([`ApprovalSubmission`] → [`RequestStatus`])
+//! - `POST /v1/grants` [approver, admin] ([`GrantSubmission`] → 201 [`GrantView`]);
+//!   `GET /v1/grants` [approver, admin, auditor] (→ [`GrantList`])
 //! - `POST /v1/relay-auth` [submitter] ([`RelayAuthRequest`] → [`RelayAuthResponse`])
 //! - `POST /v1/outcomes` [submitter] (`crate::submitter::BundleOutcome`)
 //! - `GET /v1/keys`, `GET /v1/keys/{name}` [strategy (own keys), admin, auditor] (→ [`KeyView`])
@@ -429,6 +431,72 @@ pub struct ApprovalSubmission {
     pub expiry: Quantity,
     /// The 65-byte EIP-712 signature.
     pub signature: Bytes,
+}
+
+/// A budget grant as its approvers sign it: the EIP-712 `BudgetGrant` of the policy crate under
+/// the Castellan domain ("client may spend up to `budget` with `key` to `destinations` from
+/// `validFrom` until `validUntil`").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrantBody {
+    /// Client identity (the strategy's certificate URI).
+    pub client: String,
+    /// Key name.
+    pub key: String,
+    /// Per-request value cap (wei).
+    pub max_value: Wei,
+    /// Per-request worst-case cost cap (wei).
+    pub max_cost: Wei,
+    /// Allowed destinations.
+    pub destinations: Vec<CheckedAddress>,
+    /// Budget of worst-case cost over the grant's validity (wei).
+    pub budget: Wei,
+    /// Rolling window in seconds; the signer accepts only 0 (the budget covers the validity).
+    pub window: Quantity,
+    /// Unix seconds, inclusive.
+    pub valid_from: Quantity,
+    /// Unix seconds, exclusive.
+    pub valid_until: Quantity,
+    /// Distinguishes otherwise identical grants.
+    pub nonce: Quantity,
+}
+
+/// `POST /v1/grants`: a grant with its approvers' 65-byte EIP-712 signatures (also the file
+/// `keyctl grant new` writes and `keyctl grant sign` adds signatures to).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrantSubmission {
+    /// The grant.
+    pub grant: GrantBody,
+    /// One signature per approver.
+    #[serde(default)]
+    pub signatures: Vec<Bytes>,
+}
+
+/// A registered grant and how much of it is spent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrantView {
+    /// The grant id: its EIP-712 signing hash.
+    pub id: B256,
+    /// The grant.
+    pub grant: GrantBody,
+    /// The registered approvers that signed it.
+    pub signers: Vec<Address>,
+    /// Worst-case cost reserved under it so far (wei).
+    pub spent: Wei,
+    /// Budget left (wei).
+    pub remaining: Wei,
+    /// Whether it covers requests now (inside its validity).
+    pub active: bool,
+}
+
+/// `GET /v1/grants`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrantList {
+    /// Every registered grant, newest first.
+    pub grants: Vec<GrantView>,
 }
 
 /// `POST /v1/relay-auth`: an EIP-191 signature of a 32-byte hash, for `X-Flashbots-Signature`.
