@@ -265,6 +265,7 @@ async fn closed_loop(app: &support::Appliance, clients: usize, dur: Duration) ->
         assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
     }
     let cpu0 = cpu_of(&pid);
+    let own0 = self_cpu();
     let threads0 = thread_cpu(&pid);
     let t0 = Instant::now();
     let mut tasks = Vec::new();
@@ -291,6 +292,7 @@ async fn closed_loop(app: &support::Appliance, clients: usize, dur: Duration) ->
     }
     let elapsed = t0.elapsed();
     let cpu = cpu_of(&pid) - cpu0;
+    let own = self_cpu() - own0;
     let n = count.load(Ordering::Relaxed);
     // Where the signer's CPU went, by thread name (µs per request).
     let mut by_name: std::collections::BTreeMap<String, Duration> = Default::default();
@@ -306,6 +308,11 @@ async fn closed_loop(app: &support::Appliance, clients: usize, dur: Duration) ->
     println!(
         "  signer CPU by thread per request ({clients} clients): {}",
         per.join(" ")
+    );
+    // The clients share the machine's cores with the signer: their cost bounds the ratio too.
+    println!(
+        "  load generator's own CPU per request (TLS client, HTTP, JSON): {}µs",
+        own.as_micros() / u128::from(n.max(1))
     );
     Served {
         rate: n as f64 / elapsed.as_secs_f64(),
