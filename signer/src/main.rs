@@ -90,6 +90,10 @@ async fn main() -> anyhow::Result<()> {
         Ok(n) => tracing::info!(keys = n, "self-check passed: every key matches its device"),
         Err(e) => bail!("self-check failed, refusing to serve: {e}"),
     }
+    match signer.load_grants().await {
+        Ok(n) => tracing::info!(grants = n, "budget grants in force"),
+        Err(e) => bail!("cannot load the budget grants: {e}"),
+    }
 
     // Upkeep: prune expired reservations; checkpoint the audit chain with the audit key.
     let audit_key = match &config.audit.key {

@@ -63,6 +63,8 @@ pub struct Signer<B: KeyBackend, S: Store> {
     /// authoritative; the mirror may only over-count (it is never lowered except by releases of
     /// this process's own reservations).
     limits: Mutex<MemoryLimits>,
+    /// Registered, verified budget grants (loaded at start, added by `POST /v1/grants`).
+    grants: RwLock<Arc<Vec<policy::VerifiedGrant>>>,
     ready: AtomicBool,
     pending_ttl_ms: u64,
     max_body_bytes: usize,
@@ -211,6 +213,7 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
             backend,
             keys: RwLock::new(HashMap::new()),
             limits: Mutex::new(MemoryLimits::new()),
+            grants: RwLock::new(Arc::new(Vec::new())),
             ready: AtomicBool::new(false),
             pending_ttl_ms: settings.pending_ttl_ms,
             max_body_bytes: settings.max_body_bytes,
@@ -521,10 +524,80 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
             Ok(l) => l,
             Err(p) => p.into_inner(),
         };
+        // Only the grants for this client and key that are inside their validity: the policy
+        // checks them again, but the list stays short on the hot path.
+        let all = self.grants_snapshot();
+        let grants: Vec<policy::VerifiedGrant> = all
+            .iter()
+            .filter(|g| {
+                g.client() == &req.client
+                    && g.key() == &req.key
+                    && g.valid_from() <= now_s
+                    && now_s < g.valid_until()
+            })
+            .cloned()
+            .collect();
         let mut ctx = policy::Context::new(now_s, &*limits as &dyn LimitState);
         ctx.approvals = approvals;
+        ctx.grants = &grants;
         ctx.key_control = control;
         policy.evaluate(req, &ctx)
+    }
+
+    fn grants_snapshot(&self) -> Arc<Vec<policy::VerifiedGrant>> {
+        match self.grants.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Puts a verified grant in force; `spent` (from the store) is added to the limit mirror so
+    /// the policy's pre-check sees what was already spent under it.
+    pub(crate) fn add_grant(&self, grant: policy::VerifiedGrant, spent: U256, now_s: u64) {
+        if !spent.is_zero() {
+            let mut limits = match self.limits.lock() {
+                Ok(l) => l,
+                Err(p) => p.into_inner(),
+            };
+            limits.reserve(&grant.window(), now_s, spent);
+        }
+        let mut g = match self.grants.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let mut next: Vec<policy::VerifiedGrant> = g
+            .iter()
+            .filter(|x| x.valid_until() > now_s && x.id() != grant.id())
+            .cloned()
+            .collect();
+        next.push(grant);
+        *g = Arc::new(next);
+    }
+
+    /// Loads the unexpired grants from the store at start, verifying each again against the
+    /// policy in force (a grant whose signers no longer satisfy any tier is skipped, with a
+    /// warning). Returns how many are in force.
+    pub async fn load_grants(&self) -> Result<usize, String> {
+        let now = UnixMillis::now();
+        let records = self
+            .store
+            .list_grants(Some(now))
+            .await
+            .map_err(|e| format!("store: {e}"))?;
+        let policy = self.policy();
+        let mut n = 0;
+        for r in records {
+            match routes::verify_stored_grant(&policy, &r, now.0 / 1000) {
+                Ok(v) => {
+                    self.add_grant(v, r.spent, now.0 / 1000);
+                    n += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(grant = %r.grant.id, reason = %e.message, "grant not in force")
+                }
+            }
+        }
+        Ok(n)
     }
 
     fn mirror_apply(&self, decision: &policy::Decision, now_s: u64) {

@@ -58,6 +58,10 @@ pub fn router<B: KeyBackend, S: Store>(signer: Shared<B, S>) -> Router {
         )
         .route("/v1/requests/{id}", get(request_status::<B, S>))
         .route("/v1/requests/{id}/approvals", post(approve::<B, S>))
+        .route(
+            "/v1/grants",
+            post(submit_grant::<B, S>).get(list_grants::<B, S>),
+        )
         .route("/v1/relay-auth", post(relay_auth::<B, S>))
         .route("/v1/admin/freeze", post(freeze::<B, S>))
         .route("/v1/admin/unfreeze", post(unfreeze::<B, S>))
@@ -833,9 +837,13 @@ async fn execute<B: KeyBackend, S: Store>(
         .reservations
         .iter()
         .map(|r| {
+            // A grant's spending lives in the store's grant window (`Store::grant` sums it).
+            let window = match r.window.scope {
+                policy::WindowScope::Grant(g) => WindowKey::grant(&g.to_string()),
+                _ => WindowKey::new(r.window.to_string()),
+            };
             Ok(store::Reservation {
-                window: WindowKey::new(r.window.to_string())
-                    .map_err(|e| ApiError::internal(format!("window key: {e}")))?,
+                window: window.map_err(|e| ApiError::internal(format!("window key: {e}")))?,
                 duration_ms: if r.window.duration == policy::LIFETIME {
                     store::FOREVER_MS
                 } else {
@@ -1871,6 +1879,286 @@ async fn audit_export<B: KeyBackend, S: Store>(
         Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response())
     })
     .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Budget grants
+
+/// The caller, if it holds one of `roles` (a refusal is audited).
+async fn caller_with_any<B: KeyBackend, S: Store>(
+    s: &Signer<B, S>,
+    peer: Option<Extension<Peer>>,
+    rid: &str,
+    roles: &[Role],
+) -> Result<Caller, ApiError> {
+    let Some(Extension(peer)) = peer else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "no_client_identity",
+            "a client certificate is required",
+        ));
+    };
+    let caller = s.caller(&peer.identity, rid).await?;
+    if roles.iter().any(|r| caller.grants.has(*r)) {
+        return Ok(caller);
+    }
+    let e = ApiError::forbidden(
+        "role_required",
+        format!(
+            "identity {} lacks every role this route accepts ({roles:?})",
+            caller.identity
+        ),
+    );
+    s.audit_refusal(rid, caller.identity.as_str(), &e).await;
+    Err(e)
+}
+
+/// Checks a submitted grant against the policy in force: well formed, not expired, a known key,
+/// every signature recovering to a registered approver, and enough of them for at least one
+/// approval tier. Each failure has its own stable code.
+///
+/// # Security
+/// A grant only ever lets requests through tiers its signers satisfy (the policy checks that at
+/// every evaluation); refusing the others here keeps useless or forged grants out of the store.
+pub(super) fn check_grant(
+    policy: &policy::Policy,
+    sub: &wire::GrantSubmission,
+    now_s: u64,
+) -> Result<policy::VerifiedGrant, ApiError> {
+    let g = &sub.grant;
+    let invalid = |m: String| ApiError::bad_request("grant_invalid", m);
+    if g.window.0 != 0 {
+        return Err(invalid(format!(
+            "window {} s: only 0 (the budget covers the whole validity) is supported",
+            g.window.0
+        )));
+    }
+    if g.valid_until.0 <= g.valid_from.0 {
+        return Err(invalid(format!(
+            "validUntil {} is not after validFrom {}",
+            g.valid_until.0, g.valid_from.0
+        )));
+    }
+    if g.valid_until.0 <= now_s {
+        return Err(ApiError::bad_request(
+            "grant_expired",
+            format!("the grant expired at {} (now {now_s})", g.valid_until.0),
+        ));
+    }
+    if !policy.has_key(&policy::KeyName::new(&g.key)) {
+        return Err(invalid(format!("the policy has no key {:?}", g.key)));
+    }
+    if g.destinations.is_empty() {
+        return Err(invalid("the grant names no destination".into()));
+    }
+    let typed = policy::BudgetGrant {
+        client: g.client.clone(),
+        key: g.key.clone(),
+        maxValue: g.max_value.0,
+        maxCost: g.max_cost.0,
+        destinations: g.destinations.iter().map(|d| d.0).collect(),
+        budget: g.budget.0,
+        window: g.window.0,
+        validFrom: g.valid_from.0,
+        validUntil: g.valid_until.0,
+        nonce: g.nonce.0,
+    };
+    let hash = alloy::sol_types::SolStruct::eip712_signing_hash(&typed, policy.approval_domain());
+    let mut signatures = Vec::with_capacity(sub.signatures.len());
+    for raw in &sub.signatures {
+        let sig = Signature::try_from(raw.as_ref())
+            .map_err(|e| ApiError::bad_request("invalid_signature", e.to_string()))?;
+        match sig.recover_address_from_prehash(&hash) {
+            Ok(a) if policy.is_approver(&a) => signatures.push(sig),
+            Ok(a) => {
+                return Err(ApiError::denied(
+                    "grant_unregistered_signer",
+                    format!(
+                        "a signature of grant {hash} recovers to {a}, which no approver set of \
+                         the policy lists"
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Err(ApiError::denied(
+                    "grant_unregistered_signer",
+                    format!("a signature of grant {hash} does not recover: {e}"),
+                ));
+            }
+        }
+    }
+    let signed = policy::SignedGrant {
+        grant: typed,
+        signatures,
+    };
+    let verified = policy
+        .verify_grant(&signed, now_s)
+        .map_err(|e| ApiError::denied("grant_below_threshold", format!("grant {hash}: {e}")))?;
+    if policy.grant_tiers(&verified).is_empty() {
+        return Err(ApiError::denied(
+            "grant_below_threshold",
+            format!(
+                "grant {hash} is signed by {} registered approver(s); the policy's approval \
+                 tiers need at least {}",
+                verified.signers().len(),
+                policy
+                    .lowest_tier_threshold()
+                    .map_or_else(|| "a tier (it has none)".to_owned(), |t| t.to_string())
+            ),
+        ));
+    }
+    Ok(verified)
+}
+
+/// A grant as the store holds it, verified again (at start, against the policy then in force).
+pub(super) fn verify_stored_grant(
+    policy: &policy::Policy,
+    rec: &store::GrantRecord,
+    now_s: u64,
+) -> Result<policy::VerifiedGrant, ApiError> {
+    check_grant(policy, &stored_submission(rec)?, now_s)
+}
+
+fn stored_submission(rec: &store::GrantRecord) -> Result<wire::GrantSubmission, ApiError> {
+    let grant: wire::GrantBody =
+        serde_json::from_value(rec.grant.grant.clone()).map_err(ApiError::internal)?;
+    let signatures = rec
+        .grant
+        .signatures
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x["signature"].as_str())
+                .filter_map(|h| h.parse::<Bytes>().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(wire::GrantSubmission { grant, signatures })
+}
+
+/// `POST /v1/grants` [approver, admin]: registers a budget grant signed by enough approvers.
+async fn submit_grant<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+    body: Result<ApiJson<wire::GrantSubmission>, ApiError>,
+) -> Response {
+    let rid = match request_id(&headers) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let result = async {
+        let caller = caller_with_any(&s, peer, &rid, &[Role::Approver, Role::Admin]).await?;
+        let refuse = async |e: ApiError| {
+            s.audit_refusal(&rid, caller.identity.as_str(), &e).await;
+            Err::<Response, ApiError>(e)
+        };
+        let sub = match body {
+            Ok(ApiJson(b)) => b,
+            Err(e) => return refuse(e).await,
+        };
+        let now = now_ms();
+        let policy = s.policy();
+        let verified = match check_grant(&policy, &sub, now.0 / 1000) {
+            Ok(v) => v,
+            Err(e) => return refuse(e).await,
+        };
+        let id = verified.id().to_string();
+        let signatures: Vec<Value> = sub
+            .signatures
+            .iter()
+            .filter_map(|raw| {
+                let sig = Signature::try_from(raw.as_ref()).ok()?;
+                let signer = sig.recover_address_from_prehash(&verified.id()).ok()?;
+                Some(json!({ "signer": signer, "signature": raw }))
+            })
+            .collect();
+        let record = store::Grant {
+            id: id.clone(),
+            grant: serde_json::to_value(&sub.grant).map_err(ApiError::internal)?,
+            signatures: Value::Array(signatures),
+            created_at: now,
+            expires_at: UnixMillis(sub.grant.valid_until.0.saturating_mul(1000)),
+        };
+        match s
+            .store
+            .insert_grant(record, change_by(&caller, &rid, now))
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::Conflict(m)) => {
+                return refuse(ApiError::conflict("grant_exists", m)).await;
+            }
+            Err(e) => return Err(store_error(e)),
+        }
+        let view = grant_view(&sub.grant, verified.signers().to_vec(), U256::ZERO, id, now);
+        s.add_grant(verified, U256::ZERO, now.0 / 1000);
+        Ok((StatusCode::CREATED, Json(view?)).into_response())
+    }
+    .await;
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+/// `GET /v1/grants` [approver, admin, auditor]: every grant with spent and remaining budget.
+async fn list_grants<B: KeyBackend, S: Store>(
+    State(s): State<Shared<B, S>>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+) -> Response {
+    let rid = match request_id(&headers) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let result: Result<Response, ApiError> = async {
+        caller_with_any(
+            &s,
+            peer,
+            &rid,
+            &[Role::Approver, Role::Admin, Role::Auditor],
+        )
+        .await?;
+        let now = now_ms();
+        let records = s.store.list_grants(None).await.map_err(store_error)?;
+        let in_force = s.grants_snapshot();
+        let mut grants = Vec::with_capacity(records.len());
+        for rec in &records {
+            let sub = stored_submission(rec)?;
+            let signers = rec
+                .grant
+                .signatures
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x["signer"].as_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut view = grant_view(&sub.grant, signers, rec.spent, rec.grant.id.clone(), now)?;
+            view.active = view.active && in_force.iter().any(|g| g.id() == view.id);
+            grants.push(view);
+        }
+        Ok(Json(wire::GrantList { grants }).into_response())
+    }
+    .await;
+    with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+fn grant_view(
+    g: &wire::GrantBody,
+    signers: Vec<alloy::primitives::Address>,
+    spent: U256,
+    id: String,
+    now: UnixMillis,
+) -> Result<wire::GrantView, ApiError> {
+    let now_s = now.0 / 1000;
+    Ok(wire::GrantView {
+        id: id.parse().map_err(ApiError::internal)?,
+        grant: g.clone(),
+        signers,
+        spent: castellan_api::submitter::Wei(spent),
+        remaining: castellan_api::submitter::Wei(g.budget.0.saturating_sub(spent)),
+        active: g.valid_from.0 <= now_s && now_s < g.valid_until.0,
+    })
 }
 
 #[cfg(test)]

@@ -1039,6 +1039,13 @@ pub trait Store: Send + Sync + 'static {
         id: String,
     ) -> impl Future<Output = Result<Option<GrantRecord>, StoreError>> + Send;
 
+    /// Every grant with its spent total, newest first; with `unexpired_at`, only those that
+    /// expire after that time.
+    fn list_grants(
+        &self,
+        unexpired_at: Option<UnixMillis>,
+    ) -> impl Future<Output = Result<Vec<GrantRecord>, StoreError>> + Send;
+
     // --- audit ---
 
     /// Appends a record (e.g. a policy change). Checkpoints go through

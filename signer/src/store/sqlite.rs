@@ -1027,6 +1027,49 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn list_grants(
+        &self,
+        unexpired_at: Option<UnixMillis>,
+    ) -> Result<Vec<GrantRecord>, StoreError> {
+        let after = match unexpired_at {
+            Some(t) => ms(t)?,
+            None => i64::MIN,
+        };
+        self.read(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT id, grant_json, signatures, created_at, expires_at FROM grants
+                 WHERE expires_at > ?1 ORDER BY created_at DESC, id",
+            )?;
+            let rows = stmt
+                .query_map([after], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(id, grant, signatures, created, expires)| {
+                    let spent = window_sum(c, &WindowKey::grant(&id)?, i64::MIN)?;
+                    Ok(GrantRecord {
+                        grant: Grant {
+                            id,
+                            grant: parse_json(&grant)?,
+                            signatures: parse_json(&signatures)?,
+                            created_at: from_ms(created),
+                            expires_at: from_ms(expires),
+                        },
+                        spent,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord, StoreError> {
         if entry.kind == AuditKind::Checkpoint {
             return Err(StoreError::Invalid(
