@@ -156,7 +156,8 @@ async fn status(
     require(&caller, &[Role::Signer, Role::Admin])?;
     let id = parse_id(&id)?;
     engine
-        .status(id)
+        .lookup(id)
+        .await?
         .map(|s| Json(s).into_response())
         .ok_or_else(|| {
             ApiError::new(

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use castellan_api::submitter::{RelaySelection, SubmitBundleRequest};
 
 use crate::error::ApiError;
+use crate::store::StoredMeta;
 
 /// Most transactions per bundle (Flashbots, BuilderNet).
 pub const MAX_TXS: usize = 100;
@@ -167,6 +168,57 @@ impl ValidBundle {
             txs: request.txs.clone(),
             tx_hashes,
             tx_meta,
+            target_block: target,
+            last_block: last,
+            min_timestamp: request.min_timestamp.map(|q| q.0),
+            max_timestamp: request.max_timestamp.map(|q| q.0),
+            reverting: request.reverting_tx_hashes.clone(),
+            replacement_uuid: request.replacement_uuid.unwrap_or(request.bundle_id),
+            selection: request.relays.clone(),
+            simulate: request.simulate,
+            digest: keccak256(canonical),
+            request,
+        })
+    }
+
+    /// What this validation recovered, kept with the stored row.
+    pub fn meta(&self, chain_id: u64) -> StoredMeta {
+        StoredMeta {
+            chain_id,
+            txs: self.tx_meta.iter().map(|m| (m.sender, m.nonce)).collect(),
+        }
+    }
+
+    /// Rebuilds a bundle this submitter validated before it stored it, without decoding the
+    /// transactions or recovering their senders again (the expensive part of [`Self::validate`]):
+    /// the senders and nonces come from `meta`, the hashes and digest are recomputed. Falls back
+    /// to a full validation when `meta` is absent, was recorded for another chain id, or does
+    /// not match the transactions.
+    pub fn from_stored(
+        request: SubmitBundleRequest,
+        meta: Option<&StoredMeta>,
+        chain_id: u64,
+        max_range: u64,
+    ) -> Result<Self, ApiError> {
+        let Some(meta) =
+            meta.filter(|m| m.chain_id == chain_id && m.txs.len() == request.txs.len())
+        else {
+            return Self::validate(request, chain_id, max_range);
+        };
+        let target = request.target_block.0;
+        let last = request.last_block.map_or(target, |q| q.0);
+        let canonical = serde_json::to_vec(&request)
+            .map_err(|e| ApiError::internal(format!("serialize request: {e}")))?;
+        Ok(Self {
+            id: request.bundle_id,
+            key_name: request.key_name.clone(),
+            txs: request.txs.clone(),
+            tx_hashes: request.txs.iter().map(keccak256).collect(),
+            tx_meta: meta
+                .txs
+                .iter()
+                .map(|&(sender, nonce)| TxMeta { sender, nonce })
+                .collect(),
             target_block: target,
             last_block: last,
             min_timestamp: request.min_timestamp.map(|q| q.0),

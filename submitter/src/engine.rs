@@ -5,6 +5,12 @@
 //! short, non-async sections. Every relay request runs in its own task with its own timeout,
 //! so a slow or failing relay never delays the others; the head tracker drives
 //! [`Engine::on_head`] once per new block.
+//!
+//! Memory: only live bundles (pending, or included and not yet confirmed) are loaded at start
+//! and kept; a bundle that finishes (confirmed, cancelled, expired, failed) stays in memory for
+//! [`FINISHED_GRACE_BLOCKS`] more heads (so its per-relay detail is still shown right after) and
+//! is then dropped. Status requests, cancels and retries of a bundle id not in memory are answered
+//! from the store, so idempotency by bundle id holds across restarts and pruning.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,7 +34,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::node::{Node, Receipt};
 use crate::relay::{Relay, SendResult, SignatureCache};
-use crate::store::{Inserted, Store};
+use crate::store::{Inserted, Store, StoredBundle};
 
 /// Receives final outcomes (the signer's outcome route; its HTTP client comes with the signer).
 pub trait OutcomeSink: Send + Sync {
@@ -69,6 +75,8 @@ pub struct EngineConfig {
 const RETRY_DELAY: Duration = Duration::from_millis(50);
 /// Longest `Retry-After` that is waited out within the same block.
 const MAX_INLINE_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Heads a finished bundle stays in memory before it is answered from the store only.
+pub const FINISHED_GRACE_BLOCKS: u64 = 8;
 
 #[derive(Debug)]
 struct Entry {
@@ -82,6 +90,8 @@ struct Entry {
     last_submitted: Option<u64>,
     simulation: Option<SimulationReport>,
     simulating: bool,
+    /// Head at which it finished (pruned [`FINISHED_GRACE_BLOCKS`] later).
+    finished_at: Option<u64>,
 }
 
 impl Entry {
@@ -165,14 +175,17 @@ impl Engine {
         }
     }
 
-    /// Reloads every stored bundle; live ones resume at the next head.
+    /// Reloads the live stored bundles (pending, or included but not yet confirmed); they resume
+    /// at the next head. Finished ones stay in the store only. Rows this submitter stored carry
+    /// what their validation recovered, so they are not validated again.
     pub async fn restore(&self) -> Result<usize, Error> {
-        let stored = self.inner.store.load_all().await?;
+        let stored = self.inner.store.load_live().await?;
         let mut live = 0;
         for s in stored {
             let id = s.request.bundle_id;
-            let bundle = match ValidBundle::validate(
+            let bundle = match ValidBundle::from_stored(
                 s.request,
+                s.meta.as_ref(),
                 self.inner.config.chain_id,
                 self.inner.config.max_block_range,
             ) {
@@ -206,7 +219,13 @@ impl Engine {
             .metrics
             .live_bundles
             .set(i64::try_from(live).unwrap_or(i64::MAX));
+        self.count_in_memory();
         Ok(live)
+    }
+
+    /// How many bundles are held in memory (live ones and recently finished ones).
+    pub fn bundles_in_memory(&self) -> usize {
+        self.lock().len()
     }
 
     /// Accepts a bundle: validates it, persists it durably, then starts sending. Idempotent by
@@ -225,6 +244,10 @@ impl Engine {
             return Ok((existing, false));
         }
         if self.ready() && bundle.last_block <= self.head() {
+            // A retry of a bundle that finished (and left memory) is a duplicate, not a refusal.
+            if let Some(existing) = self.stored_duplicate(&bundle).await? {
+                return Ok((existing, false));
+            }
             return Err(ApiError::bad_request(
                 "block_range_passed",
                 format!(
@@ -234,29 +257,35 @@ impl Engine {
                 ),
             ));
         }
-        let relays = self.select(&bundle.selection)?;
+        let relays = match self.select(&bundle.selection) {
+            Ok(r) => r,
+            Err(e) => match self.stored_duplicate(&bundle).await? {
+                Some(existing) => return Ok((existing, false)),
+                None => return Err(e),
+            },
+        };
         let id = bundle.id;
         let status = {
             let _serial = self.inner.submit_lock.lock().await;
             if let Some(existing) = self.existing(&bundle)? {
                 return Ok((existing, false));
             }
+            let meta = bundle.meta(self.inner.config.chain_id);
             match self
                 .inner
                 .store
-                .insert(&bundle.request, bundle.digest.to_string())
+                .insert(&bundle.request, bundle.digest.to_string(), Some(&meta))
                 .await
                 .map_err(|e| ApiError::internal(e.to_string()))?
             {
                 Inserted::New => {}
+                // Finished (and pruned from memory, or from before a restart): answered from
+                // the store, never accepted again.
                 Inserted::Exists(stored) => {
-                    // Only reachable if the row was not reloaded at start.
                     if stored.digest != bundle.digest.to_string() {
                         return Err(conflict(id));
                     }
-                    return Err(ApiError::internal(format!(
-                        "bundle {id} stored but not loaded"
-                    )));
+                    return Ok((stored_status(&stored), false));
                 }
             }
             let entry = self.new_entry(Arc::new(bundle), relays, BundleState::Pending, None, None);
@@ -264,6 +293,7 @@ impl Engine {
             self.lock().insert(id, entry);
             status
         };
+        self.count_in_memory();
         self.inner.metrics.bundle("accepted");
         self.inner.metrics.live_bundles.inc();
         if self.ready() {
@@ -272,33 +302,51 @@ impl Engine {
         Ok((status, true))
     }
 
-    /// A bundle's status.
+    /// A bundle's status, if it is in memory (live, or finished within the grace period);
+    /// [`Engine::lookup`] also reads the store.
     pub fn status(&self, id: Uuid) -> Option<BundleStatus> {
         self.lock().get(&id).map(Entry::status)
     }
 
+    /// A bundle's status: from memory, else from the store (a finished bundle, with its
+    /// recorded state and no per-relay detail).
+    pub async fn lookup(&self, id: Uuid) -> Result<Option<BundleStatus>, ApiError> {
+        if let Some(status) = self.status(id) {
+            return Ok(Some(status));
+        }
+        let stored = self
+            .inner
+            .store
+            .get(id)
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        // It may have been inserted between the two reads: memory first again.
+        Ok(self
+            .status(id)
+            .or_else(|| stored.map(|s| stored_status(&s))))
+    }
+
     /// Cancels a pending bundle and asks every selected relay that can cancel to drop it.
     pub async fn cancel(&self, id: Uuid) -> Result<BundleStatus, ApiError> {
+        if self.status(id).is_none() {
+            // Not in memory: finished (or never accepted); the store has its final state.
+            let status = self.lookup(id).await?.ok_or_else(|| not_found(id))?;
+            if self.status(id).is_none() {
+                return match status.state {
+                    BundleState::Cancelled => Ok(status),
+                    BundleState::Included => Err(already_included(id)),
+                    _ => Err(not_live(id)),
+                };
+            }
+        }
         let (bundle, relays, target) = {
             let mut map = self.lock();
             let entry = map.get_mut(&id).ok_or_else(|| not_found(id))?;
             match entry.state {
                 BundleState::Cancelled => return Ok(entry.status()),
                 BundleState::Pending => {}
-                BundleState::Included => {
-                    return Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        "already_included",
-                        format!("bundle {id} is already on-chain"),
-                    ));
-                }
-                BundleState::Expired | BundleState::Failed => {
-                    return Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        "not_live",
-                        format!("bundle {id} is no longer live"),
-                    ));
-                }
+                BundleState::Included => return Err(already_included(id)),
+                BundleState::Expired | BundleState::Failed => return Err(not_live(id)),
             }
             entry.state = BundleState::Cancelled;
             entry.reason = Some("cancelled".into());
@@ -333,7 +381,7 @@ impl Engine {
                 }
             }
         }
-        self.status(id).ok_or_else(|| not_found(id))
+        self.lookup(id).await?.ok_or_else(|| not_found(id))
     }
 
     /// Cancels every pending bundle signed by `key_name`; returns their ids.
@@ -427,6 +475,12 @@ impl Engine {
         for id in pending {
             self.step(id, head);
         }
+        // Finished bundles leave memory after the grace period (the store still answers).
+        self.lock().retain(|_, e| {
+            e.finished_at
+                .is_none_or(|f| head < f.saturating_add(FINISHED_GRACE_BLOCKS))
+        });
+        self.count_in_memory();
     }
 
     /// Runs the head tracker: polls `eth_blockNumber` every `interval` and calls
@@ -487,7 +541,39 @@ impl Engine {
             last_submitted: None,
             simulation: None,
             simulating: false,
+            finished_at: None,
         }
+    }
+
+    fn count_in_memory(&self) {
+        let n = self.lock().len();
+        self.inner
+            .metrics
+            .bundles_in_memory
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The stored row with `bundle`'s id as a duplicate's answer (409 if its content differs).
+    async fn stored_duplicate(
+        &self,
+        bundle: &ValidBundle,
+    ) -> Result<Option<BundleStatus>, ApiError> {
+        let Some(stored) = self
+            .inner
+            .store
+            .get(bundle.id)
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        if stored.digest != bundle.digest.to_string() {
+            return Err(conflict(bundle.id));
+        }
+        Ok(Some(
+            self.status(bundle.id)
+                .unwrap_or_else(|| stored_status(&stored)),
+        ))
     }
 
     fn existing(&self, bundle: &ValidBundle) -> Result<Option<BundleStatus>, ApiError> {
@@ -895,6 +981,7 @@ impl Engine {
                     }
                     entry.confirmed = true;
                     entry.reason = Some("confirmed".into());
+                    entry.finished_at = Some(head);
                     outcome_of(entry, &receipts)
                 };
                 let block = outcome.included_block.map(|q| q.0);
@@ -961,10 +1048,14 @@ impl Engine {
             _ => "failed",
         });
         self.inner.metrics.live_bundles.dec();
+        let head = self.head();
         let key_name = self
             .lock()
-            .get(&id)
-            .map(|e| e.bundle.key_name.clone())
+            .get_mut(&id)
+            .map(|e| {
+                e.finished_at = Some(head);
+                e.bundle.key_name.clone()
+            })
             .unwrap_or_default();
         self.report(BundleOutcome {
             bundle_id: id,
@@ -1033,6 +1124,47 @@ fn conflict(id: Uuid) -> ApiError {
         "bundle_id_conflict",
         format!("bundle {id} was already submitted with other content"),
     )
+}
+
+fn already_included(id: Uuid) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "already_included",
+        format!("bundle {id} is already on-chain"),
+    )
+}
+
+fn not_live(id: Uuid) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "not_live",
+        format!("bundle {id} is no longer live"),
+    )
+}
+
+/// The status of a bundle known only from its stored row (no per-relay detail: that history is
+/// not persisted).
+fn stored_status(s: &StoredBundle) -> BundleStatus {
+    let request = &s.request;
+    let target = request.target_block.0;
+    BundleStatus {
+        bundle_id: request.bundle_id,
+        key_name: request.key_name.clone(),
+        state: s.state,
+        reason: s.reason.clone(),
+        included_block: s.included_block.map(Quantity),
+        confirmed: s.state == BundleState::Included && s.reason.as_deref() == Some("confirmed"),
+        target_block: Quantity(target),
+        last_block: Quantity(request.last_block.map_or(target, |q| q.0)),
+        last_submitted_block: None,
+        tx_hashes: request
+            .txs
+            .iter()
+            .map(alloy::primitives::keccak256)
+            .collect(),
+        relays: Vec::new(),
+        simulation: None,
+    }
 }
 
 fn not_found(id: Uuid) -> ApiError {

@@ -71,6 +71,8 @@ pub struct Metrics {
     pub head: Gauge,
     /// Bundles live now.
     pub live_bundles: Gauge,
+    /// Bundles held in memory (live, plus those finished within the grace period).
+    pub bundles_in_memory: Gauge,
     /// API callers turned away, by reason.
     pub refusals: Family<RefusalLabels, Counter>,
 }
@@ -92,6 +94,7 @@ impl Metrics {
         let bundles = Family::<StateLabels, Counter>::default();
         let head = Gauge::default();
         let live_bundles = Gauge::default();
+        let bundles_in_memory = Gauge::default();
         let refusals = Family::<RefusalLabels, Counter>::default();
         registry.register(
             "api_refusals",
@@ -125,6 +128,11 @@ impl Metrics {
             "Bundles pending or awaiting confirmation",
             live_bundles.clone(),
         );
+        registry.register(
+            "bundles_in_memory",
+            "Bundles held in memory: live ones and those finished in the last few blocks",
+            bundles_in_memory.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             requests,
@@ -134,6 +142,7 @@ impl Metrics {
             bundles,
             head,
             live_bundles,
+            bundles_in_memory,
             refusals,
         }
     }

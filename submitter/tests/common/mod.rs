@@ -178,7 +178,7 @@ impl Harness {
         );
         let config = Config::parse(&text).unwrap();
         let outcomes = Outcomes::default();
-        let (engine, tracker) = Self::engine(&config, &outcomes).await;
+        let (engine, tracker, _) = Self::engine(&config, &outcomes).await;
         let h = Self {
             anvil,
             engine,
@@ -192,7 +192,10 @@ impl Harness {
         h
     }
 
-    async fn engine(config: &Config, outcomes: &Outcomes) -> (Engine, tokio::task::JoinHandle<()>) {
+    async fn engine(
+        config: &Config,
+        outcomes: &Outcomes,
+    ) -> (Engine, tokio::task::JoinHandle<()>, Duration) {
         let store = Store::open(&config.store.path).unwrap();
         let auth: Arc<dyn RelayAuthSigner> = Arc::new(TestAuth(AUTH_KEY.parse().unwrap()));
         let engine = castellan_submitter::build_engine(
@@ -202,19 +205,23 @@ impl Harness {
             Arc::new(outcomes.clone()),
         )
         .unwrap();
+        let t = Instant::now();
         engine.restore().await.unwrap();
+        let restored_in = t.elapsed();
         let tracker = engine.spawn_head_tracker(Duration::from_millis(25));
-        (engine, tracker)
+        (engine, tracker, restored_in)
     }
 
     /// Simulates a restart: stops head tracking and builds a new engine over the same store.
-    pub async fn restart(&mut self) {
+    /// Returns how long [`Engine::restore`] took.
+    pub async fn restart(&mut self) -> Duration {
         self.tracker.abort();
-        let (engine, tracker) = Self::engine(&self.config, &self.outcomes).await;
+        let (engine, tracker, restored_in) = Self::engine(&self.config, &self.outcomes).await;
         self.engine = engine;
         self.tracker = tracker;
         let head = self.block_number().await;
         self.wait_head(head).await;
+        restored_in
     }
 
     pub fn relay(&self, name: &str) -> &StandInRelay {
@@ -254,7 +261,12 @@ impl Harness {
     ) -> BundleStatus {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let s = self.engine.status(id).unwrap();
+            let s = self
+                .engine
+                .lookup(id)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("bundle {id} unknown"));
             if pred(&s) {
                 return s;
             }
