@@ -12,7 +12,7 @@ use alloy::dyn_abi::TypedData;
 use alloy::primitives::Signature;
 use alloy::sol_types::SolStruct;
 use anyhow::{Context, bail};
-use castellan_policy::{Approval, castellan_domain};
+use castellan_policy::{Approval, BudgetGrant, castellan_domain};
 use castellan_signer::backend::ledger::{HidTransport, LedgerBackend, LedgerConfig};
 use castellan_signer::backend::{KeyBackend, KeyInfo, Payload, SignRequest};
 use castellan_signer::config::BackendConfig;
@@ -123,6 +123,73 @@ pub async fn sign_approval<B: KeyBackend>(
         .sign(&key.key_ref, &key.public_key, request)
         .await
         .with_context(|| format!("signing the approval on the Ledger ({})", key.key_ref))?;
+    Ok(sig.signature())
+}
+
+/// The budget grant as EIP-712 typed data under the Castellan domain, as the device is sent it.
+pub fn grant_typed_data(grant: &BudgetGrant, chain_id: u64) -> anyhow::Result<TypedData> {
+    let typed: TypedData = serde_json::from_value(json!({
+        "types": {
+            "EIP712Domain": [
+                {"name": "name", "type": "string"},
+                {"name": "version", "type": "string"},
+                {"name": "chainId", "type": "uint256"}
+            ],
+            "BudgetGrant": [
+                {"name": "client", "type": "string"},
+                {"name": "key", "type": "string"},
+                {"name": "maxValue", "type": "uint256"},
+                {"name": "maxCost", "type": "uint256"},
+                {"name": "destinations", "type": "address[]"},
+                {"name": "budget", "type": "uint256"},
+                {"name": "window", "type": "uint64"},
+                {"name": "validFrom", "type": "uint64"},
+                {"name": "validUntil", "type": "uint64"},
+                {"name": "nonce", "type": "uint64"}
+            ]
+        },
+        "primaryType": "BudgetGrant",
+        "domain": {"name": "Castellan", "version": "1", "chainId": chain_id},
+        "message": {
+            "client": grant.client,
+            "key": grant.key,
+            "maxValue": grant.maxValue.to_string(),
+            "maxCost": grant.maxCost.to_string(),
+            "destinations": grant.destinations,
+            "budget": grant.budget.to_string(),
+            "window": grant.window,
+            "validFrom": grant.validFrom,
+            "validUntil": grant.validUntil,
+            "nonce": grant.nonce
+        }
+    }))
+    .context("grant typed data")?;
+    let want = grant.eip712_signing_hash(&castellan_domain(chain_id));
+    let got = typed
+        .eip712_signing_hash()
+        .map_err(|e| anyhow::anyhow!("grant typed data: {e}"))?;
+    if got != want {
+        bail!("grant typed data hashes to {got}, the signer expects {want}");
+    }
+    Ok(typed)
+}
+
+/// Signs a budget grant with the approver's key on a Ledger (the device shows the grant).
+pub async fn sign_grant<B: KeyBackend>(
+    device: &B,
+    key: &KeyInfo,
+    grant: &BudgetGrant,
+    chain_id: u64,
+) -> anyhow::Result<Signature> {
+    let typed = grant_typed_data(grant, chain_id)?;
+    let request = SignRequest {
+        digest: grant.eip712_signing_hash(&castellan_domain(chain_id)),
+        payload: Payload::TypedData(Box::new(typed)),
+    };
+    let sig = device
+        .sign(&key.key_ref, &key.public_key, request)
+        .await
+        .with_context(|| format!("signing the grant on the Ledger ({})", key.key_ref))?;
     Ok(sig.signature())
 }
 
@@ -312,6 +379,51 @@ mod tests {
         want.extend_from_slice(domain.separator().as_slice());
         want.extend_from_slice(approval.eip712_hash_struct().as_slice());
         assert_eq!(hex::encode(&apdu.data), hex::encode(&want));
+    }
+
+    #[tokio::test]
+    async fn a_budget_grant_is_signed_as_eip712_on_the_ledger_and_recovers_to_the_approver() {
+        let chain_id = 31337;
+        let grant = BudgetGrant {
+            client: "spiffe://castellan/strategy/alpha".into(),
+            key: "searcher-hot".into(),
+            maxValue: alloy::primitives::U256::from(3u64)
+                * alloy::primitives::U256::from(10u64).pow(alloy::primitives::U256::from(18u64)),
+            maxCost: alloy::primitives::U256::from(4u64)
+                * alloy::primitives::U256::from(10u64).pow(alloy::primitives::U256::from(18u64)),
+            destinations: vec![Address::repeat_byte(0x11), Address::repeat_byte(0x22)],
+            budget: alloy::primitives::U256::from(5u64)
+                * alloy::primitives::U256::from(10u64).pow(alloy::primitives::U256::from(18u64)),
+            window: 0,
+            validFrom: 1_800_000_000,
+            validUntil: 1_900_000_000,
+            nonce: 7,
+        };
+        let domain = castellan_domain(chain_id);
+        let hash = grant.eip712_signing_hash(&domain);
+        let sig = device_key().sign_hash_sync(&hash).unwrap();
+        let mut sign_answer = vec![27 + u8::from(sig.v())];
+        sign_answer.extend_from_slice(&sig.r().to_be_bytes::<32>());
+        sign_answer.extend_from_slice(&sig.s().to_be_bytes::<32>());
+        sign_answer.extend_from_slice(&[0x90, 0x00]);
+
+        let script = Scripted::default();
+        script.answers.lock().unwrap().push_back(address_answer());
+        script.answers.lock().unwrap().push_back(sign_answer);
+        let device = backend(&script);
+        let key = device.find_by_label(PATH).await.unwrap();
+        let got = sign_grant(&device, &key, &grant, chain_id).await.unwrap();
+        assert_eq!(
+            got.recover_address_from_prehash(&hash).unwrap(),
+            device_key().address()
+        );
+        // SIGN_EIP712: path ‖ domain separator ‖ hashStruct(BudgetGrant) from the sol! encoding.
+        let sent = script.sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 2);
+        let mut want = path_to_bytes(PATH).unwrap();
+        want.extend_from_slice(domain.separator().as_slice());
+        want.extend_from_slice(grant.eip712_hash_struct().as_slice());
+        assert_eq!(hex::encode(&sent[1].data), hex::encode(&want));
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@
 
 mod config;
 mod dev;
+mod grant;
 mod ledger;
 mod ops;
 mod policy_lint;
@@ -150,6 +151,10 @@ enum Command {
     Approve(ApprovalArgs),
     /// Reject a pending request with an approver's key.
     Reject(ApprovalArgs),
+    /// Budget grants: a client may spend up to a budget with a key to named destinations until
+    /// a time, without waiting for approvals, once enough approvers signed.
+    #[command(subcommand)]
+    Grant(GrantCommand),
     /// Audit chain verification and export.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -236,6 +241,58 @@ struct ApprovalArgs {
     /// How long the approval stays valid ("1h").
     #[arg(long, default_value = "1h")]
     ttl: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum GrantCommand {
+    /// Write an unsigned grant file.
+    New {
+        /// The client identity (its certificate URI, e.g. spiffe://castellan/strategy/alpha).
+        #[arg(long)]
+        client: String,
+        /// The key name.
+        #[arg(long)]
+        key: String,
+        /// Budget of worst-case cost over the validity: "3" is 3 ether; "500 gwei" etc.
+        #[arg(long)]
+        budget: String,
+        /// Allowed destination address (repeat, or comma-separated).
+        #[arg(long, required = true)]
+        to: Vec<String>,
+        /// How long the grant counts from now ("24h").
+        #[arg(long, default_value = "24h")]
+        valid_for: String,
+        /// Per-request value cap (default: the budget).
+        #[arg(long)]
+        max_value: Option<String>,
+        /// Per-request worst-case cost cap (default: the budget).
+        #[arg(long)]
+        max_cost: Option<String>,
+        /// Nonce (default: now in milliseconds).
+        #[arg(long)]
+        nonce: Option<u64>,
+        /// The grant file to write (must not exist).
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Add an approver's EIP-712 signature (token key or Ledger) to a grant file.
+    Sign {
+        /// The grant file.
+        file: PathBuf,
+        /// Which approver (a `[[approvers]]` name in keyctl.toml).
+        #[arg(long = "as")]
+        approver: String,
+    },
+    /// Register a signed grant at the signer.
+    Submit {
+        /// The grant file.
+        file: PathBuf,
+        /// Submit with this approver's certificate instead of the admin's.
+        #[arg(long = "as")]
+        approver: Option<String>,
+    },
+    /// Every grant with spent and remaining budget.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -490,6 +547,32 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
             return policy_lint::check(file, *strict);
         }
         Command::Policy(PolicyCommand::Diff { a, b }) => return policy_lint::diff(a, b),
+        Command::Grant(GrantCommand::New {
+            client,
+            key,
+            budget,
+            to,
+            valid_for,
+            max_value,
+            max_cost,
+            nonce,
+            out,
+        }) => {
+            return grant::new_grant(
+                &g,
+                &grant::NewGrant {
+                    client,
+                    key,
+                    budget,
+                    max_value: max_value.as_deref(),
+                    max_cost: max_cost.as_deref(),
+                    to,
+                    valid_for,
+                    nonce: *nonce,
+                    out,
+                },
+            );
+        }
         Command::Audit(AuditCommand::Verify {
             file: Some(f),
             audit_key,
@@ -564,6 +647,13 @@ async fn dispatch(command: Command, c: &KeyctlConfig, g: &Globals) -> anyhow::Re
         Command::Pending => ops::pending(c, g),
         Command::Approve(a) => remote::approve(c, g, &a.id, &a.approver, &a.ttl, true).await,
         Command::Reject(a) => remote::approve(c, g, &a.id, &a.approver, &a.ttl, false).await,
+        Command::Grant(GrantCommand::Sign { file, approver }) => {
+            grant::sign(c, &file, &approver).await
+        }
+        Command::Grant(GrantCommand::Submit { file, approver }) => {
+            grant::submit(c, &file, approver.as_deref()).await
+        }
+        Command::Grant(GrantCommand::List) => grant::list(c).await,
         Command::Audit(AuditCommand::Verify { audit_key, .. }) => {
             ops::audit_verify_store(c, audit_key.as_deref()).await
         }
@@ -574,6 +664,7 @@ async fn dispatch(command: Command, c: &KeyctlConfig, g: &Globals) -> anyhow::Re
         }) => ops::audit_export(c, g, since.as_deref(), from_seq, out.as_deref()).await,
         Command::Status => remote::status(c, g).await,
         Command::Completions { .. }
+        | Command::Grant(GrantCommand::New { .. })
         | Command::Policy(_)
         | Command::Dev(DevCommand::Init { .. }) => Err(fail(2, "unreachable command dispatch")),
     }
