@@ -239,8 +239,8 @@ async fn client_loop(
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        // A moderate rate: a start re-validates every stored bundle, so the restarts' cost grows
-        // with the number stored.
+        // A moderate rate, so each restart has a few live bundles to resume (a start reloads only
+        // the live ones; finished ones are answered from the store).
         tokio::time::sleep(Duration::from_millis(20)).await;
         let h = head.load(Ordering::Relaxed);
         let request = SubmitBundleRequest {
