@@ -12,7 +12,7 @@
 //!   directory, measured in the same run (the decision must be on disk before the HSM signs, so
 //!   one such sync is in every request's latency).
 //!
-//! Environment: `LOADGEN_SECONDS` (default 8) per phase; `LOADGEN_CLIENTS` (default 16) closed-
+//! Environment: `LOADGEN_SECONDS` (default 8) per phase; `LOADGEN_CLIENTS` (default 32) closed-
 //! loop clients per HSM session: enough requests in flight to cover the decision's fsync
 //! (milliseconds on a virtual disk) while the HSM signs others.
 #![allow(
@@ -390,7 +390,7 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
     let per_session: usize = std::env::var("LOADGEN_CLIENTS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(16);
+        .unwrap_or(32);
     let mut sync = None;
     for sessions in [1usize, 2] {
         let raw = raw_backend(token, sessions, dur).await;
