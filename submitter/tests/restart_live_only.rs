@@ -121,7 +121,16 @@ async fn restart_reloads_only_live_bundles_and_finished_ones_answer_from_the_sto
     for _ in 0..FINISHED_GRACE_BLOCKS {
         h.mine().await;
     }
-    assert_eq!(h.engine.bundles_in_memory(), 1, "only the live bundle");
+    // (The head is published before that head's checks and pruning run: wait for them.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while h.engine.bundles_in_memory() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} bundles in memory, only the live one expected",
+            h.engine.bundles_in_memory()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (code, s) = get(&h, expiring[0].bundle_id).await;
     assert_eq!((code, s["state"].as_str()), (200, Some("expired")), "{s}");
 
