@@ -94,6 +94,11 @@ async fn main() -> anyhow::Result<()> {
         Ok(n) => tracing::info!(grants = n, "budget grants in force"),
         Err(e) => bail!("cannot load the budget grants: {e}"),
     }
+    // Before serving: a window spent before this start is refused by the policy's pre-check.
+    match signer.warm_limits().await {
+        Ok(n) => tracing::info!(windows = n, "limit windows warmed from the store"),
+        Err(e) => bail!("cannot read the limit windows: {e}"),
+    }
 
     // Upkeep: prune expired reservations; checkpoint the audit chain with the audit key.
     let audit_key = match &config.audit.key {

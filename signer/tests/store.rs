@@ -236,7 +236,7 @@ async fn limit_boundary_minus_one_exact_plus_one() {
     assert_eq!(records.len(), records_before + 1);
     let last = records.last().expect("record");
     assert_eq!(last.kind, AuditKind::Refusal);
-    assert_eq!(last.payload["code"], json!("limit_exceeded"));
+    assert_eq!(last.payload["code"], json!("velocity_exceeded"));
     assert_eq!(last.payload["spent"], json!("99"));
 
     // Exactly the limit: allowed.
@@ -252,7 +252,7 @@ async fn limit_boundary_minus_one_exact_plus_one() {
             .await
             .expect_err("full"),
     );
-    assert_eq!(r.code(), "limit_exceeded");
+    assert_eq!(r.code(), "velocity_exceeded");
 
     // A refused request id was not consumed: it can be decided later.
     let r = store
@@ -1119,7 +1119,7 @@ async fn approvals_count_each_approver_once_and_grants_track_spending() {
             .await
             .expect_err("over budget"),
     );
-    assert_eq!(r.code(), "limit_exceeded");
+    assert_eq!(r.code(), "velocity_exceeded");
     assert_eq!(
         store
             .prune_reservations(at(20 * HOUR))

@@ -17,6 +17,7 @@
 
 pub mod admission;
 pub mod error;
+mod limits_warm;
 pub mod metrics;
 mod routes;
 pub mod rpc;

@@ -1109,7 +1109,12 @@ fn store_error(e: StoreError) -> ApiError {
                     _ => ApiError::conflict("key_not_signable", msg),
                 },
                 Refusal::KeyPaused { .. } => ApiError::conflict("key_paused", msg),
-                Refusal::LimitExceeded { .. } => ApiError::denied("velocity_exceeded", msg),
+                Refusal::LimitExceeded {
+                    window,
+                    spent,
+                    limit,
+                    ..
+                } => super::limits_warm::limit_refusal(&window, spent, limit, msg),
                 Refusal::DuplicateRequest(_) => ApiError::conflict("duplicate_request", msg),
             }
         }

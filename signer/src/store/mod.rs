@@ -569,14 +569,23 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// A stable machine-readable code.
+    /// A stable machine-readable code. A full window gets the policy's code for that kind of
+    /// window, so the API's answer and this refusal's audit record say the same:
+    /// `rate_limited` for a request-rate window (`…:requests:<seconds>`, the policy's naming),
+    /// `velocity_exceeded` for any other.
     pub fn code(&self) -> &'static str {
         match self {
             Self::Frozen(_) => "frozen",
             Self::UnknownKey(_) => "unknown_key",
             Self::KeyNotSignable { .. } => "key_not_signable",
             Self::KeyPaused { .. } => "key_paused",
-            Self::LimitExceeded { .. } => "limit_exceeded",
+            Self::LimitExceeded { window, .. } => {
+                if window.as_str().rsplit(':').nth(1) == Some("requests") {
+                    "rate_limited"
+                } else {
+                    "velocity_exceeded"
+                }
+            }
             Self::DuplicateRequest(_) => "duplicate_request",
         }
     }
