@@ -2,7 +2,8 @@
 //!
 //! `cargo bench -p castellan-signer --bench overload` (needs `source scripts/tools.sh`). Phases,
 //! all against one signer process (2 HSM sessions, admission limits below):
-//! 1. sustainable rate: closed loop, 8 clients, `OVERLOAD_WARM_SECONDS` (default 5);
+//! 1. sustainable rate: closed loop, one client per place (`max_in_flight`),
+//!    `OVERLOAD_WARM_SECONDS` (default 5);
 //! 2. unloaded latency: open loop at 10 % of that rate for 10 s;
 //! 3. overload: open loop at 10× that rate for `OVERLOAD_SECONDS` (default 60), at most 512
 //!    requests outstanding from the generator (a request it could not send for lack of a free
@@ -327,10 +328,11 @@ async fn run(token: &SoftHsmToken) {
         "signer pid {pid}, 2 HSM sessions, limits: max_in_flight {in_flight}, queue {queue}, queue_wait {wait}"
     );
 
-    let rate = sustainable(&app, 8, Duration::from_secs(warm)).await;
+    // As many clients as places: none is refused, every place is kept busy.
+    let rate = sustainable(&app, in_flight, Duration::from_secs(warm)).await;
     let (rss0, _) = rss_kib(pid);
     println!(
-        "sustainable (closed loop, 8 clients): {rate:.0} signatures/s; signer RSS {} MiB",
+        "sustainable (closed loop, {in_flight} clients): {rate:.0} signatures/s; signer RSS {} MiB",
         rss0 / 1024
     );
     let nonce = Arc::new(AtomicU64::new(10_000_000));
