@@ -131,15 +131,26 @@ fn a_window_spent_before_a_restart_refuses_with_one_code_in_the_answer_and_the_a
                     app.stderr()
                 );
 
-                // Refused by the warmed policy pre-check, as before the restart.
+                // Refused by the warmed policy pre-check (its reason names the rule), as before
+                // the restart, not only by the store.
                 let r = sign(&app, "alpha", "hot", "a-after", 3, 1).await;
                 assert_rate_limited(&r, 3, started + 59..=started + 66);
                 let body: Value = r.json().await.unwrap();
                 assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+                let msg = body["error"]["message"].as_str().unwrap();
+                assert!(
+                    msg.contains("3 requests in the last 1m, limit 3"),
+                    "not the policy's refusal: {msg}"
+                );
                 let r = sign(&app, "beta", "cold", "b-after", 2, 1).await;
                 assert_eq!(r.status().as_u16(), 422);
                 let body: Value = r.json().await.unwrap();
                 assert_eq!(body["error"]["code"], "velocity_exceeded", "{body}");
+                let msg = body["error"]["message"].as_str().unwrap();
+                assert!(
+                    msg.contains("on top of 2 wei spent in the last 1h"),
+                    "not the policy's refusal: {msg}"
+                );
                 let records = app.audit().await;
                 assert_eq!(refusal(&records, "a-after").payload["code"], "rate_limited");
                 assert_eq!(
@@ -175,6 +186,8 @@ fn a_window_spent_before_a_restart_refuses_with_one_code_in_the_answer_and_the_a
                 assert_rate_limited(&r, 5, before + 59..=now_s() + 61);
                 let body: Value = r.json().await.unwrap();
                 assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+                let msg = body["error"]["message"].as_str().unwrap();
+                assert!(msg.contains("spent 5 + 1 would exceed limit 5"), "{msg}");
                 let records = app.audit().await;
                 let record = refusal(&records, "b-store");
                 assert_eq!(record.payload["code"], "rate_limited", "{record:?}");
