@@ -623,7 +623,19 @@ pub(super) async fn run<B: KeyBackend, S: Store>(
     let now_s = now.0 / 1000;
     let decision = s.evaluate(&request, &approvals, policy::KeyControl::default(), now_s);
     match decision.verdict {
-        Verdict::Deny => refuse(policy_error(&decision)).await,
+        Verdict::Deny => {
+            // A retried request id is answered with what was stored for it, even when the window
+            // its own reservation filled is now full (the store checks duplicates first, too).
+            if matches!(
+                decision.code,
+                policy::Code::RateLimited | policy::Code::VelocityExceeded
+            ) && let Ok(id) = RequestId::new(rid)
+                && let Ok(Some(stored)) = s.store.request(id).await
+            {
+                return replay(&stored);
+            }
+            refuse(policy_error(&decision)).await
+        }
         // A pending request re-evaluated with the approvals so far: still waiting.
         Verdict::NeedsApprovals if !approvals.is_empty() => Ok((StatusCode::ACCEPTED, Value::Null)),
         Verdict::NeedsApprovals => {
