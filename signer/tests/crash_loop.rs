@@ -598,9 +598,9 @@ fn kill_9_at_random_moments_loses_no_signature_and_signs_nothing_twice() {
                     .unwrap()
                     .1;
                 assert!(cold <= U256::from(UNIT * CAP_UNITS), "key cold spent {cold}");
-                // Refused by the policy's in-memory pre-check (`velocity_exceeded`) or, when that
-                // mirror does not know the window's total (it starts empty at each start), by the
-                // store's check-and-reserve (`limit_exceeded` in the audit record).
+                // Refused by the policy's in-memory pre-check (its mirror is warmed from the store
+                // at each start) or by the store's check-and-reserve: `velocity_exceeded` in the
+                // audit record either way (`limit_exceeded` was the store's code before).
                 let mut codes: BTreeMap<String, u64> = BTreeMap::new();
                 for r in records.iter().filter(|r| r.kind == AuditKind::Refusal) {
                     let code = r.payload["code"].as_str().unwrap_or_default().to_owned();
