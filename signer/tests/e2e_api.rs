@@ -691,6 +691,41 @@ fn a_bundle_is_judged_as_a_whole_and_signed_all_or_nothing() {
                 assert_eq!(s, 202, "{b}");
                 assert_eq!(count_kind(&app.audit().await, "signature"), 0);
 
+                // Another's transaction that the submitter would refuse makes the whole bundle
+                // refused before anything is signed: trailing bytes, another chain, no chain id.
+                let mut trailing = theirs_raw.to_vec();
+                trailing.push(0);
+                let mut other_chain = theirs.clone();
+                other_chain.chain_id = Some(CHAIN_ID + 1);
+                let sig = other.sign_hash_sync(&other_chain.signature_hash()).unwrap();
+                let other_chain: TxEnvelope = other_chain.into_signed(sig).into();
+                let mut no_chain = theirs.clone();
+                no_chain.chain_id = None;
+                let sig = other.sign_hash_sync(&no_chain.signature_hash()).unwrap();
+                let no_chain: TxEnvelope = no_chain.into_signed(sig).into();
+                for (raw, code) in [
+                    (
+                        alloy::primitives::Bytes::from(trailing),
+                        "invalid_transaction",
+                    ),
+                    (
+                        alloy::primitives::Bytes::from(other_chain.encoded_2718()),
+                        "chain_mismatch",
+                    ),
+                    (
+                        alloy::primitives::Bytes::from(no_chain.encoded_2718()),
+                        "missing_chain_id",
+                    ),
+                ] {
+                    let body = json!({
+                        "txs": [{ "tx": tx_json(0, 1000)["tx"] }, { "signed": raw }],
+                        "targetBlock": "0x10",
+                    });
+                    let (s, b) = post(body).await;
+                    assert_eq!((s, b["error"]["code"].as_str()), (400, Some(code)), "{b}");
+                }
+                assert_eq!(count_kind(&app.audit().await, "signature"), 0);
+
                 let (s, b) = post(bundle(1000, 2000)).await;
                 assert_eq!(s, 200, "{b}");
                 assert_eq!(b["submitted"]["accepted"], false);

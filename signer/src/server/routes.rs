@@ -261,12 +261,41 @@ impl BundleJob {
                     items.push(BundleItem::Ours(tx));
                 }
                 (None, Some(raw)) => {
-                    alloy::consensus::TxEnvelope::decode_2718(&mut raw.as_ref()).map_err(|e| {
-                        ApiError::bad_request(
+                    // The same checks as the submitter's, so that our key never signs a bundle
+                    // the submitter would refuse: one whole envelope, bound to this chain.
+                    let mut buf = raw.as_ref();
+                    let envelope =
+                        alloy::consensus::TxEnvelope::decode_2718(&mut buf).map_err(|e| {
+                            ApiError::bad_request(
+                                "invalid_transaction",
+                                format!("txs[{i}]: not a signed EIP-2718 transaction: {e}"),
+                            )
+                        })?;
+                    if !buf.is_empty() {
+                        return Err(ApiError::bad_request(
                             "invalid_transaction",
-                            format!("txs[{i}]: not a signed EIP-2718 transaction: {e}"),
-                        )
-                    })?;
+                            format!(
+                                "txs[{i}]: {} trailing bytes after the signed transaction",
+                                buf.len()
+                            ),
+                        ));
+                    }
+                    let ours = chain.chain_id();
+                    match alloy::consensus::Transaction::chain_id(&envelope) {
+                        Some(id) if id == ours => {}
+                        Some(id) => {
+                            return Err(ApiError::bad_request(
+                                "chain_mismatch",
+                                format!("txs[{i}] is for chain {id}, not {ours}"),
+                            ));
+                        }
+                        None => {
+                            return Err(ApiError::bad_request(
+                                "missing_chain_id",
+                                format!("txs[{i}] has no chain id (pre-EIP-155)"),
+                            ));
+                        }
+                    }
                     items.push(BundleItem::Theirs(raw.clone()));
                 }
                 _ => {
