@@ -7,6 +7,7 @@
 mod config;
 mod dev;
 mod grant;
+mod hsm_log;
 mod ledger;
 mod ops;
 mod policy_lint;
@@ -160,6 +161,9 @@ enum Command {
     Audit(AuditCommand),
     /// Freeze state, paused keys, due rotations, pending approvals, HSM/store/signer health.
     Status,
+    /// The hardware security module itself.
+    #[command(subcommand)]
+    Hsm(HsmCommand),
     /// Policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -318,6 +322,14 @@ enum AuditCommand {
         #[arg(long, short)]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum HsmCommand {
+    /// Read the YubiHSM 2's own audit log (its last entries: command, session key, objects,
+    /// result, tick). Read only: entries are not acknowledged (with forced audit on, archive
+    /// them, then set the log index with yubihsm-shell). Fails on PKCS#11 and Ledger backends.
+    Log,
 }
 
 #[derive(Debug, Subcommand)]
@@ -663,6 +675,7 @@ async fn dispatch(command: Command, c: &KeyctlConfig, g: &Globals) -> anyhow::Re
             out,
         }) => ops::audit_export(c, g, since.as_deref(), from_seq, out.as_deref()).await,
         Command::Status => remote::status(c, g).await,
+        Command::Hsm(HsmCommand::Log) => hsm_log::log(c).await,
         Command::Completions { .. }
         | Command::Grant(GrantCommand::New { .. })
         | Command::Policy(_)

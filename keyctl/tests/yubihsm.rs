@@ -248,3 +248,56 @@ fn keyctl_generates_lists_rotates_and_destroys_yubihsm_keys() {
         "a key was registered with a refused login"
     );
 }
+
+/// `keyctl hsm log` reads the YubiHSM's own audit log through the configured backend after a key
+/// was generated and used on it. MockHsm (yubihsm 0.42) records no entries: its
+/// `Get Log Entries` always answers zero unlogged events and an empty list, so this checks the
+/// whole path (config → backend → device command → text and JSON) and the exact document MockHsm
+/// yields, not the content of a real device's log. A PKCS#11 appliance is refused in one line.
+#[test]
+fn keyctl_hsm_log_reads_the_yubihsm_audit_log_and_refuses_pkcs11() {
+    let y = YubiAppliance::new();
+    y.json(&["init"]);
+    let g = y.json(&["keys", "generate", "logged"]);
+    assert_eq!(g["key"], "logged@1", "{g}");
+    let id = object_id(y.version("logged", 1)["backend"].as_str().unwrap());
+    // A signature on the device with the crate's own client (a logged command on real hardware).
+    let device = y.device();
+    let digest = alloy::primitives::keccak256(b"castellan hsm log");
+    device
+        .sign_ecdsa_prehash_raw(id, digest.as_slice())
+        .unwrap();
+
+    let log = y.json(&["hsm", "log"]);
+    let dev = log["device"].as_str().unwrap();
+    assert!(dev.contains(&y.port.to_string()), "{log}");
+    assert_eq!(
+        log,
+        serde_json::json!({
+            "device": dev,
+            "unloggedBootEvents": 0,
+            "unloggedAuthEvents": 0,
+            "entries": [],
+        })
+    );
+    let o = y.run(&["hsm", "log"]);
+    assert!(o.status.success(), "{}", dump(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        text.trim_end(),
+        format!("{dev}: 0 log entries (unlogged: 0 boot, 0 auth events)")
+    );
+
+    // PKCS#11 (SoftHSM) keeps no device log: one line, exit 1, named backend.
+    let a = common::Appliance::new();
+    let (code, line) = a.fails(&["hsm", "log"]);
+    assert_eq!(code, 1, "{line}");
+    assert!(
+        line.contains("configured backend is pkcs11") && line.contains("keeps no device audit log"),
+        "{line}"
+    );
+    let o = a.run(&["--json", "hsm", "log"]);
+    assert!(!o.status.success(), "{}", dump(&o));
+    let err: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(err["error"]["exitCode"], 1, "{err}");
+}
