@@ -20,7 +20,8 @@
 //! - Keys are generated on the device as `EcK256` asymmetric keys with the `sign-ecdsa`
 //!   capability only: **not** `exportable-under-wrap`. A key that can be backed up under a wrap
 //!   key is made only by the loudly named [`YubiHsmBackend::generate_with_wrapped_backup`].
-//! - [`YubiHsmBackend::audit_log`] reads the device's own audit log (for `keyctl`).
+//! - [`YubiHsmBackend::audit_log`] reads the device's own audit log (for `keyctl`);
+//!   [`YubiHsmBackend::ack_audit_log`] acknowledges it up to an entry that was read.
 
 mod config;
 
@@ -267,6 +268,16 @@ impl YubiHsmBackend {
         }
     }
 
+    /// Acknowledges the device's audit log up to and including entry `item` (`Set Log Index`),
+    /// so that with forced audit on the device keeps executing logged commands. Call it only
+    /// with the item of an entry that was read and archived.
+    pub async fn ack_audit_log(&self, item: u16) -> Result<(), BackendError> {
+        match self.submit(Op::AckLog(item), ADMIN_TIMEOUT).await? {
+            Reply::Done => Ok(()),
+            _ => Err(unexpected_reply()),
+        }
+    }
+
     /// Queues `op` and waits for its answer without blocking the runtime.
     async fn submit(&self, op: Op, timeout: Duration) -> Result<Reply, BackendError> {
         if let Health::Recovering { reason } = self.health() {
@@ -394,6 +405,7 @@ enum Op {
         wrap_key_id: u16,
     },
     AuditLog,
+    AckLog(u16),
 }
 
 enum Reply {
@@ -638,6 +650,11 @@ impl Worker {
                 tracing::warn!(device = %self.device, object_id, wrap_key_id,
                     "exported a YubiHSM key under wrap (backup)");
                 Ok(Reply::Bytes(message.into_vec()))
+            }
+            Op::AckLog(item) => {
+                client.set_log_index(*item).map_err(dev("Set Log Index"))?;
+                tracing::info!(device = %self.device, item, "acknowledged the YubiHSM audit log");
+                Ok(Reply::Done)
             }
             Op::AuditLog => {
                 let log = client.get_log_entries().map_err(dev("Get Log Entries"))?;
