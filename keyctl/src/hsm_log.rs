@@ -2,11 +2,13 @@
 //! keyctl.toml (`Get Log Entries`).
 //!
 //! The device keeps its last 62 entries (commands with their session key, objects, result and
-//! tick, chained by a truncated SHA-256 digest) independently of Castellan's audit chain. This
-//! command only reads them; it does not acknowledge them (`Set Log Index`), so when forced audit
-//! is on the device stops executing logged commands once the log is full — acknowledge with the
-//! Yubico tools (`yubihsm-shell`, `audit set-index`) after archiving the output of this command.
-//! PKCS#11 tokens and Ledgers have no such log: the command refuses them before opening anything.
+//! tick, chained by a truncated SHA-256 digest) independently of Castellan's audit chain. By
+//! default the command only reads them. When forced audit is on, the device stops executing
+//! logged commands once its log is full of unacknowledged entries: archive the output, then
+//! `keyctl hsm log --ack <ITEM>` acknowledges (`Set Log Index`) up to and including entry ITEM,
+//! which must be in the log read in the same run (item numbers wrap at 65535, so a stale number
+//! is refused rather than guessed). PKCS#11 tokens and Ledgers have no such log: the command
+//! refuses them before opening anything.
 
 use std::fmt::Write as _;
 
@@ -17,8 +19,8 @@ use serde_json::{Value, json};
 use crate::config::KeyctlConfig;
 use crate::{Report, fail};
 
-/// `keyctl hsm log`.
-pub async fn log(c: &KeyctlConfig) -> anyhow::Result<Report> {
+/// `keyctl hsm log [--ack ITEM]`.
+pub async fn log(c: &KeyctlConfig, ack: Option<u16>) -> anyhow::Result<Report> {
     let config = match &c.backend {
         BackendConfig::YubiHsm(y) => y.clone(),
         BackendConfig::Pkcs11(_) => return Err(no_device_log("pkcs11")),
@@ -35,10 +37,31 @@ pub async fn log(c: &KeyctlConfig) -> anyhow::Result<Report> {
             format!("reading the audit log of {}: {e}", backend.device()),
         )
     })?;
-    Ok(Report::new(
-        text(backend.device(), &log),
-        to_json(backend.device(), &log),
-    ))
+    let mut text = text(backend.device(), &log);
+    let mut json = to_json(backend.device(), &log);
+    if let Some(item) = ack {
+        if !log.entries.iter().any(|e| e.item == item) {
+            let range = match (log.entries.first(), log.entries.last()) {
+                (Some(a), Some(b)) => format!(", #{} to #{}", a.item, b.item),
+                _ => String::new(),
+            };
+            return Err(fail(
+                1,
+                format!(
+                    "hsm log --ack {item}: entry {item} is not in the device log just read ({} \
+                     entries{range}); nothing acknowledged",
+                    log.entries.len()
+                ),
+            ));
+        }
+        backend
+            .ack_audit_log(item)
+            .await
+            .map_err(|e| fail(1, format!("hsm log --ack {item}: {e}")))?;
+        let _ = writeln!(text, "acknowledged the device log up to #{item}");
+        json["acknowledged"] = json!(item);
+    }
+    Ok(Report::new(text, json))
 }
 
 fn no_device_log(kind: &str) -> anyhow::Error {

@@ -327,9 +327,14 @@ enum AuditCommand {
 #[derive(Debug, Subcommand)]
 enum HsmCommand {
     /// Read the YubiHSM 2's own audit log (its last entries: command, session key, objects,
-    /// result, tick). Read only: entries are not acknowledged (with forced audit on, archive
-    /// them, then set the log index with yubihsm-shell). Fails on PKCS#11 and Ledger backends.
-    Log,
+    /// result, tick). Fails on PKCS#11 and Ledger backends.
+    Log {
+        /// Acknowledge the log up to and including this entry (Set Log Index), so that with
+        /// forced audit on the device keeps running logged commands. Archive the entries first;
+        /// the entry must be in the log read in this run.
+        #[arg(long, value_name = "ITEM")]
+        ack: Option<u16>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -675,7 +680,7 @@ async fn dispatch(command: Command, c: &KeyctlConfig, g: &Globals) -> anyhow::Re
             out,
         }) => ops::audit_export(c, g, since.as_deref(), from_seq, out.as_deref()).await,
         Command::Status => remote::status(c, g).await,
-        Command::Hsm(HsmCommand::Log) => hsm_log::log(c).await,
+        Command::Hsm(HsmCommand::Log { ack }) => hsm_log::log(c, ack).await,
         Command::Completions { .. }
         | Command::Grant(GrantCommand::New { .. })
         | Command::Policy(_)

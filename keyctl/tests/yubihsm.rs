@@ -253,7 +253,9 @@ fn keyctl_generates_lists_rotates_and_destroys_yubihsm_keys() {
 /// was generated and used on it. MockHsm (yubihsm 0.42) records no entries: its
 /// `Get Log Entries` always answers zero unlogged events and an empty list, so this checks the
 /// whole path (config → backend → device command → text and JSON) and the exact document MockHsm
-/// yields, not the content of a real device's log. A PKCS#11 appliance is refused in one line.
+/// yields, not the content of a real device's log; `--ack` is checked only on its refusal of an
+/// item not in the log (a successful Set Log Index needs entries, i.e. a real device). A PKCS#11
+/// appliance is refused in one line.
 #[test]
 fn keyctl_hsm_log_reads_the_yubihsm_audit_log_and_refuses_pkcs11() {
     let y = YubiAppliance::new();
@@ -286,6 +288,17 @@ fn keyctl_hsm_log_reads_the_yubihsm_audit_log_and_refuses_pkcs11() {
     assert_eq!(
         text.trim_end(),
         format!("{dev}: 0 log entries (unlogged: 0 boot, 0 auth events)")
+    );
+
+    // --ack names an entry that must be in the log just read; MockHsm's is empty, so it is
+    // refused in one line and Set Log Index is not sent.
+    let o = y.run(&["hsm", "log", "--ack", "5"]);
+    let (code, line) = assert_fails_one_line(&o, &["hsm", "log", "--ack", "5"]);
+    assert_eq!(code, 1, "{line}");
+    assert!(
+        line.contains("entry 5 is not in the device log just read (0 entries)")
+            && line.ends_with("nothing acknowledged"),
+        "{line}"
     );
 
     // PKCS#11 (SoftHSM) keeps no device log: one line, exit 1, named backend.
