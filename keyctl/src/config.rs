@@ -28,7 +28,8 @@ pub struct KeyctlConfig {
     /// The policy file the signer runs (for the approval domain and `status`).
     #[serde(default)]
     pub policy: Option<PathBuf>,
-    /// The submitter's API base URL, for `status` reachability.
+    /// The submitter's API base URL: `status` reachability, `revoke` (cancel the key's bundles)
+    /// and `rotate --sweep` / `sweep` (the sweep is sent as a bundle through it).
     #[serde(default)]
     pub submitter_url: Option<String>,
     /// Client TLS for the submitter's API (`keyctl revoke` cancels the key's live bundles; role
@@ -63,15 +64,25 @@ pub struct KeyctlConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SweepConfig {
-    /// Ethereum JSON-RPC node: balance, nonce and fees are read from it (untrusted: the policy
-    /// judges the transfer) and the signed transfer is sent to it.
+    /// Ethereum JSON-RPC node, only read: balance, nonce, fees and the current block (untrusted:
+    /// the policy judges the transfer). The signed transfer goes to the submitter
+    /// (`submitter_url`), never to this node.
     pub rpc_url: String,
     /// Client TLS of an identity with role `strategy` that may use the swept keys.
     pub tls: ClientTlsConfig,
+    /// Client TLS for the submitter of an identity with role `signer` there (it submits the
+    /// sweep bundle and reads its status). Default: `submitter_tls`, then the `[signer]`
+    /// certificate.
+    #[serde(default)]
+    pub submitter_tls: Option<ClientTlsConfig>,
     /// Priority fee in wei (default 1 gwei); the max fee is twice the base fee plus this.
     #[serde(default)]
     pub priority_fee_wei: Option<u128>,
-    /// Seconds to wait for the receipt (default 60; 0: do not wait).
+    /// How many blocks after the current one the sweep bundle targets (default 25).
+    #[serde(default)]
+    pub blocks: Option<u64>,
+    /// Seconds to wait for the submitter to report the sweep included (default 60; 0: do not
+    /// wait).
     #[serde(default)]
     pub confirm_timeout_secs: Option<u64>,
 }

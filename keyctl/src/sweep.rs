@@ -6,16 +6,23 @@
 //! retiring version (`POST /v1/keys/{name}@{N}/sign/transaction`, as an identity with role
 //! `strategy`), so the request passes the policy (whose retiring rules let a retiring version
 //! sign only a plain transfer to its successor), the decision is durably audited and the limit
-//! windows are reserved like for any request. The node named in `[sweep]` only supplies the
-//! balance, nonce and fees (untrusted: the policy judges the result) and receives the signed
-//! transaction.
+//! windows are reserved like for any request. The signed transfer is then handed to the
+//! submitter (`POST /v1/bundles`, over mTLS as an identity with role `signer` there) as a
+//! one-transaction bundle for the next blocks, like the signer's own `eth_sendTransaction`: the
+//! submitter routes it privately to its relays and resubmits it per block until it is included.
+//! Its bundle id is derived from the transaction hash, so a retry of the same sweep is the same
+//! bundle. keyctl waits until the submitter reports the bundle included (or the node shows the
+//! receipt). The node named in `[sweep]` only supplies the balance, nonce, fees and current block
+//! (untrusted: the policy judges the result, the submitter tracks inclusion itself); it never
+//! receives the transaction.
 
 use std::time::Duration;
 
-use alloy::primitives::{Address, U256};
+use alloy::primitives::{Address, B256, U256, keccak256};
 use anyhow::{Context, bail};
 use castellan_api::client::{ClientError, SignerClient};
 use castellan_api::signer::{RequestStatus, SignedTransactionResponse, UnsignedTx};
+use castellan_api::submitter::{BundleState, BundleStatus, SUBMIT_PATH, SubmitBundleRequest};
 use castellan_signer::store::{KeyStatus, KeyVersion, Store};
 use serde_json::{Value, json};
 
@@ -26,6 +33,8 @@ use crate::{Globals, Report, fail};
 const TRANSFER_GAS: u64 = 21_000;
 /// Default priority fee: 1 gwei.
 const DEFAULT_TIP_WEI: u128 = 1_000_000_000;
+/// Default number of blocks the sweep bundle targets (as the signer's `eth_sendTransaction`).
+const DEFAULT_BLOCKS: u64 = 25;
 
 /// What a sweep did.
 pub struct Swept {
@@ -128,7 +137,7 @@ pub async fn sweep(c: &KeyctlConfig, _g: &Globals, old: &KeyVersion) -> anyhow::
         }
         Err(e) => return Err(crate::remote::api_error("sweep", e)),
     };
-    broadcast(conf, &node, old, from, to, value, signed).await
+    broadcast(c, &node, old, from, to, value, signed).await
 }
 
 /// Sends the transfer of a sweep request that was signed after approvals.
@@ -158,11 +167,11 @@ async fn send_approved(c: &KeyctlConfig, old: &KeyVersion, id: &str) -> anyhow::
     .map_err(|e| anyhow::anyhow!("the signed sweep is not a transaction: {e}"))?;
     let to = alloy::consensus::Transaction::to(&tx).context("the sweep has no destination")?;
     let value = alloy::consensus::Transaction::value(&tx);
-    broadcast(conf, &node, old, signed.from, to, value, signed).await
+    broadcast(c, &node, old, signed.from, to, value, signed).await
 }
 
 async fn broadcast(
-    conf: &crate::config::SweepConfig,
+    c: &KeyctlConfig,
     node: &Node,
     old: &KeyVersion,
     from: Address,
@@ -177,36 +186,163 @@ async fn broadcast(
             signed.from
         );
     }
-    let hash = node
-        .call("eth_sendRawTransaction", json!([signed.raw]))
+    let conf = c
+        .sweep
+        .as_ref()
+        .context("keyctl.toml has no [sweep] section")?;
+    let hash = keccak256(signed.raw.as_ref());
+    let bundle_id = bundle_id_of(hash);
+    let head = node.quantity("eth_blockNumber", json!([])).await?;
+    let blocks = conf.blocks.unwrap_or(DEFAULT_BLOCKS).max(1);
+    let request: SubmitBundleRequest = serde_json::from_value(json!({
+        "bundleId": bundle_id, "keyName": old.name.to_string(), "txs": [signed.raw],
+        "targetBlock": (head + 1).to_string(), "lastBlock": (head + blocks).to_string(),
+    }))
+    .context("building the sweep bundle")?;
+    let sub = submitter_client(c, conf)?;
+    let ack: BundleStatus = sub
+        .post(SUBMIT_PATH, &request)
         .await
-        .context("sending the sweep")?;
+        .map_err(|e| submitter_error("handing the sweep to the submitter", e))?;
     let wait = Duration::from_secs(conf.confirm_timeout_secs.unwrap_or(60));
-    let receipt = if wait.is_zero() {
+    let block = if wait.is_zero() {
         None
     } else {
-        Some(node.receipt(&hash, wait).await?)
+        Some(wait_included(&sub, node, old, &bundle_id, hash, ack, wait).await?)
     };
-    let mined = receipt
-        .as_ref()
-        .map(|r| r.get("status").and_then(Value::as_str) == Some("0x1"));
-    if mined == Some(false) {
-        bail!("the sweep {hash} from {old} was mined but failed (status 0)");
-    }
     Ok(Swept {
         text: format!(
-            "swept {value} wei from {old} {from} to {to}: tx {}{}",
-            hash.as_str().unwrap_or("?"),
-            if mined == Some(true) {
-                " (mined)"
-            } else {
-                " (sent)"
+            "swept {value} wei from {old} {from} to {to}: tx {hash}, bundle {bundle_id} {}",
+            match block {
+                Some(b) => format!("included in block {b}"),
+                None => "handed to the submitter (not waited for)".to_owned(),
             }
         ),
         json: json!({"swept": true, "from": from, "to": to, "value": value.to_string(),
-                     "txHash": hash, "requestId": signed.request_id, "keyVersion": signed.key_version,
-                     "mined": mined, "block": receipt.as_ref().and_then(|r| r.get("blockNumber").cloned())}),
+                     "txHash": hash, "bundleId": bundle_id, "requestId": signed.request_id,
+                     "keyVersion": signed.key_version, "included": block.is_some(),
+                     "block": block}),
     })
+}
+
+/// A bundle id (UUID, version 5 layout) derived from the transaction hash: the same sweep is the
+/// same bundle at the submitter, so a retry is idempotent.
+fn bundle_id_of(hash: B256) -> String {
+    let mut pre = b"castellan keyctl sweep ".to_vec();
+    pre.extend_from_slice(hash.as_slice());
+    let d = keccak256(&pre);
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    b[6] = (b[6] & 0x0f) | 0x50;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = alloy::primitives::hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Polls the submitter's bundle status (and the node's receipt) until the sweep is included;
+/// returns the block. A bundle the submitter gives up on (expired, failed, cancelled) is an error.
+async fn wait_included(
+    sub: &SignerClient,
+    node: &Node,
+    old: &KeyVersion,
+    bundle_id: &str,
+    hash: B256,
+    mut status: BundleStatus,
+    wait: Duration,
+) -> anyhow::Result<u64> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match status.state {
+            BundleState::Included => {
+                if let Some(b) = status.included_block {
+                    return Ok(b.0);
+                }
+            }
+            BundleState::Pending => {}
+            other => bail!(
+                "the submitter stopped the sweep bundle {bundle_id} (tx {hash}) of {old}: {}{}",
+                serde_json::to_value(other)?.as_str().unwrap_or("?"),
+                status
+                    .reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            ),
+        }
+        // The node may show the receipt before the submitter's head tracking does.
+        if let Ok(r) = node.call("eth_getTransactionReceipt", json!([hash])).await
+            && !r.is_null()
+        {
+            if r.get("status").and_then(Value::as_str) != Some("0x1") {
+                bail!("the sweep {hash} from {old} was included but failed (status 0)");
+            }
+            let b = r.get("blockNumber").map(parse_u256).transpose()?;
+            if let Some(b) = b {
+                return u64::try_from(b).context("block number out of range");
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "the sweep {hash} of {old} was handed to the submitter (bundle {bundle_id}) but \
+                 not included within {}s; `keyctl sweep {old}` again resubmits the same bundle",
+                wait.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        status = sub
+            .get(&format!("{SUBMIT_PATH}/{bundle_id}"))
+            .await
+            .map_err(|e| submitter_error("reading the sweep bundle's status", e))?;
+    }
+}
+
+/// The submitter client of the sweep: `[sweep] submitter_tls`, else `submitter_tls`, else the
+/// `[signer]` certificate; it needs role `signer` at the submitter.
+fn submitter_client(
+    c: &KeyctlConfig,
+    conf: &crate::config::SweepConfig,
+) -> anyhow::Result<SignerClient> {
+    let url = c
+        .submitter_url
+        .as_ref()
+        .context("keyctl.toml has no submitter_url: the sweep is sent through the submitter")?;
+    let tls = conf
+        .submitter_tls
+        .as_ref()
+        .or(c.submitter_tls.as_ref())
+        .or(c.signer.as_ref().map(|s| &s.tls))
+        .context("keyctl.toml has no [sweep] submitter_tls for the submitter")?;
+    let timeout = Duration::from_secs(5);
+    SignerClient::with_builder(
+        url.trim_end_matches('/').to_owned(),
+        tls,
+        reqwest::Client::builder()
+            .connect_timeout(timeout)
+            .timeout(timeout),
+    )
+    .map_err(|e| anyhow::anyhow!("submitter client: {e}"))
+}
+
+fn submitter_error(what: &str, e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::Transport(t) => fail(4, format!("{what}: submitter unreachable: {t}")),
+        ClientError::Api {
+            status,
+            code,
+            message,
+        } => fail(
+            1,
+            format!("{what}: submitter refused ({status} {code}): {message}"),
+        ),
+        other => fail(1, format!("{what}: {other}")),
+    }
 }
 
 /// The signer client of the sweeping identity (role `strategy`).
@@ -273,25 +409,6 @@ impl Node {
         u64::try_from(self.u256(method, params).await?)
             .map_err(|_| anyhow::anyhow!("{method}: quantity out of range"))
     }
-
-    async fn receipt(&self, hash: &Value, wait: Duration) -> anyhow::Result<Value> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let r = self
-                .call("eth_getTransactionReceipt", json!([hash]))
-                .await?;
-            if !r.is_null() {
-                return Ok(r);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                bail!(
-                    "the sweep {hash} was sent but not mined within {}s",
-                    wait.as_secs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
 }
 
 fn parse_u256(v: &Value) -> anyhow::Result<U256> {
@@ -300,4 +417,29 @@ fn parse_u256(v: &Value) -> anyhow::Result<U256> {
         .with_context(|| format!("expected a quantity, got {v}"))?;
     U256::from_str_radix(s.trim_start_matches("0x"), 16)
         .map_err(|e| anyhow::anyhow!("bad quantity {s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_bundle_id_is_a_uuid_fixed_by_the_transaction_hash() {
+        let a = bundle_id_of(B256::repeat_byte(1));
+        let b = bundle_id_of(B256::repeat_byte(2));
+        assert_eq!(
+            a,
+            bundle_id_of(B256::repeat_byte(1)),
+            "a retry is the same bundle"
+        );
+        assert_ne!(a, b);
+        // The submitter parses it as a UUID (version 5 layout, RFC 4122 variant).
+        let req: SubmitBundleRequest = serde_json::from_value(json!({
+            "bundleId": a, "keyName": "k", "txs": ["0x01"], "targetBlock": "1"
+        }))
+        .unwrap();
+        assert_eq!(req.bundle_id.to_string(), a);
+        assert_eq!(req.bundle_id.get_version_num(), 5);
+    }
 }
