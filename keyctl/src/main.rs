@@ -85,8 +85,8 @@ enum Command {
         #[arg(long)]
         grace: Option<String>,
         /// Then move the old address's whole ETH balance (less the fee) to the new address:
-        /// signed by the retiring version through the signer (policy, audit), sent to the
-        /// `[sweep]` node.
+        /// signed by the retiring version through the signer (policy, audit), handed to the
+        /// submitter as a bundle, and waited for until included.
         #[arg(long, conflicts_with = "due")]
         sweep: bool,
     },
