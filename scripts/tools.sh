@@ -20,6 +20,7 @@ need_pkg stunnel4
 # openssl s_client (signer/tests/tls_attacks.rs offers TLS 1.2 with it).
 need_pkg openssl
 need_pkg gdb  # signer/tests/hsm_faults.rs closes the signer's PKCS#11 sessions from outside
+need_pkg e2fsprogs  # signer/tests/store_faults.rs: mkfs.ext4 and chattr for the read-only store
 need_pkg curl
 # promtool (scripts/test checks the Prometheus alert rules with it).
 command -v promtool >/dev/null || need_pkg prometheus
