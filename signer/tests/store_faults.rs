@@ -1,16 +1,23 @@
-//! Store faults against the real signer binary: its SQLite store lives on a small tmpfs mounted
-//! for the test, and the filesystem is filled (disk full). While the store cannot commit, the
+//! Store faults against the real signer binary. Disk full: its SQLite store lives on a small
+//! tmpfs mounted for the test, and the filesystem is filled. While the store cannot commit, the
 //! signer refuses to sign (fails closed) with 503 `store_unavailable`; every signature it did
 //! answer has its durable decision record; and it signs again by itself once space is freed —
 //! no restart.
 //!
-//! Not covered: a store that turns read-only while the signer has it open. Linux refuses to
+//! Read-only storage: the store lives on an ext4 filesystem on a loop device, and the loop
+//! device's backing image is made immutable (`chattr +i`) under the running signer, so every
+//! write the filesystem sends to its disk fails (EIO at the block layer, fsync fails), and
+//! `chattr -i` makes the disk writable again. Other ways do not work here: Linux refuses to
 //! remount a filesystem read-only while a process holds files open for writing on it (`mount
-//! point is busy`), for tmpfs and for bind mounts alike; only a filesystem error
-//! (`errors=remount-ro`) or a shutdown does it, which needs a block device.
+//! point is busy`); `blockdev --setro` on the loop device only logs a warning and writes still
+//! go through; device-mapper (`error` target) and block-layer fault injection are not in this
+//! kernel. The ext4 filesystem has no journal and `errors=continue`: a journal that fails a
+//! write aborts and turns the filesystem read-only until it is remounted, which no signer can
+//! recover from by itself.
 //!
-//! Needs root (or CAP_SYS_ADMIN) to mount; the test fails with a message saying so otherwise.
-//! The mount is removed when the test ends, also when it fails.
+//! Needs root (or CAP_SYS_ADMIN) to mount and `losetup`, `mkfs.ext4`, `chattr` (e2fsprogs,
+//! installed by scripts/tools.sh); the tests fail with a message saying so otherwise. Mounts
+//! and loop devices are removed when a test ends, also when it fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -149,19 +156,7 @@ fn disk_full_store_fails_closed_and_recovers() {
                 // Move the store onto a 4 MiB tmpfs and restart the signer on it.
                 app.kill();
                 let fs = Tmpfs::mount(&app.path("storefs"), "4m");
-                for suffix in ["", "-wal", "-shm"] {
-                    let from = app.path(&format!("signer.db{suffix}"));
-                    if from.exists() {
-                        std::fs::copy(&from, fs.at.join(format!("signer.db{suffix}"))).unwrap();
-                    }
-                }
-                let config_path = app.path("signer.toml");
-                let config = std::fs::read_to_string(&config_path).unwrap();
-                let old = format!("path = \"{}\"", app.path("signer.db").display());
-                assert!(config.contains(&old), "{config}");
-                let new = format!("path = \"{}\"", fs.at.join("signer.db").display());
-                std::fs::write(&config_path, config.replace(&old, &new)).unwrap();
-                app.spawn();
+                move_store(&mut app, &fs.at);
                 let pid = app.pid().unwrap();
                 let c = app.client(Some("alpha"));
                 let mut n = 0u64;
@@ -225,7 +220,6 @@ fn disk_full_store_fails_closed_and_recovers() {
 
                 // No restart, and every signature answered has its decision in the audit chain.
                 assert_eq!(app.pid(), Some(pid));
-                assert_eq!(app.stderr().matches("signer ready").count(), 2, "one restart: the move to tmpfs");
                 let records = app.audit().await;
                 for rid in &signed {
                     assert!(
@@ -235,6 +229,208 @@ fn disk_full_store_fails_closed_and_recovers() {
                     );
                 }
                 println!("{} signatures, each with its decision record", signed.len());
+                app.kill();
+            });
+        },
+    );
+}
+
+/// Runs a command that the read-only test needs; panics naming the command when it is missing
+/// or fails.
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+        panic!("this test needs `{cmd}` (util-linux / e2fsprogs, see scripts/tools.sh): {e}")
+    });
+    assert!(
+        out.status.success(),
+        "`{cmd} {}` failed (this test needs root or CAP_SYS_ADMIN): {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// An ext4 filesystem (no journal, `errors=continue`) in an image file on a loop device,
+/// mounted for the test. Drop makes the image writable again, unmounts and detaches the loop
+/// device (also when the test panics).
+struct LoopFs {
+    image: PathBuf,
+    device: Option<String>,
+    at: Option<PathBuf>,
+}
+
+impl LoopFs {
+    fn mount(image: &Path, at: &Path, size: u64) -> Self {
+        let mut fs = Self {
+            image: image.to_owned(),
+            device: None,
+            at: None,
+        };
+        std::fs::File::create(image).unwrap().set_len(size).unwrap();
+        let img = image.to_str().unwrap();
+        run("mkfs.ext4", &["-q", "-F", "-O", "^has_journal", img]);
+        fs.device = Some(run("losetup", &["--find", "--show", img]));
+        std::fs::create_dir_all(at).unwrap();
+        let dev = fs.device.clone().unwrap();
+        run(
+            "mount",
+            &["-o", "errors=continue", &dev, at.to_str().unwrap()],
+        );
+        fs.at = Some(at.to_owned());
+        std::fs::set_permissions(at, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        fs
+    }
+
+    fn at(&self) -> &Path {
+        self.at.as_deref().unwrap()
+    }
+
+    /// The disk refuses (`true`) or accepts (`false`) every write.
+    fn refuse_writes(&self, refuse: bool) {
+        run(
+            "chattr",
+            &[
+                if refuse { "+i" } else { "-i" },
+                self.image.to_str().unwrap(),
+            ],
+        );
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.image).status();
+        if let Some(at) = &self.at {
+            // Lazy: succeeds even while the (killed) signer's files are still being closed.
+            let _ = Command::new("umount").arg("-l").arg(at).status();
+        }
+        if let Some(dev) = &self.device {
+            // Detaches now, or (autoclear) once the lazily unmounted filesystem lets go of it.
+            let _ = Command::new("losetup").arg("-d").arg(dev).status();
+        }
+    }
+}
+
+/// Copies the (stopped) signer's store into `dir` and starts it again with the store there.
+fn move_store(app: &mut Appliance, dir: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let from = app.path(&format!("signer.db{suffix}"));
+        if from.exists() {
+            std::fs::copy(&from, dir.join(format!("signer.db{suffix}"))).unwrap();
+        }
+    }
+    let config_path = app.path("signer.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let old = format!("path = \"{}\"", app.path("signer.db").display());
+    assert!(config.contains(&old), "{config}");
+    let new = format!("path = \"{}\"", dir.join("signer.db").display());
+    std::fs::write(&config_path, config.replace(&old, &new)).unwrap();
+    app.spawn();
+}
+
+#[test]
+fn read_only_store_fails_closed_and_recovers() {
+    in_own_process(
+        "read_only_store_fails_closed_and_recovers",
+        "storero",
+        |token| {
+            runtime().block_on(async {
+                let policy = policy_toml(&[0x41, 0x42, 0x43].map(Address::repeat_byte));
+                let mut app = Appliance::start(token, &["hot"], &policy).await;
+                app.kill();
+                let fs = LoopFs::mount(&app.path("store.img"), &app.path("storefs"), 32 << 20);
+                move_store(&mut app, fs.at());
+                let pid = app.pid().unwrap();
+                let c = app.client(Some("alpha"));
+                let mut n = 0u64;
+                let mut signed = Vec::new();
+                for _ in 0..5 {
+                    n += 1;
+                    let a = sign(&app, &c, n).await;
+                    assert_eq!(a.status, 200, "{:?}", a.message);
+                    signed.push(a.request_id);
+                }
+
+                // 1. The disk refuses writes: the first commit fails (its fsync), so the first
+                //    request is refused, and every further one until the disk takes writes.
+                fs.refuse_writes(true);
+                for i in 0..10 {
+                    n += 1;
+                    let a = sign(&app, &c, n).await;
+                    assert_store_refusal(&a);
+                    if i == 0 {
+                        println!("read-only disk: refused with {:?}", a.message.unwrap());
+                    }
+                }
+                // 2. Writable again: the signer signs again by itself.
+                fs.refuse_writes(false);
+                let restored = Instant::now();
+                let mut refused_after = 0;
+                let recovered = loop {
+                    n += 1;
+                    let a = sign(&app, &c, n).await;
+                    if a.status == 200 {
+                        signed.push(a.request_id);
+                        break restored.elapsed();
+                    }
+                    assert_store_refusal(&a);
+                    refused_after += 1;
+                    assert!(
+                        restored.elapsed() < Duration::from_secs(10),
+                        "no recovery 10 s after the disk took writes again"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                };
+                println!(
+                    "read-only disk: signing again {} ms after the disk took writes \
+                     ({refused_after} refused meanwhile)",
+                    recovered.as_millis()
+                );
+                for _ in 0..5 {
+                    n += 1;
+                    let a = sign(&app, &c, n).await;
+                    assert_eq!(a.status, 200, "{:?}", a.message);
+                    signed.push(a.request_id);
+                }
+
+                // A second fault on the same, running signer is refused the same way.
+                fs.refuse_writes(true);
+                n += 1;
+                assert_store_refusal(&sign(&app, &c, n).await);
+                fs.refuse_writes(false);
+
+                // No restart, and every signature answered has its decision in the audit chain.
+                assert_eq!(app.pid(), Some(pid));
+                let records = app.audit().await;
+                for rid in &signed {
+                    assert!(
+                        records.iter().any(|r| r.kind.as_str() == "decision"
+                            && r.request_id.as_deref() == Some(rid.as_str())),
+                        "signature {rid} has no decision record"
+                    );
+                }
+                println!(
+                    "{} signatures, each with its decision record ({} audit records)",
+                    signed.len(),
+                    records.len()
+                );
+
+                // The store written across the faults opens again after a restart on the same
+                // disk, with every decision still there, and the signer signs on it.
+                app.kill();
+                app.spawn();
+                n += 1;
+                let a = sign(&app, &c, n).await;
+                assert_eq!(a.status, 200, "after the restart: {:?}", a.message);
+                signed.push(a.request_id);
+                let records = app.audit().await;
+                for rid in &signed {
+                    assert!(
+                        records.iter().any(|r| r.kind.as_str() == "decision"
+                            && r.request_id.as_deref() == Some(rid.as_str())),
+                        "after the restart, signature {rid} has no decision record"
+                    );
+                }
                 app.kill();
             });
         },
