@@ -131,6 +131,14 @@ async fn sign(app: &Appliance, c: &reqwest::Client, n: u64) -> Answer {
     }
 }
 
+/// `/ready`: the status and the error code, if any.
+async fn ready(app: &Appliance, c: &reqwest::Client) -> (u16, Option<String>) {
+    let r = c.get(app.url("/ready")).send().await.unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    (status, body["error"]["code"].as_str().map(str::to_owned))
+}
+
 fn assert_store_refusal(a: &Answer) {
     assert_eq!(a.status, 503, "{:?} {:?}", a.code, a.message);
     assert_eq!(
@@ -195,6 +203,10 @@ fn disk_full_store_fails_closed_and_recovers() {
                     let a = sign(&app, &c, n).await;
                     assert_store_refusal(&a);
                 }
+                // While the store fails writes, /ready says so (as for an unavailable HSM).
+                let (status, code) = ready(&app, &c).await;
+                assert_eq!(status, 503, "/ready while the disk is full");
+                assert_eq!(code.as_deref(), Some("not_ready"));
                 // Space comes back: the signer signs again by itself.
                 std::fs::remove_file(&filler).unwrap();
                 let freed = Instant::now();
@@ -210,6 +222,8 @@ fn disk_full_store_fails_closed_and_recovers() {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 };
                 println!("disk full: signing again {} ms after space was freed", recovered.as_millis());
+                let (status, code) = ready(&app, &c).await;
+                assert_eq!(status, 200, "/ready after recovery: {code:?}");
 
                 for _ in 0..5 {
                     n += 1;

@@ -273,10 +273,11 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
         }
     }
 
-    /// Whether the self-check passed and the backend is healthy.
+    /// Whether the self-check passed, the backend is healthy and the store is not failing writes.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
             && matches!(self.backend.health(), crate::backend::Health::Ready)
+            && !self.store.writes_failing()
     }
 
     /// Startup self-check (and refresh after key changes): re-derives every signable version's

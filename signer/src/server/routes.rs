@@ -199,7 +199,17 @@ fn now_ms() -> UnixMillis {
 // Health
 
 async fn ready<B: KeyBackend, S: Store>(State(s): State<Shared<B, S>>) -> Response {
-    if s.is_ready() {
+    if s.store().writes_failing() {
+        // Same answer as for the backends: a load balancer takes the signer out of rotation
+        // while it cannot commit decisions; signing requests still probe the store, and the
+        // first commit that writes again clears this.
+        ApiError::unavailable(
+            "not_ready",
+            "the store is failing writes (its last write batch could not be committed)",
+            1,
+        )
+        .into_response()
+    } else if s.is_ready() {
         (StatusCode::OK, "ready").into_response()
     } else {
         ApiError::unavailable(

@@ -835,6 +835,11 @@ pub enum AuditCursor {
 /// record(s) describing the change in that same transaction; it returns only after the commit is
 /// on disk. See the module docs for what [`Store::commit_decision`] guarantees.
 pub trait Store: Send + Sync + 'static {
+    /// Whether the store is failing writes now: its last write batch failed to commit or a
+    /// write in it failed in the database (disk full, I/O error). Cleared by the next batch that
+    /// commits changes. Cheap (an atomic load); `/ready` answers not-ready while it is set.
+    fn writes_failing(&self) -> bool;
+
     // --- signing pipeline ---
 
     /// Step 5: re-checks freeze, key status, pause and request-id uniqueness, check-and-reserves

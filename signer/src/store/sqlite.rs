@@ -83,6 +83,9 @@ struct CommitCounters {
     unsynced: std::sync::atomic::AtomicU64,
     /// Outcomes queued ([`Store::queue_outcome`]) and not yet committed: reads wait for them.
     queued: std::sync::atomic::AtomicU64,
+    /// Set when a write batch failed to commit (or a job in it failed with a database error, e.g.
+    /// disk full); cleared by the next batch that commits changes.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -125,6 +128,13 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the last write batch failed (see [`Store::writes_failing`]).
+    pub fn writes_failing(&self) -> bool {
+        self.stats
+            .failing
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// How many transactions were committed for how many write jobs so far.
@@ -198,6 +208,10 @@ impl Drop for SqliteStore {
 }
 
 impl Store for SqliteStore {
+    fn writes_failing(&self) -> bool {
+        SqliteStore::writes_failing(self)
+    }
+
     async fn commit_decision(&self, d: DecisionTx) -> Result<DecisionReceipt, StoreError> {
         validate_decision(&d)?;
         self.write(move |ctx| decide(ctx, &d))
@@ -1292,6 +1306,8 @@ struct WriteCtx<'c> {
     cache: &'c mut WindowCache,
     /// Set when a savepoint could not be rolled back: the batch must not commit.
     broken: Option<String>,
+    /// Set when a job failed with a database error (not a refusal or a conflict).
+    db_failed: bool,
 }
 
 impl WriteCtx<'_> {
@@ -1313,6 +1329,9 @@ impl WriteCtx<'_> {
                 }
             },
             Err(err) => {
+                if matches!(err, StoreError::Database(_) | StoreError::Commit(_)) {
+                    self.db_failed = true;
+                }
                 self.head = head;
                 self.cache.clear();
                 let undone = exec_cached(self.conn, "ROLLBACK TO job")
@@ -1430,6 +1449,9 @@ fn writer_loop(
                 Ok(()) => sync_unsure = false,
                 Err(e) => {
                     let msg = format!("cannot restore synchronous=FULL: {e}");
+                    stats
+                        .failing
+                        .store(true, std::sync::atomic::Ordering::Release);
                     for job in batch.drain(..) {
                         job.abort(StoreError::Database(msg.clone()));
                     }
@@ -1459,6 +1481,9 @@ fn run_batch(
     let unsynced = lower_sync(conn, durable);
     if let Err(e) = exec_cached(conn, "BEGIN IMMEDIATE") {
         let msg = format!("cannot begin a write transaction: {e}");
+        stats
+            .failing
+            .store(true, std::sync::atomic::Ordering::Release);
         for job in jobs {
             job.abort(StoreError::Database(msg.clone()));
         }
@@ -1471,6 +1496,9 @@ fn run_batch(
         Err(e) => {
             cache.clear();
             let _ = exec_cached(conn, "ROLLBACK");
+            stats
+                .failing
+                .store(true, std::sync::atomic::Ordering::Release);
             for job in jobs {
                 job.abort(StoreError::Database(format!(
                     "cannot read the audit head: {e}"
@@ -1479,11 +1507,13 @@ fn run_batch(
             return unsynced && exec_cached(conn, "PRAGMA synchronous = FULL").is_err();
         }
     };
+    let changes_before = conn.total_changes();
     let mut ctx = WriteCtx {
         conn,
         head,
         cache,
         broken: None,
+        db_failed: false,
     };
     let mut replies = Vec::new();
     for job in jobs {
@@ -1497,6 +1527,19 @@ fn run_batch(
         Some(why) => Err(why),
         None => exec_cached(conn, "COMMIT").map_err(|e| e.to_string()),
     };
+    if commit.is_err() || ctx.db_failed {
+        // A failed commit, or a job refused by the database (disk full, I/O error): the store
+        // is failing writes until a batch commits changes again.
+        stats
+            .failing
+            .store(true, std::sync::atomic::Ordering::Release);
+    } else if conn.total_changes() > changes_before {
+        // Only a commit that wrote something shows the store can write again (an empty commit
+        // succeeds on a full disk).
+        stats
+            .failing
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
     if commit.is_err() {
         ctx.cache.clear();
         let _ = exec_cached(conn, "ROLLBACK");
