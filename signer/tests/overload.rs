@@ -2,6 +2,7 @@
 //! - past the admission limits (`[limits] max_in_flight`, `queue`, `queue_wait`), a signing
 //!   request is answered 503 `overloaded` with `Retry-After` at once, the refusals are audited
 //!   (in aggregate), and the signer serves normally right after;
+//! - the same for JSON-RPC signing on `/rpc` (the whole route is behind the gate);
 //! - a client over its policy rate limit is answered 429 `rate_limited` with `X-RateLimit-Limit`,
 //!   `X-RateLimit-Remaining`, `X-RateLimit-Reset` and `Retry-After`, carrying the policy's numbers,
 //!   while another client is not limited.
@@ -160,6 +161,83 @@ fn past_the_admission_limit_503_overloaded_with_retry_after_then_serves_normally
                         .unwrap();
                     assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
                 }
+            });
+        },
+    );
+}
+
+#[test]
+fn past_the_admission_limit_rpc_signing_gets_503_overloaded_with_retry_after() {
+    in_own_process(
+        "past_the_admission_limit_rpc_signing_gets_503_overloaded_with_retry_after",
+        "overload",
+        |token| {
+            runtime().block_on(async {
+                // The same limits as above, a burst of 32 `personal_sign` calls on /rpc: the
+                // JSON-RPC route is behind the same gate as the /v1 signing routes.
+                let mut app = Appliance::start(token, &["hot"], &policy()).await;
+                set_limits(
+                    &mut app,
+                    "max_in_flight = 1\nqueue = 1\nqueue_wait = \"20ms\"\n",
+                );
+                let from = app.keys["hot"];
+                let clients: Vec<reqwest::Client> =
+                    (0..32).map(|_| app.client(Some("alpha"))).collect();
+                for c in &clients {
+                    let r = c.get(app.url("/ready")).send().await.unwrap();
+                    assert_eq!(r.status().as_u16(), 200);
+                }
+                let mut tasks = Vec::new();
+                for (i, c) in clients.iter().enumerate() {
+                    let c = c.clone();
+                    let url = app.url("/rpc");
+                    tasks.push(tokio::spawn(async move {
+                        let r = c
+                            .post(&url)
+                            .header("x-request-id", format!("rpc-burst-{i}"))
+                            .json(&json!({"jsonrpc": "2.0", "id": i, "method": "personal_sign",
+                                "params": [format!("0x{:02x}", i + 1), from]}))
+                            .send()
+                            .await
+                            .unwrap();
+                        let status = r.status().as_u16();
+                        let retry = header(&r, "retry-after");
+                        let body: Value = r.json().await.unwrap();
+                        (status, retry, body)
+                    }));
+                }
+                let (mut signed, mut refused) = (0, 0);
+                for t in tasks {
+                    let (status, retry, body) = t.await.unwrap();
+                    match status {
+                        200 => {
+                            assert!(body["result"].as_str().is_some(), "{body}");
+                            signed += 1;
+                        }
+                        503 => {
+                            assert_eq!(body["error"]["code"], "overloaded", "{body}");
+                            assert_eq!(retry.as_deref(), Some("1"), "{body}");
+                            assert_eq!(body["error"]["details"]["maxInFlight"], 1, "{body}");
+                            refused += 1;
+                        }
+                        other => panic!("unexpected {other}: {body}"),
+                    }
+                }
+                println!("rpc burst of 32 with 1 in flight + 1 waiting: {signed} signed, {refused} refused");
+                assert!(signed >= 1 && refused >= 1, "{signed} signed, {refused} refused");
+
+                // Right after, /rpc signs normally.
+                let r: Value = clients[0]
+                    .post(app.url("/rpc"))
+                    .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "personal_sign",
+                        "params": ["0x68656c6c6f", from]}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                assert!(r["result"].as_str().is_some(), "{r}");
             });
         },
     );

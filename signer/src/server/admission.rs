@@ -1,4 +1,5 @@
-//! Admission control in front of the signing pipeline: at most `max_in_flight` signing requests
+//! Admission control in front of the signing pipeline (the `/v1` signing routes, relay auth,
+//! approvals and `/rpc`; see [`is_signing_path`]): at most `max_in_flight` signing requests
 //! are between their first store transaction and their answer at once, at most `queue` more wait
 //! for a place (each for at most `max_wait`), and every further request is refused at once with
 //! 503 `overloaded` and `Retry-After` — before its body is parsed, before any store work and
@@ -170,9 +171,20 @@ impl Admission {
     }
 }
 
-/// The routes the gate covers: those that reach the HSM for every request.
+/// The routes the gate covers: those that can reach the HSM — the `/v1` signing routes,
+/// `/v1/relay-auth`, an approval (the approval that completes a threshold signs the pending
+/// request) and the whole of `/rpc`.
+///
+/// `/rpc` is gated as one route because its method is only known after the body is parsed,
+/// and the gate refuses before that: the read-only methods forwarded to the upstream node
+/// (`eth_call`, `eth_getBalance`, …) share the signing limit. That is deliberate: a flood of
+/// forwarded reads holds connections and upstream round trips just as signatures hold the HSM,
+/// and it must not get past the bound either.
 pub fn is_signing_path(path: &str) -> bool {
-    (path.starts_with("/v1/keys/") && path.contains("/sign/")) || path == "/v1/relay-auth"
+    (path.starts_with("/v1/keys/") && path.contains("/sign/"))
+        || path == "/v1/relay-auth"
+        || path == "/rpc"
+        || (path.starts_with("/v1/requests/") && path.ends_with("/approvals"))
 }
 
 /// The refusal written to the audit chain for `count` overload refusals.
@@ -253,6 +265,8 @@ fn route_label(path: &str) -> &'static str {
         Some("message") => "message",
         Some("typed-data") => "typed_data",
         Some("bundle") => "bundle",
+        Some("rpc") => "rpc",
+        Some("approvals") => "approval",
         _ => "relay_auth",
     }
 }
@@ -331,5 +345,11 @@ mod tests {
         assert!(!is_signing_path("/v1/keys/hot"));
         assert!(!is_signing_path("/ready"));
         assert!(!is_signing_path("/v1/admin/freeze"));
+        assert!(is_signing_path("/rpc"));
+        assert!(is_signing_path("/v1/requests/r-1/approvals"));
+        assert!(!is_signing_path("/v1/requests/r-1"));
+        assert_eq!(route_label("/rpc"), "rpc");
+        assert_eq!(route_label("/v1/requests/r-1/approvals"), "approval");
+        assert_eq!(route_label("/v1/relay-auth"), "relay_auth");
     }
 }

@@ -22,7 +22,8 @@ use crate::store::Store;
 /// Labels of an answered request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// `transaction`, `message`, `typed_data`, `bundle`, `relay_auth`, `rpc`.
+    /// `transaction`, `message`, `typed_data`, `bundle`, `relay_auth`, `rpc`, `approval` (the
+    /// last only for admission refusals).
     pub route: String,
     /// `signed`, `pending`, or the stable error code (`value_cap_exceeded`, `frozen`, …).
     pub code: String,
