@@ -39,7 +39,10 @@ pub struct Refusal {
     pub reason: String,
 }
 
-/// Called for every refused connection, so the server can audit it.
+/// Called for every refused connection, so the server can audit it. It runs on the refused
+/// connection's task and must not block; whatever work it starts must be bounded by the hook
+/// itself (a handshake flood calls it once per connection — the signer bounds its audit tasks
+/// and aggregates the rest, see `castellan_signer::server::admission::ConnectionAudits`).
 pub type RefusalHook = Arc<dyn Fn(Refusal) + Send + Sync>;
 
 /// Options of the accept loop.

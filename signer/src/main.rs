@@ -180,9 +180,9 @@ async fn main() -> anyhow::Result<()> {
     let reload = tokio::spawn(watch_tls_reload(tls.clone(), Duration::from_secs(2)));
     let audit = signer.clone();
     let opts = ServeOptions {
+        // Bounded: see `Signer::connection_refused`.
         on_refusal: Some(Arc::new(move |r: Refusal| {
-            let audit = audit.clone();
-            tokio::spawn(async move { audit.audit_connection_refusal(r.addr, &r.reason).await });
+            audit.connection_refused(r.addr, r.reason);
         })),
         ..ServeOptions::default()
     };

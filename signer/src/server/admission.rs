@@ -17,7 +17,7 @@
 //! writes.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -60,10 +60,49 @@ pub struct Admission {
     permits: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
     refused: Arc<AtomicU64>,
-    /// Refusals not yet covered by an audit record, and when the last record was written (ms
-    /// since the Unix epoch).
-    unaudited: Arc<AtomicU64>,
-    last_audit_ms: Arc<AtomicU64>,
+    audit: Arc<Aggregate>,
+}
+
+/// Refusals audited in aggregate: those not yet covered by an audit record, and when the last
+/// aggregated record was written (ms since the Unix epoch); at most one record a second.
+#[derive(Debug, Default)]
+struct Aggregate {
+    unaudited: AtomicU64,
+    last_audit_ms: AtomicU64,
+}
+
+impl Aggregate {
+    fn add(&self) {
+        self.unaudited.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn pending(&self) -> u64 {
+        self.unaudited.load(Ordering::Acquire)
+    }
+
+    /// Milliseconds until the next record may be written.
+    fn wait_ms(&self, now_ms: u64) -> u64 {
+        self.last_audit_ms
+            .load(Ordering::Acquire)
+            .saturating_add(1000)
+            .saturating_sub(now_ms)
+    }
+
+    /// When at least a second has passed since the last record and refusals are unaudited,
+    /// claims them: returns the count to write in one record.
+    fn take(&self, now_ms: u64) -> Option<u64> {
+        let last = self.last_audit_ms.load(Ordering::Acquire);
+        if now_ms < last.saturating_add(1000) || self.pending() == 0 {
+            return None;
+        }
+        self.last_audit_ms
+            .compare_exchange(last, now_ms, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        match self.unaudited.swap(0, Ordering::AcqRel) {
+            0 => None,
+            n => Some(n),
+        }
+    }
 }
 
 /// A place in the pipeline, released on drop.
@@ -93,8 +132,7 @@ impl Admission {
             permits: Arc::new(Semaphore::new(limits.max_in_flight)),
             waiting: Arc::new(AtomicUsize::new(0)),
             refused: Arc::new(AtomicU64::new(0)),
-            unaudited: Arc::new(AtomicU64::new(0)),
-            last_audit_ms: Arc::new(AtomicU64::new(0)),
+            audit: Arc::new(Aggregate::default()),
         }
     }
 
@@ -146,7 +184,7 @@ impl Admission {
 
     fn refuse(&self, message: String) -> ApiError {
         self.refused.fetch_add(1, Ordering::Relaxed);
-        self.unaudited.fetch_add(1, Ordering::Relaxed);
+        self.audit.add();
         ApiError::unavailable("overloaded", message, 1).with_details(json!({
             "maxInFlight": self.limits.max_in_flight,
             "queue": self.limits.queue,
@@ -157,17 +195,99 @@ impl Admission {
     /// When at least a second has passed since the last overload audit record and refusals are
     /// unaudited, claims them: returns the count to write in one record.
     pub fn take_audit(&self, now_ms: u64) -> Option<u64> {
-        let last = self.last_audit_ms.load(Ordering::Acquire);
-        if now_ms < last.saturating_add(1000) || self.unaudited.load(Ordering::Acquire) == 0 {
-            return None;
+        self.audit.take(now_ms)
+    }
+}
+
+/// At most this many audit writes for connections refused at the TLS handshake run at once.
+pub const MAX_CONNECTION_AUDITS: usize = 64;
+
+/// Bounds the audit work of connections refused at the TLS handshake (no certificate, unknown
+/// CA, revoked, TLS 1.2, …). Each refusal gets its own audit record while fewer than
+/// `max_tasks` such writes are running; past that, the refusal is counted instead, and one
+/// flusher task writes an aggregated record at most once a second saying how many refusals
+/// were not audited individually — so a handshake flood cannot become an unbounded number of
+/// tasks and store writes.
+#[derive(Clone, Debug)]
+pub struct ConnectionAudits {
+    max_tasks: usize,
+    tasks: Arc<Semaphore>,
+    aggregate: Arc<Aggregate>,
+    /// Whether a flusher task is running.
+    flushing: Arc<AtomicBool>,
+    /// Refusals not audited individually since start.
+    not_individual: Arc<AtomicU64>,
+}
+
+/// How one refused connection is audited.
+#[derive(Debug)]
+pub enum ConnectionAudit {
+    /// In its own record; the task writing it holds the place until it is done.
+    Individual(OwnedSemaphorePermit),
+    /// Counted for an aggregated record; when `start_flusher`, the caller starts the (one)
+    /// flusher task (see [`ConnectionAudits::flusher_done`]).
+    Aggregated {
+        /// No flusher is running: the caller must start one.
+        start_flusher: bool,
+    },
+}
+
+impl ConnectionAudits {
+    /// At most `max_tasks` (at least one) individual audit writes at once.
+    pub fn new(max_tasks: usize) -> Self {
+        let max_tasks = max_tasks.max(1);
+        Self {
+            max_tasks,
+            tasks: Arc::new(Semaphore::new(max_tasks)),
+            aggregate: Arc::new(Aggregate::default()),
+            flushing: Arc::new(AtomicBool::new(false)),
+            not_individual: Arc::new(AtomicU64::new(0)),
         }
-        self.last_audit_ms
-            .compare_exchange(last, now_ms, Ordering::AcqRel, Ordering::Acquire)
-            .ok()?;
-        match self.unaudited.swap(0, Ordering::AcqRel) {
-            0 => None,
-            n => Some(n),
+    }
+
+    /// Decides how a refused connection is audited.
+    pub fn admit(&self) -> ConnectionAudit {
+        match Arc::clone(&self.tasks).try_acquire_owned() {
+            Ok(permit) => ConnectionAudit::Individual(permit),
+            Err(_) => {
+                self.not_individual.fetch_add(1, Ordering::Relaxed);
+                self.aggregate.add();
+                ConnectionAudit::Aggregated {
+                    start_flusher: !self.flushing.swap(true, Ordering::AcqRel),
+                }
+            }
         }
+    }
+
+    /// Refusals not audited individually since start.
+    pub fn not_individually_audited(&self) -> u64 {
+        self.not_individual.load(Ordering::Relaxed)
+    }
+
+    /// For the flusher: milliseconds until the next aggregated record may be written.
+    pub fn wait_ms(&self, now_ms: u64) -> u64 {
+        self.aggregate.wait_ms(now_ms)
+    }
+
+    /// For the flusher: claims the counted refusals for one record (at most once a second).
+    pub fn take_audit(&self, now_ms: u64) -> Option<u64> {
+        self.aggregate.take(now_ms)
+    }
+
+    /// For the flusher, after a record: true if it must go on (refusals were counted after its
+    /// last claim and no other flusher took over), false if it ends.
+    pub fn flusher_done(&self) -> bool {
+        self.flushing.store(false, Ordering::Release);
+        self.aggregate.pending() > 0 && !self.flushing.swap(true, Ordering::AcqRel)
+    }
+
+    /// The refusal written to the audit chain for `count` refusals not audited individually.
+    pub fn audit_reason(&self, count: u64) -> String {
+        format!(
+            "{count} connections refused at the TLS handshake were not audited individually \
+             (at most {} audit writes for refused connections at once)",
+            self.max_tasks
+        )
     }
 }
 
@@ -336,6 +456,50 @@ mod tests {
         let e = audit_error(2, g.limits());
         assert_eq!(e.code, "overloaded");
         assert!(e.message.starts_with("2 signing requests refused"));
+    }
+
+    #[test]
+    fn connection_refusal_audits_are_bounded_then_aggregated() {
+        let a = ConnectionAudits::new(2);
+        let first = a.admit();
+        let second = a.admit();
+        assert!(matches!(first, ConnectionAudit::Individual(_)));
+        assert!(matches!(second, ConnectionAudit::Individual(_)));
+        // Past the bound: counted, and only the first starts the flusher.
+        assert!(matches!(
+            a.admit(),
+            ConnectionAudit::Aggregated {
+                start_flusher: true
+            }
+        ));
+        assert!(matches!(
+            a.admit(),
+            ConnectionAudit::Aggregated {
+                start_flusher: false
+            }
+        ));
+        assert_eq!(a.not_individually_audited(), 2);
+        assert_eq!(a.wait_ms(10_000), 0);
+        assert_eq!(a.take_audit(10_000), Some(2));
+        assert!(a.audit_reason(2).starts_with("2 connections refused"));
+        // Nothing counted since the claim: the flusher ends, and the next one is started anew.
+        assert!(!a.flusher_done());
+        assert!(matches!(
+            a.admit(),
+            ConnectionAudit::Aggregated {
+                start_flusher: true
+            }
+        ));
+        // Counted after its claim: the flusher goes on, waiting out the second.
+        assert!(a.flusher_done());
+        assert_eq!(a.wait_ms(10_400), 600);
+        assert_eq!(a.take_audit(10_400), None);
+        assert_eq!(a.take_audit(11_000), Some(1));
+        assert!(!a.flusher_done());
+        // A finished individual write frees its place.
+        drop(first);
+        assert!(matches!(a.admit(), ConnectionAudit::Individual(_)));
+        assert_eq!(a.not_individually_audited(), 3);
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct Metrics {
     pub frozen: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Connections refused before any request (TLS failures).
     pub tls_refusals: Counter<u64, AtomicU64>,
+    /// Of those, refusals not audited individually (past the bound on concurrent audit writes;
+    /// covered by aggregated records).
+    pub tls_refusals_unaudited: Counter<u64, AtomicU64>,
     /// Requests waiting for approvals (pending, not expired).
     pub pending_approvals: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Age of the oldest request waiting for approvals, seconds (0 when none waits).
@@ -106,6 +109,12 @@ impl Metrics {
             "Connections refused at the TLS handshake",
             tls_refusals.clone(),
         );
+        let tls_refusals_unaudited = Counter::default();
+        registry.register(
+            "tls_refusals_unaudited",
+            "Connections refused at the TLS handshake that were not audited individually (counted in aggregated audit records)",
+            tls_refusals_unaudited.clone(),
+        );
         let pending_approvals = Gauge::default();
         registry.register(
             "pending_approvals",
@@ -143,6 +152,7 @@ impl Metrics {
             ready,
             frozen,
             tls_refusals,
+            tls_refusals_unaudited,
             pending_approvals,
             oldest_pending_seconds,
             rotation_due,

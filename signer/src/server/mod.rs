@@ -78,6 +78,8 @@ pub struct Signer<B: KeyBackend, S: Store> {
     in_flight: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
     /// The gate in front of the signing pipeline (see [`admission`]).
     admission: admission::Admission,
+    /// The bound on audit writes for connections refused at the TLS handshake.
+    connection_audits: admission::ConnectionAudits,
 }
 
 /// The signer's mTLS link to the submitter.
@@ -224,6 +226,7 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
             metrics: metrics::Metrics::new(),
             in_flight: Mutex::new(HashMap::new()),
             admission: admission::Admission::new(settings.admission),
+            connection_audits: admission::ConnectionAudits::new(admission::MAX_CONNECTION_AUDITS),
         }
     }
 
@@ -363,6 +366,62 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
         };
         if let Err(e) = self.store.append_audit(entry).await {
             tracing::error!(error = %e, request_id, "cannot audit a refusal");
+        }
+    }
+
+    /// The accept loop's refusal hook: audits a connection refused at the TLS handshake in its
+    /// own record while fewer than [`admission::MAX_CONNECTION_AUDITS`] such writes run, else
+    /// counts it (metric `tls_refusals_unaudited`) for an aggregated record written at most once
+    /// a second. Never blocks; starts at most one task per individual record plus one flusher.
+    pub fn connection_refused(self: &Arc<Self>, peer: std::net::SocketAddr, reason: String) {
+        match self.connection_audits.admit() {
+            admission::ConnectionAudit::Individual(permit) => {
+                let s = Arc::clone(self);
+                tokio::spawn(async move {
+                    s.audit_connection_refusal(peer, &reason).await;
+                    drop(permit);
+                });
+            }
+            admission::ConnectionAudit::Aggregated { start_flusher } => {
+                tracing::debug!(%peer, %reason, "refused connection counted, not audited individually");
+                self.metrics.tls_refusals.inc();
+                self.metrics.tls_refusals_unaudited.inc();
+                if start_flusher {
+                    let s = Arc::clone(self);
+                    tokio::spawn(async move { s.flush_connection_audits().await });
+                }
+            }
+        }
+    }
+
+    /// The one flusher of [`Signer::connection_refused`]: writes aggregated records, at most one
+    /// a second, until no counted refusal is left.
+    async fn flush_connection_audits(&self) {
+        loop {
+            let wait = self.connection_audits.wait_ms(UnixMillis::now().0);
+            if wait > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+            }
+            let now = UnixMillis::now();
+            if let Some(count) = self.connection_audits.take_audit(now.0) {
+                let entry = AuditEntry {
+                    at: now,
+                    kind: AuditKind::Refusal,
+                    request_id: None,
+                    identity: None,
+                    payload: json!({
+                        "code": "tls_refused",
+                        "reason": self.connection_audits.audit_reason(count),
+                        "count": count,
+                    }),
+                };
+                if let Err(e) = self.store.append_audit(entry).await {
+                    tracing::error!(error = %e, count, "cannot audit refused connections");
+                }
+            }
+            if !self.connection_audits.flusher_done() {
+                return;
+            }
         }
     }
 
