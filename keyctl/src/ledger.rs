@@ -95,15 +95,45 @@ pub fn approval_typed_data(approval: &Approval, chain_id: u64) -> anyhow::Result
         }
     }))
     .context("approval typed data")?;
-    // The same hash the signer verifies (the policy crate's own EIP-712 encoding).
-    let want = approval.eip712_signing_hash(&castellan_domain(chain_id));
+    checked("approval", typed, approval, chain_id)
+}
+
+/// `typed` if it hashes to what the signer verifies for `value` (the policy crate's own EIP-712
+/// encoding), so the device is never shown something other than what is signed.
+fn checked<S: SolStruct>(
+    what: &str,
+    typed: TypedData,
+    value: &S,
+    chain_id: u64,
+) -> anyhow::Result<TypedData> {
+    let want = value.eip712_signing_hash(&castellan_domain(chain_id));
     let got = typed
         .eip712_signing_hash()
-        .map_err(|e| anyhow::anyhow!("approval typed data: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("{what} typed data: {e}"))?;
     if got != want {
-        bail!("approval typed data hashes to {got}, the signer expects {want}");
+        bail!("{what} typed data hashes to {got}, the signer expects {want}");
     }
     Ok(typed)
+}
+
+/// Signs `typed` (already [`checked`] against `value`) on the device and returns the signature.
+async fn sign_typed<B: KeyBackend, S: SolStruct>(
+    what: &str,
+    device: &B,
+    key: &KeyInfo,
+    typed: TypedData,
+    value: &S,
+    chain_id: u64,
+) -> anyhow::Result<Signature> {
+    let request = SignRequest {
+        digest: value.eip712_signing_hash(&castellan_domain(chain_id)),
+        payload: Payload::TypedData(Box::new(typed)),
+    };
+    let sig = device
+        .sign(&key.key_ref, &key.public_key, request)
+        .await
+        .with_context(|| format!("signing the {what} on the Ledger ({})", key.key_ref))?;
+    Ok(sig.signature())
 }
 
 /// Signs an approval with the approver's key on a device that signs EIP-712 payloads (a Ledger;
@@ -115,15 +145,7 @@ pub async fn sign_approval<B: KeyBackend>(
     chain_id: u64,
 ) -> anyhow::Result<Signature> {
     let typed = approval_typed_data(approval, chain_id)?;
-    let request = SignRequest {
-        digest: approval.eip712_signing_hash(&castellan_domain(chain_id)),
-        payload: Payload::TypedData(Box::new(typed)),
-    };
-    let sig = device
-        .sign(&key.key_ref, &key.public_key, request)
-        .await
-        .with_context(|| format!("signing the approval on the Ledger ({})", key.key_ref))?;
-    Ok(sig.signature())
+    sign_typed("approval", device, key, typed, approval, chain_id).await
 }
 
 /// The budget grant as EIP-712 typed data under the Castellan domain, as the device is sent it.
@@ -164,14 +186,7 @@ pub fn grant_typed_data(grant: &BudgetGrant, chain_id: u64) -> anyhow::Result<Ty
         }
     }))
     .context("grant typed data")?;
-    let want = grant.eip712_signing_hash(&castellan_domain(chain_id));
-    let got = typed
-        .eip712_signing_hash()
-        .map_err(|e| anyhow::anyhow!("grant typed data: {e}"))?;
-    if got != want {
-        bail!("grant typed data hashes to {got}, the signer expects {want}");
-    }
-    Ok(typed)
+    checked("grant", typed, grant, chain_id)
 }
 
 /// Signs a budget grant with the approver's key on a Ledger (the device shows the grant).
@@ -182,15 +197,7 @@ pub async fn sign_grant<B: KeyBackend>(
     chain_id: u64,
 ) -> anyhow::Result<Signature> {
     let typed = grant_typed_data(grant, chain_id)?;
-    let request = SignRequest {
-        digest: grant.eip712_signing_hash(&castellan_domain(chain_id)),
-        payload: Payload::TypedData(Box::new(typed)),
-    };
-    let sig = device
-        .sign(&key.key_ref, &key.public_key, request)
-        .await
-        .with_context(|| format!("signing the grant on the Ledger ({})", key.key_ref))?;
-    Ok(sig.signature())
+    sign_typed("grant", device, key, typed, grant, chain_id).await
 }
 
 /// `keyctl keys register-ledger <name> --path <path>`.
