@@ -4,18 +4,19 @@
 //! all against one signer process (2 HSM sessions, admission limits below):
 //! 1. sustainable rate: closed loop, one client per place (`max_in_flight`),
 //!    `OVERLOAD_WARM_SECONDS` (default 5);
-//! 2. unloaded latency: open loop at 10 % of that rate for 10 s;
+//! 2. unloaded latency: open loop at 10 % of that rate for `OVERLOAD_LIGHT_SECONDS` (default 10);
 //! 3. overload: open loop at 10× that rate for `OVERLOAD_SECONDS` (default 60), at most 512
 //!    requests outstanding from the generator (a request it could not send for lack of a free
 //!    slot is counted as "not sent", not as a signer answer);
-//! 4. right after: open loop at 10 % again for 10 s.
+//! 4. right after: open loop at 10 % again for `OVERLOAD_LIGHT_SECONDS`.
 //!
 //! Prints p50/p99 of admitted (200) requests per phase, the count of 503 `overloaded` and other
 //! answers, and the signer's RSS (VmRSS sampled every 100 ms, and VmHWM, from /proc/PID/status).
 //! The targets (issue 8): admitted p99 at 10× within 2× the unloaded p99; RSS bounded; normal
 //! service right after.
 //!
-//! Environment: `OVERLOAD_SECONDS`, `OVERLOAD_WARM_SECONDS`, `OVERLOAD_IN_FLIGHT` (default 8),
+//! Environment: `OVERLOAD_SECONDS`, `OVERLOAD_WARM_SECONDS`, `OVERLOAD_LIGHT_SECONDS`,
+//! `OVERLOAD_IN_FLIGHT` (default 8),
 //! `OVERLOAD_QUEUE` (default 8), `OVERLOAD_QUEUE_WAIT` (default `"20ms"`).
 //!
 //! The generator stands for clients on other machines, but here it shares the cores with the
@@ -296,6 +297,7 @@ async fn open_loop(
 async fn run(token: &SoftHsmToken) {
     let secs: u64 = env_or("OVERLOAD_SECONDS", 60);
     let warm: u64 = env_or("OVERLOAD_WARM_SECONDS", 5);
+    let light_secs: u64 = env_or("OVERLOAD_LIGHT_SECONDS", 10);
     let in_flight: usize = env_or("OVERLOAD_IN_FLIGHT", 8);
     let queue: usize = env_or("OVERLOAD_QUEUE", 8);
     let wait: String = env_or("OVERLOAD_QUEUE_WAIT", "20ms".to_owned());
@@ -328,8 +330,15 @@ async fn run(token: &SoftHsmToken) {
         "signer pid {pid}, 2 HSM sessions, limits: max_in_flight {in_flight}, queue {queue}, queue_wait {wait}"
     );
 
-    // As many clients as places: none is refused, every place is kept busy.
+    // As many clients as places: none is refused, every place is kept busy. The signer's CPU
+    // per signature here (no refusal at all) lets the overload phase's CPU be split between
+    // signatures and refusals.
+    let cpu_warm0 = cpu_of(pid);
+    let t_warm = Instant::now();
     let rate = sustainable(&app, in_flight, Duration::from_secs(warm)).await;
+    let signatures = rate * t_warm.elapsed().as_secs_f64();
+    let cpu_per_signature =
+        cpu_of(pid).saturating_sub(cpu_warm0).as_secs_f64() / signatures.max(1.0);
     let (rss0, _) = rss_kib(pid);
     println!(
         "sustainable (closed loop, {in_flight} clients): {rate:.0} signatures/s; signer RSS {} MiB",
@@ -341,7 +350,7 @@ async fn run(token: &SoftHsmToken) {
         &light,
         &url,
         rate / 10.0,
-        Duration::from_secs(10),
+        Duration::from_secs(light_secs),
         64,
         &nonce,
     )
@@ -382,7 +391,7 @@ async fn run(token: &SoftHsmToken) {
         &light,
         &url,
         rate / 10.0,
-        Duration::from_secs(10),
+        Duration::from_secs(light_secs),
         64,
         &nonce,
     )
@@ -417,6 +426,16 @@ async fn run(token: &SoftHsmToken) {
         over_wall.as_secs_f64(),
         over_cpu.as_secs_f64() / over_wall.as_secs_f64(),
         over_cpu.as_micros() / u128::from(answers.max(1)),
+    );
+    // What is left once the admitted signatures are paid at the closed-loop price.
+    let refusal_cpu =
+        (over_cpu.as_secs_f64() - cpu_per_signature * overload.admitted.len() as f64).max(0.0);
+    println!(
+        "signer CPU per signature (closed loop, no refusal): {:.0} µs; so per 503 refusal ≈ {:.0} µs ({:.1} s of the {:.1} s)",
+        cpu_per_signature * 1e6,
+        refusal_cpu * 1e6 / (overload.overloaded.max(1) as f64),
+        refusal_cpu,
+        over_cpu.as_secs_f64(),
     );
     println!(
         "signer RSS: {} MiB before, peak sampled {} MiB during, {} MiB at the end, VmHWM {} MiB; still running: {still_running}",
