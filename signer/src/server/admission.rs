@@ -13,22 +13,27 @@
 //! plus the connections the listener accepts (`max_connections`, each idle or refused at once).
 //!
 //! Refusals for overload are audited in aggregate — one record per second at most, with the
-//! count refused since the previous record — so that a flood cannot turn into a flood of store
-//! writes.
+//! count refused since the previous record (payload `count`), written by one flusher task so the
+//! last count of a burst is written about a second after it — so that a flood cannot turn into a
+//! flood of store writes. A refusal itself is cheap: prebuilt answer bytes, atomic counts, no log
+//! line (see [`gate`]). On `/rpc` its body is a JSON-RPC 2.0 error (`-32005`, EIP-1474 "limit
+//! exceeded", `data.code` `overloaded`) with the request's id when its small body carries one.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use castellan_api::serve::Peer;
-use serde_json::json;
+use axum::response::Response;
+use prometheus_client::metrics::counter::Counter;
+use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{ApiError, Signer};
+use crate::audit::{AuditEntry, AuditKind, UnixMillis};
 use crate::backend::KeyBackend;
 use crate::store::Store;
 
@@ -53,6 +58,38 @@ impl Default for AdmissionLimits {
     }
 }
 
+/// Seconds a refused client is asked to wait (`Retry-After`).
+const RETRY_AFTER_SECONDS: u64 = 1;
+
+/// The body of a refused request is read (to keep its connection open for the next request, and
+/// on `/rpc` to answer with its id) only when it declares at most this many bytes…
+const DRAIN_MAX: u64 = 16 * 1024;
+
+/// …and only for this long; past either, the body is left unread and the connection is closed
+/// after the answer.
+const DRAIN_WAIT: Duration = Duration::from_millis(50);
+
+/// Why a request was refused for overload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overload {
+    /// Every place taken and the queue full.
+    QueueFull = 0,
+    /// Waited `max_wait` in the queue without getting a place.
+    WaitElapsed = 1,
+    /// The gate is closed (shutting down).
+    Closed = 2,
+}
+
+/// A refusal by [`Admission::admit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// Why.
+    pub reason: Overload,
+    /// No overload audit flusher is running: the caller must start one (see
+    /// [`Admission::flusher_done`]), which writes the aggregated record.
+    pub start_flusher: bool,
+}
+
 /// The gate. Cheap to share: clones share one state.
 #[derive(Clone, Debug)]
 pub struct Admission {
@@ -61,19 +98,37 @@ pub struct Admission {
     waiting: Arc<AtomicUsize>,
     refused: Arc<AtomicU64>,
     audit: Arc<Aggregate>,
+    answers: Arc<Answers>,
 }
 
-/// Refusals audited in aggregate: those not yet covered by an audit record, and when the last
-/// aggregated record was written (ms since the Unix epoch); at most one record a second.
+/// The answers of the refusals, made once: a refusal under overload builds no JSON and formats
+/// nothing (the limits do not change while the gate lives).
+#[derive(Debug)]
+struct Answers {
+    /// By [`Overload`]: the refusal and its body for the `/v1` routes (`{"error": …}`)…
+    errors: [ApiError; 3],
+    rest: [Bytes; 3],
+    /// …and the JSON-RPC error object for `/rpc` (see [`super::rpc::overload_error`]).
+    rpc: [Bytes; 3],
+    /// The requests counter of each signing route (see [`route_label`]), made on first use.
+    counters: [OnceLock<Counter>; ROUTES.len()],
+}
+
+/// Refusals audited in aggregate: those not yet covered by an audit record, when the last
+/// aggregated record was written (ms since the Unix epoch; at most one record a second), and
+/// whether a flusher task is running to write them.
 #[derive(Debug, Default)]
 struct Aggregate {
     unaudited: AtomicU64,
     last_audit_ms: AtomicU64,
+    flushing: AtomicBool,
 }
 
 impl Aggregate {
-    fn add(&self) {
+    /// Counts one refusal; true when no flusher is running and the caller must start one.
+    fn add(&self) -> bool {
         self.unaudited.fetch_add(1, Ordering::AcqRel);
+        !self.flushing.swap(true, Ordering::AcqRel)
     }
 
     fn pending(&self) -> u64 {
@@ -103,6 +158,13 @@ impl Aggregate {
             n => Some(n),
         }
     }
+
+    /// For the flusher, after a record: true if it must go on (refusals were counted after its
+    /// last claim and no other flusher took over), false if it ends.
+    fn flusher_done(&self) -> bool {
+        self.flushing.store(false, Ordering::Release);
+        self.pending() > 0 && !self.flushing.swap(true, Ordering::AcqRel)
+    }
 }
 
 /// A place in the pipeline, released on drop.
@@ -127,12 +189,27 @@ impl Admission {
             max_in_flight: limits.max_in_flight.max(1),
             ..limits
         };
+        let errors = [Overload::QueueFull, Overload::WaitElapsed, Overload::Closed]
+            .map(|reason| overload_error(reason, limits));
+        let body = |v: &Value| Bytes::from(serde_json::to_vec(v).unwrap_or_default());
+        let rest = errors
+            .each_ref()
+            .map(|e| body(&serde_json::to_value(e.body()).unwrap_or_default()));
+        let rpc = errors
+            .each_ref()
+            .map(|e| body(&super::rpc::overload_error(e)));
         Self {
             limits,
             permits: Arc::new(Semaphore::new(limits.max_in_flight)),
             waiting: Arc::new(AtomicUsize::new(0)),
             refused: Arc::new(AtomicU64::new(0)),
             audit: Arc::new(Aggregate::default()),
+            answers: Arc::new(Answers {
+                errors,
+                rest,
+                rpc,
+                counters: Default::default(),
+            }),
         }
     }
 
@@ -152,18 +229,15 @@ impl Admission {
     }
 
     /// Takes a place: at once when one is free, after a bounded wait when the queue has room,
-    /// else (or when the wait runs out) an `overloaded` refusal.
-    pub async fn admit(&self) -> Result<Admitted, ApiError> {
+    /// else (or when the wait runs out) a refusal, counted for the aggregated audit record.
+    pub async fn admit(&self) -> Result<Admitted, Refused> {
         if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
             return Ok(Admitted { _permit: permit });
         }
         let before = self.waiting.fetch_add(1, Ordering::AcqRel);
         let _waiting = Waiting(&self.waiting);
         if before >= self.limits.queue {
-            return Err(self.refuse(format!(
-                "the signer is saturated: {} signing requests in flight and {} waiting (limits {} and {})",
-                self.limits.max_in_flight, before, self.limits.max_in_flight, self.limits.queue
-            )));
+            return Err(self.refuse(Overload::QueueFull));
         }
         match tokio::time::timeout(
             self.limits.max_wait,
@@ -173,23 +247,27 @@ impl Admission {
         {
             Ok(Ok(permit)) => Ok(Admitted { _permit: permit }),
             // The semaphore is never closed.
-            Ok(Err(_closed)) => Err(self.refuse("the signer is shutting down".into())),
-            Err(_elapsed) => Err(self.refuse(format!(
-                "the signer is saturated: no place among {} in flight within {} ms",
-                self.limits.max_in_flight,
-                self.limits.max_wait.as_millis()
-            ))),
+            Ok(Err(_closed)) => Err(self.refuse(Overload::Closed)),
+            Err(_elapsed) => Err(self.refuse(Overload::WaitElapsed)),
         }
     }
 
-    fn refuse(&self, message: String) -> ApiError {
+    fn refuse(&self, reason: Overload) -> Refused {
         self.refused.fetch_add(1, Ordering::Relaxed);
-        self.audit.add();
-        ApiError::unavailable("overloaded", message, 1).with_details(json!({
-            "maxInFlight": self.limits.max_in_flight,
-            "queue": self.limits.queue,
-            "maxWaitMs": u64::try_from(self.limits.max_wait.as_millis()).unwrap_or(u64::MAX),
-        }))
+        Refused {
+            reason,
+            start_flusher: self.audit.add(),
+        }
+    }
+
+    /// The refusal answered for `reason` (503 `overloaded`, `Retry-After`, the limits).
+    pub fn error(&self, reason: Overload) -> &ApiError {
+        &self.answers.errors[reason as usize]
+    }
+
+    /// For the flusher: milliseconds until the next aggregated record may be written.
+    pub fn wait_ms(&self, now_ms: u64) -> u64 {
+        self.audit.wait_ms(now_ms)
     }
 
     /// When at least a second has passed since the last overload audit record and refusals are
@@ -197,6 +275,39 @@ impl Admission {
     pub fn take_audit(&self, now_ms: u64) -> Option<u64> {
         self.audit.take(now_ms)
     }
+
+    /// For the flusher, after a record: true if it must go on (refusals were counted after its
+    /// last claim and no other flusher took over), false if it ends.
+    pub fn flusher_done(&self) -> bool {
+        self.audit.flusher_done()
+    }
+
+    /// The requests counter of a signing route (`route` indexes [`ROUTES`]), looked up in the
+    /// metrics family once.
+    fn counter(&self, route: usize, make: impl FnOnce() -> Counter) -> &Counter {
+        self.answers.counters[route].get_or_init(make)
+    }
+}
+
+/// The refusal for `reason` under `limits`.
+fn overload_error(reason: Overload, limits: AdmissionLimits) -> ApiError {
+    let message = match reason {
+        Overload::QueueFull => format!(
+            "the signer is saturated: {} signing requests in flight and {} waiting (limits {} and {})",
+            limits.max_in_flight, limits.queue, limits.max_in_flight, limits.queue
+        ),
+        Overload::WaitElapsed => format!(
+            "the signer is saturated: no place among {} in flight within {} ms",
+            limits.max_in_flight,
+            limits.max_wait.as_millis()
+        ),
+        Overload::Closed => "the signer is shutting down".to_owned(),
+    };
+    ApiError::unavailable("overloaded", message, RETRY_AFTER_SECONDS).with_details(json!({
+        "maxInFlight": limits.max_in_flight,
+        "queue": limits.queue,
+        "maxWaitMs": u64::try_from(limits.max_wait.as_millis()).unwrap_or(u64::MAX),
+    }))
 }
 
 /// At most this many audit writes for connections refused at the TLS handshake run at once.
@@ -213,8 +324,6 @@ pub struct ConnectionAudits {
     max_tasks: usize,
     tasks: Arc<Semaphore>,
     aggregate: Arc<Aggregate>,
-    /// Whether a flusher task is running.
-    flushing: Arc<AtomicBool>,
     /// Refusals not audited individually since start.
     not_individual: Arc<AtomicU64>,
 }
@@ -240,7 +349,6 @@ impl ConnectionAudits {
             max_tasks,
             tasks: Arc::new(Semaphore::new(max_tasks)),
             aggregate: Arc::new(Aggregate::default()),
-            flushing: Arc::new(AtomicBool::new(false)),
             not_individual: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -251,9 +359,8 @@ impl ConnectionAudits {
             Ok(permit) => ConnectionAudit::Individual(permit),
             Err(_) => {
                 self.not_individual.fetch_add(1, Ordering::Relaxed);
-                self.aggregate.add();
                 ConnectionAudit::Aggregated {
-                    start_flusher: !self.flushing.swap(true, Ordering::AcqRel),
+                    start_flusher: self.aggregate.add(),
                 }
             }
         }
@@ -277,8 +384,7 @@ impl ConnectionAudits {
     /// For the flusher, after a record: true if it must go on (refusals were counted after its
     /// last claim and no other flusher took over), false if it ends.
     pub fn flusher_done(&self) -> bool {
-        self.flushing.store(false, Ordering::Release);
-        self.aggregate.pending() > 0 && !self.flushing.swap(true, Ordering::AcqRel)
+        self.aggregate.flusher_done()
     }
 
     /// The refusal written to the audit chain for `count` refusals not audited individually.
@@ -323,6 +429,17 @@ pub fn audit_error(count: u64, limits: AdmissionLimits) -> ApiError {
 
 /// The router layer: takes a place for every request on a signing path, holds it until the
 /// answer is made, and answers `overloaded` (503, `Retry-After`) at once when there is none.
+///
+/// A refusal costs: two atomic counts (the gate's and the aggregated audit's, see
+/// [`Admission::admit`]), the route's requests counter, and an answer made of prebuilt bytes
+/// (on `/rpc`, a JSON-RPC error with the request's id when its small body carries one). Nothing
+/// is logged per refusal and nothing is written to the store: the first refusal after a quiet
+/// spell starts the one flusher task ([`flush_overload_audits`]), which writes the aggregated
+/// record(s), at most one a second, the last one at most a second after the last refusal.
+///
+/// The body of a refused request is read and dropped when it is small and arrives at once (see
+/// [`DRAIN_MAX`], [`DRAIN_WAIT`]), so the client's connection stays open for its next request
+/// instead of costing a new TLS handshake; otherwise the connection is closed after the answer.
 pub async fn gate<B: KeyBackend, S: Store>(
     State(s): State<Arc<Signer<B, S>>>,
     req: Request,
@@ -332,62 +449,154 @@ pub async fn gate<B: KeyBackend, S: Store>(
     if !is_signing_path(path) {
         return next.run(req).await;
     }
-    match s.admission().admit().await {
+    let refused = match s.admission().admit().await {
         Ok(admitted) => {
             let response = next.run(req).await;
             drop(admitted);
-            response
+            return response;
         }
-        Err(e) => {
-            let route = route_label(path);
+        Err(refused) => refused,
+    };
+    let admission = s.admission();
+    let route = route_index(path);
+    admission
+        .counter(route, || {
             s.metrics()
                 .requests
                 .get_or_create(&super::metrics::RequestLabels {
-                    route: route.to_owned(),
-                    code: e.code.to_owned(),
+                    route: ROUTES[route].to_owned(),
+                    code: "overloaded".to_owned(),
                 })
-                .inc();
-            let rid = req
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let now_ms = crate::audit::UnixMillis::now().0;
-            if let Some(count) = s.admission().take_audit(now_ms) {
-                let identity = req
-                    .extensions()
-                    .get::<Peer>()
-                    .map(|p| p.identity.to_string())
-                    .unwrap_or_default();
-                let limits = s.admission().limits();
-                let s = Arc::clone(&s);
-                tokio::spawn(async move {
-                    let id = format!("overload-{now_ms}");
-                    s.audit_refusal(&id, &identity, &audit_error(count, limits))
-                        .await;
-                });
+                .clone()
+        })
+        .inc();
+    if refused.start_flusher {
+        let s = Arc::clone(&s);
+        tokio::spawn(async move { flush_overload_audits(&s).await });
+    }
+    let rid = req.headers().get("x-request-id").cloned();
+    let rpc = ROUTES[route] == "rpc";
+    let body = drain(req, rpc).await;
+    let answers = &admission.answers;
+    let body = if rpc {
+        // {"jsonrpc":"2.0","id":<id>,"error":<prebuilt>}
+        let id = body.as_deref().map_or(Value::Null, super::rpc::peek_id);
+        let id = serde_json::to_vec(&id).unwrap_or_else(|_| b"null".to_vec());
+        let error = &answers.rpc[refused.reason as usize];
+        let mut out = Vec::with_capacity(32 + id.len() + error.len());
+        out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
+        out.extend_from_slice(&id);
+        out.extend_from_slice(br#","error":"#);
+        out.extend_from_slice(error);
+        out.push(b'}');
+        Bytes::from(out)
+    } else {
+        answers.rest[refused.reason as usize].clone()
+    };
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+    if let Some(rid) = rid {
+        headers.insert(HeaderName::from_static("x-request-id"), rid);
+    }
+    response
+}
+
+/// Reads a refused request's body when it declares at most [`DRAIN_MAX`] bytes and arrives
+/// within [`DRAIN_WAIT`], keeping (up to [`super::rpc::ID_PEEK_MAX`] bytes) only when `keep`,
+/// for the JSON-RPC id. Bodies that are larger, chunked, slow or behind `Expect: 100-continue`
+/// are left unread: hyper then keeps the connection only if the body was already received, else
+/// closes it after the answer.
+async fn drain(req: Request, keep: bool) -> Option<Bytes> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())?;
+    // A client that waits for `100 Continue` before sending its body is answered without it
+    // (it need not send the body at all; the connection is closed after the answer).
+    if declared == 0 || declared > DRAIN_MAX || req.headers().contains_key(header::EXPECT) {
+        return None;
+    }
+    let mut body = req.into_body();
+    let read = async {
+        use http_body_util::BodyExt;
+        let mut kept = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.ok()?.into_data() else {
+                continue;
+            };
+            if keep && kept.len() + data.len() <= super::rpc::ID_PEEK_MAX {
+                kept.extend_from_slice(&data);
             }
-            let mut response = e.into_response();
-            if let Some(v) = rid.and_then(|r| HeaderValue::from_str(&r).ok()) {
-                response
-                    .headers_mut()
-                    .insert(HeaderName::from_static("x-request-id"), v);
+        }
+        Some(Bytes::from(kept))
+    };
+    tokio::time::timeout(DRAIN_WAIT, read).await.ok()?
+}
+
+/// The one flusher of the aggregated overload audit: writes a record of the refusals counted
+/// since the previous one, at most one a second, until no counted refusal is left — so the count
+/// of a burst's end is written at most a second after its last refusal, without waiting for the
+/// next overload.
+async fn flush_overload_audits<B: KeyBackend, S: Store>(s: &Signer<B, S>) {
+    let admission = s.admission();
+    loop {
+        let wait = admission.wait_ms(UnixMillis::now().0);
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+        let now = UnixMillis::now();
+        if let Some(count) = admission.take_audit(now.0) {
+            let e = audit_error(count, admission.limits());
+            let entry = AuditEntry {
+                at: now,
+                kind: AuditKind::Refusal,
+                request_id: Some(format!("overload-{}", now.0)),
+                identity: None,
+                payload: json!({
+                    "code": e.code,
+                    "reason": e.message,
+                    "status": e.status.as_u16(),
+                    "count": count,
+                }),
+            };
+            if let Err(e) = s.store().append_audit(entry).await {
+                tracing::error!(error = %e, count, "cannot audit overload refusals");
             }
-            response
+        }
+        if !admission.flusher_done() {
+            return;
         }
     }
 }
 
-/// The metrics route label of a signing path.
-fn route_label(path: &str) -> &'static str {
+/// The metrics route labels of the signing paths (see [`route_index`]).
+pub const ROUTES: [&str; 7] = [
+    "transaction",
+    "message",
+    "typed_data",
+    "bundle",
+    "rpc",
+    "approval",
+    "relay_auth",
+];
+
+/// The index in [`ROUTES`] of a signing path's route label.
+fn route_index(path: &str) -> usize {
     match path.rsplit('/').next() {
-        Some("transaction") => "transaction",
-        Some("message") => "message",
-        Some("typed-data") => "typed_data",
-        Some("bundle") => "bundle",
-        Some("rpc") => "rpc",
-        Some("approvals") => "approval",
-        _ => "relay_auth",
+        Some("transaction") => 0,
+        Some("message") => 1,
+        Some("typed-data") => 2,
+        Some("bundle") => 3,
+        Some("rpc") => 4,
+        Some("approvals") => 5,
+        _ => 6,
     }
 }
 
@@ -416,7 +625,9 @@ mod tests {
         while g.waiting.load(Ordering::Acquire) == 0 {
             tokio::task::yield_now().await;
         }
-        let e = g.admit().await.unwrap_err();
+        let refused = g.admit().await.unwrap_err();
+        assert_eq!(refused.reason, Overload::QueueFull);
+        let e = g.error(refused.reason);
         assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(e.code, "overloaded");
         assert!(
@@ -425,6 +636,15 @@ mod tests {
                 .any(|(n, v)| n == "retry-after" && v == "1")
         );
         assert!(e.message.contains("limits 2 and 1"), "{}", e.message);
+        // The answers are made once, from the same refusal.
+        let rest: Value = serde_json::from_slice(&g.answers.rest[0]).unwrap();
+        assert_eq!(rest["error"]["code"], "overloaded");
+        assert_eq!(rest["error"]["message"], e.message.as_str());
+        assert_eq!(rest["error"]["details"]["maxInFlight"], 2);
+        let rpc: Value = serde_json::from_slice(&g.answers.rpc[0]).unwrap();
+        assert_eq!(rpc["code"], super::super::rpc::LIMIT_EXCEEDED);
+        assert_eq!(rpc["data"]["code"], "overloaded");
+        assert_eq!(rpc["data"]["details"]["queue"], 1);
         // A place frees: the waiter gets it.
         drop(a);
         waiter.await.unwrap().unwrap();
@@ -437,22 +657,34 @@ mod tests {
         let g = gate(1, 4, 20);
         let _a = g.admit().await.unwrap();
         let started = std::time::Instant::now();
-        let e = g.admit().await.unwrap_err();
+        let refused = g.admit().await.unwrap_err();
         assert!(started.elapsed() >= Duration::from_millis(20));
+        assert_eq!(refused.reason, Overload::WaitElapsed);
+        let e = g.error(refused.reason);
         assert!(e.message.contains("within 20 ms"), "{}", e.message);
         assert_eq!(g.waiting.load(Ordering::Acquire), 0);
     }
 
-    #[test]
-    fn overload_audit_is_aggregated_per_second() {
+    #[tokio::test]
+    async fn overload_audit_is_aggregated_per_second_by_one_flusher() {
         let g = gate(1, 0, 1);
+        let _held = g.admit().await.unwrap();
         assert_eq!(g.take_audit(10_000), None);
-        g.refuse("x".into());
-        g.refuse("y".into());
+        // The first refusal starts the flusher; the next ones are only counted.
+        assert!(g.admit().await.unwrap_err().start_flusher);
+        assert!(!g.admit().await.unwrap_err().start_flusher);
+        assert_eq!(g.wait_ms(10_000), 0);
         assert_eq!(g.take_audit(10_000), Some(2));
-        g.refuse("z".into());
+        assert!(!g.admit().await.unwrap_err().start_flusher);
+        // Counted after its claim: the flusher goes on, waiting out the second.
+        assert!(g.flusher_done());
+        assert_eq!(g.wait_ms(10_500), 500);
         assert_eq!(g.take_audit(10_500), None, "less than a second later");
         assert_eq!(g.take_audit(11_000), Some(1));
+        // Nothing counted since: it ends, and the next refusal starts a new one.
+        assert!(!g.flusher_done());
+        assert!(g.admit().await.unwrap_err().start_flusher);
+        assert_eq!(g.refused(), 4);
         let e = audit_error(2, g.limits());
         assert_eq!(e.code, "overloaded");
         assert!(e.message.starts_with("2 signing requests refused"));
@@ -512,8 +744,11 @@ mod tests {
         assert!(is_signing_path("/rpc"));
         assert!(is_signing_path("/v1/requests/r-1/approvals"));
         assert!(!is_signing_path("/v1/requests/r-1"));
-        assert_eq!(route_label("/rpc"), "rpc");
-        assert_eq!(route_label("/v1/requests/r-1/approvals"), "approval");
-        assert_eq!(route_label("/v1/relay-auth"), "relay_auth");
+        let label = |p| ROUTES[route_index(p)];
+        assert_eq!(label("/rpc"), "rpc");
+        assert_eq!(label("/v1/requests/r-1/approvals"), "approval");
+        assert_eq!(label("/v1/relay-auth"), "relay_auth");
+        assert_eq!(label("/v1/keys/hot/sign/typed-data"), "typed_data");
+        assert_eq!(label("/v1/keys/hot/sign/transaction"), "transaction");
     }
 }

@@ -136,6 +136,7 @@ impl From<ApiError> for RpcError {
     /// EIP-1474 codes by class; the stable Castellan code travels in `data.code`.
     fn from(e: ApiError) -> Self {
         let code = match e.status.as_u16() {
+            _ if e.code == "overloaded" => LIMIT_EXCEEDED,
             400 | 413 | 415 => -32602,
             401 | 403 | 409 | 422 => -32003,
             404 => -32001,
@@ -148,6 +149,45 @@ impl From<ApiError> for RpcError {
             message: e.message.clone(),
             data: Some(json!({ "code": e.code, "details": e.details })),
         }
+    }
+}
+
+/// EIP-1474 "limit exceeded": the code of an overload refusal (`data.code` `overloaded`).
+pub const LIMIT_EXCEEDED: i64 = -32005;
+
+/// The id of a refused request is looked for only in bodies up to this size (see [`peek_id`]).
+pub const ID_PEEK_MAX: usize = 4096;
+
+/// The JSON-RPC error object of an overload refusal: code [`LIMIT_EXCEEDED`], message
+/// `overloaded: <reason>`, and in `data` the stable code and the refusal's details (limits,
+/// `retryAfter` in seconds).
+pub fn overload_error(e: &ApiError) -> Value {
+    let retry_after = e
+        .headers
+        .iter()
+        .find(|(n, _)| n == axum::http::header::RETRY_AFTER)
+        .and_then(|(_, v)| v.parse::<u64>().ok());
+    json!({
+        "code": LIMIT_EXCEEDED,
+        "message": format!("{}: {}", e.code, e.message),
+        "data": { "code": e.code, "details": e.details, "retryAfter": retry_after },
+    })
+}
+
+/// The `id` of a single JSON-RPC request in `body` when it is a valid id (string, number or
+/// null), else null: for a batch, a body that is not JSON, or an id of another type. The rest of
+/// the request is skipped without being built (no allocation but the id's).
+pub fn peek_id(body: &[u8]) -> Value {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        #[serde(default)]
+        id: Value,
+    }
+    match serde_json::from_slice::<IdOnly>(body) {
+        Ok(IdOnly {
+            id: id @ (Value::String(_) | Value::Number(_)),
+        }) => id,
+        _ => Value::Null,
     }
 }
 
@@ -497,4 +537,37 @@ fn parse_bytes(v: &Value) -> Result<Vec<u8>, RpcError> {
         .strip_prefix("0x")
         .ok_or_else(|| RpcError::new(-32602, "data must be a 0x-hex string"))?;
     alloy::hex::decode(hex).map_err(|e| RpcError::new(-32602, format!("data: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn the_id_of_a_refused_request() {
+        assert_eq!(peek_id(br#"{"jsonrpc":"2.0","id":7,"method":"personal_sign","params":["0x01",{"a":[1,2]}]}"#), json!(7));
+        assert_eq!(
+            peek_id(br#"{"method":"eth_sign","id":"abc"}"#),
+            json!("abc")
+        );
+        assert_eq!(peek_id(br#"{"method":"eth_sign"}"#), Value::Null);
+        assert_eq!(peek_id(br#"{"id":{"x":1}}"#), Value::Null);
+        assert_eq!(peek_id(br#"[{"id":1}]"#), Value::Null);
+        assert_eq!(peek_id(b"not json"), Value::Null);
+        assert_eq!(peek_id(br#"{"id":1,"id":2}"#), Value::Null);
+    }
+
+    #[test]
+    fn an_overload_refusal_is_limit_exceeded() {
+        let e = ApiError::unavailable("overloaded", "the signer is saturated", 1)
+            .with_details(json!({ "maxInFlight": 4 }));
+        let v = overload_error(&e);
+        assert_eq!(v["code"], LIMIT_EXCEEDED);
+        assert_eq!(v["message"], "overloaded: the signer is saturated");
+        assert_eq!(v["data"]["code"], "overloaded");
+        assert_eq!(v["data"]["details"]["maxInFlight"], 4);
+        assert_eq!(v["data"]["retryAfter"], 1);
+        assert_eq!(RpcError::from(e).code, LIMIT_EXCEEDED);
+    }
 }
