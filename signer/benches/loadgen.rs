@@ -392,13 +392,24 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(32);
     let mut sync = None;
+    let mut stages = String::new();
     for sessions in [1usize, 2] {
         let raw = raw_backend(token, sessions, dur).await;
-        let app = support::Appliance::start_full(token, &["hot"], POLICY, "", sessions).await;
+        let app = support::Appliance::start_full(
+            token,
+            &["hot"],
+            POLICY,
+            "[metrics]\nlisten = \"127.0.0.1:0\"\n",
+            sessions,
+        )
+        .await;
         let served = closed_loop(&app, per_session * sessions, dur).await;
         if sessions == 1 {
             sync = Some(sync_latency(app.dir.path()));
+            let before = app.metrics().await;
             let (p50, p99, n) = open_loop(&app, served.rate / 2.0, dur).await;
+            let after = app.metrics().await;
+            stages = stage_report(&before, &after);
             half_load = Some((served.rate / 2.0, p50, p99, n, raw.p50, raw.p99));
         }
         drop(app);
@@ -475,6 +486,7 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
             println!("BENCH loadgen.{k}_us={}", v.as_micros());
         }
     }
+    print!("{stages}");
     if let Some((p50, p99)) = sync {
         println!(
             "  store  p50 {:>7} µs   p99 {:>7} µs   (fdatasync of a 4 KiB append in the store's directory: the floor of one durable commit)",
@@ -482,6 +494,58 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
             p99.as_micros()
         );
     }
+}
+
+/// The signer's own per-stage p50/p99 during the open loop, from its `stage_seconds` histogram
+/// (difference of two scrapes; a percentile is the upper bound of its bucket).
+fn stage_report(before: &str, after: &str) -> String {
+    let mut out = String::new();
+    for stage in ["decision", "sign", "outcome"] {
+        let b = buckets(before, stage);
+        let a = buckets(after, stage);
+        let delta: Vec<(f64, f64)> = a
+            .iter()
+            .map(|(le, n)| {
+                let old = b.iter().find(|(l, _)| l == le).map_or(0.0, |(_, n)| *n);
+                (*le, n - old)
+            })
+            .collect();
+        let total = delta.last().map_or(0.0, |(_, n)| *n);
+        if total <= 0.0 {
+            continue;
+        }
+        let q = |p: f64| {
+            delta
+                .iter()
+                .find(|(_, n)| *n >= total * p)
+                .map_or(f64::INFINITY, |(le, _)| *le)
+        };
+        out.push_str(&format!(
+            "  stage {stage:<8} p50 <= {:>6.0} µs  p99 <= {:>6.0} µs\n",
+            q(0.5) * 1e6,
+            q(0.99) * 1e6
+        ));
+    }
+    out
+}
+
+/// `(upper bound, cumulative count)` of one stage's histogram in a Prometheus text scrape.
+fn buckets(text: &str, stage: &str) -> Vec<(f64, f64)> {
+    let prefix = "castellan_signer_stage_seconds_bucket{";
+    let want = format!("stage=\"{stage}\"");
+    text.lines()
+        .filter(|l| l.starts_with(prefix) && l.contains(&want))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let n: f64 = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le, n))
+        })
+        .collect()
 }
 
 /// `fdatasync` latency of 4 KiB appends in `dir` (what one WAL commit with

@@ -8,7 +8,7 @@
 //! and the audit record.
 //!
 //! `writer_cpu` measures the store's own cost per signing request: the CPU time of the writer
-//! thread (`castellan-store`, read from `/proc/self/task/<tid>/schedstat`, nanoseconds) per
+//! threads (`store-writer` and `store-sync`, read from `/proc/self/task/<tid>/schedstat`, nanoseconds) per
 //! decision with five windows plus its queued outcome (as the signing pipeline records it), with 1
 //! and with 8 callers. Run it alone
 //! with `cargo bench -p castellan-signer --bench store -- writer_cpu`; set `STORE_BENCH_CPU_ONLY=1`
@@ -165,33 +165,34 @@ async fn setup_key(store: &SqliteStore) -> KeyVersion {
 /// system clock ticks (stat), to tell the store's own work from the kernel's fsync work.
 fn writer_cpu() -> (u64, u64, u64) {
     let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task");
-    let mut found = None;
+    let (mut ns, mut utime, mut stime) = (0u64, 0u64, 0u64);
+    let mut found = 0;
     for task in tasks {
         let path = task.expect("task").path();
         let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        if comm.trim_end() == "castellan-store" {
-            assert!(found.is_none(), "two store writer threads");
-            found = Some(path);
+        if !matches!(comm.trim_end(), "store-writer" | "store-sync") {
+            continue;
         }
+        found += 1;
+        let schedstat = std::fs::read_to_string(path.join("schedstat")).expect("schedstat");
+        ns += schedstat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("schedstat format");
+        let stat = std::fs::read_to_string(path.join("stat")).expect("stat");
+        // Fields after the command name (which ends at the last ')'): utime is the 12th, stime
+        // the 13th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .expect("stat format")
+            .1
+            .split_whitespace()
+            .collect();
+        utime += fields[11].parse::<u64>().expect("utime");
+        stime += fields[12].parse::<u64>().expect("stime");
     }
-    let path = found.expect("no thread named castellan-store");
-    let schedstat = std::fs::read_to_string(path.join("schedstat")).expect("schedstat");
-    let ns = schedstat
-        .split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .expect("schedstat format");
-    let stat = std::fs::read_to_string(path.join("stat")).expect("stat");
-    // Fields after the command name (which ends at the last ')'): utime is the 12th, stime the
-    // 13th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .expect("stat format")
-        .1
-        .split_whitespace()
-        .collect();
-    let utime = fields[11].parse().expect("utime");
-    let stime = fields[12].parse().expect("stime");
+    assert_eq!(found, 2, "expected the store's writer and sync threads");
     (ns, utime, stime)
 }
 
@@ -291,13 +292,13 @@ fn writer_cpu_run(requests: u64, history: bool) {
         eprintln!(
             "writer_cpu {label}, {callers} callers: {:.1} us writer CPU per request (decision with 5 \
              windows + queued outcome; user {:.1} us, system {:.1} us), {:.0} requests/s, {:.1} \
-             jobs per commit, {:.2} fsynced commits per request",
+             jobs per commit, {:.2} fsyncs per request",
             cpu as f64 / 1e3 / requests as f64,
             tick_us(user_after - user_before),
             tick_us(sys_after - sys_before),
             requests as f64 / elapsed.as_secs_f64(),
             (stats.jobs - stats_before.jobs) as f64 / commits.max(1) as f64,
-            (commits - (stats.unsynced - stats_before.unsynced)) as f64 / requests as f64,
+            (stats.syncs - stats_before.syncs) as f64 / requests as f64,
         );
     }
 }

@@ -365,7 +365,7 @@ fn read_only_store_fails_closed_and_recovers() {
                     signed.push(a.request_id);
                 }
 
-                // 1. The disk refuses writes: the first commit fails (its fsync), so the first
+                // 1. The disk refuses writes: the first decision's fsync fails, so the first
                 //    request is refused, and every further one until the disk takes writes.
                 fs.refuse_writes(true);
                 for i in 0..10 {
@@ -399,6 +399,18 @@ fn read_only_store_fails_closed_and_recovers() {
                     "read-only disk: signing again {} ms after the disk took writes \
                      ({refused_after} refused meanwhile)",
                     recovered.as_millis()
+                );
+                // The failure was seen where the store makes commits durable (the sync thread's
+                // fdatasync of the WAL), and writes resumed only through the recovery
+                // checkpoint that puts every earlier commit on disk.
+                let log = app.stderr();
+                assert!(
+                    log.contains("fsync of the store's WAL failed"),
+                    "the fault never reached the WAL sync:\n{log}"
+                );
+                assert!(
+                    log.contains("store recovered from a failed fsync"),
+                    "writes resumed without the recovery checkpoint:\n{log}"
                 );
                 for _ in 0..5 {
                     n += 1;

@@ -936,7 +936,10 @@ async fn execute<B: KeyBackend, S: Store>(
     // Held from the decision until the signature is made: a revocation through the API waits for
     // it, so no signature by a revoked key is made after the revocation has returned.
     let _signing = s.signing_guard(key.record.version.name.as_str()).await;
-    match s.store.commit_decision(tx).await {
+    let started = std::time::Instant::now();
+    let committed = s.store.commit_decision(tx).await;
+    s.metrics.stage("decision", started);
+    match committed {
         Ok(_) => {}
         Err(StoreError::Refused(Refusal::DuplicateRequest(stored))) => {
             return replay(&stored);
@@ -955,6 +958,7 @@ async fn execute<B: KeyBackend, S: Store>(
     let now_s = now.0 / 1000;
     s.mirror_apply(decision, now_s);
 
+    let started = std::time::Instant::now();
     let signed = match &job {
         Job::Transaction(tx) => {
             eth::sign_transaction(&s.backend, &key.info, s.chain, (**tx).clone())
@@ -982,6 +986,7 @@ async fn execute<B: KeyBackend, S: Store>(
             .map(|m| signature_body(rid, key, &m)),
         Job::Bundle(b) => sign_bundle(s, key, rid, b).await,
     };
+    s.metrics.stage("sign", started);
     let (audit, body) = match signed {
         Ok((audit, Ok(body))) => (audit, body),
         Ok((_, Err(e))) => return Err(ApiError::internal(e)),
@@ -1013,9 +1018,11 @@ async fn execute<B: KeyBackend, S: Store>(
     };
     // The durable decision record already covers this signature; the outcome record is the
     // receipt, queued without waiting for an fsync (see "Outcomes" in the store docs).
+    let started = std::time::Instant::now();
     if let Err(e) = s.store.queue_outcome(outcome).await {
         tracing::error!(error = %e, request_id = rid, "cannot record a signature outcome");
     }
+    s.metrics.stage("outcome", started);
     Ok((StatusCode::OK, body))
 }
 

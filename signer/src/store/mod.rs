@@ -39,19 +39,16 @@
 //! and the reservations, and it is on disk before the backend is asked to sign. The `signature`
 //! record that follows is the receipt (signature, transaction hash, response). So the signing
 //! path does not wait for an fsync of the receipt: [`Store::queue_outcome`] queues it, the writer
-//! commits it in its next batch — with `synchronous=FULL` when the batch holds any job that
-//! must be durable (a decision, a change), otherwise with `synchronous=NORMAL`, i.e. written to
-//! the WAL without an fsync — and the next durable commit's fsync of the WAL makes it durable
-//! too (the WAL is one append-only file: syncing it syncs every frame before). The signing path
-//! waits for that commit (not for an fsync) before it answers, so a process crash after a client
-//! got its signature loses nothing (the frames are in the OS's page cache; shown by
-//! `signer/tests/crash_loop.rs`, which `kill -9`s the signer while it signs); a power loss
-//! before the next durable commit loses at most such receipts, never a decision record, and the
-//! request then stays `reserved` with its reservations kept, as for a crash while signing.
-//! Failures (which release reservations) and every other change are still answered only after
-//! their fsync. Reads through this store first wait until every outcome queued before them is
-//! committed, so a client that got its signature and then asks for the request's status sees the
-//! outcome.
+//! commits it in its next batch (written to the WAL, not fsynced), and the caller is answered at
+//! that commit; the next fsync of the WAL makes it durable too (the WAL is one append-only file:
+//! syncing it syncs every frame before). So a process crash after a client got its signature
+//! loses nothing (the frames are in the OS's page cache; shown by `signer/tests/crash_loop.rs`,
+//! which `kill -9`s the signer while it signs); a power loss before the next fsync loses at most
+//! such receipts, never a decision record, and the request then stays `reserved` with its
+//! reservations kept, as for a crash while signing. Decisions, failures (which release
+//! reservations) and every other change are answered only after an fsync that covers them.
+//! Reads through this store first wait until every outcome queued before them is committed, so
+//! a client that got its signature and then asks for the request's status sees the outcome.
 //!
 //! # Limit windows
 //! A window is an opaque [`WindowKey`] (the policy crate names them, e.g.
@@ -83,13 +80,32 @@
 //! [`Store::grant`]) always sum from the tables.
 //!
 //! # Group commit (SQLite)
-//! All writes go to one writer thread through a bounded channel. The thread takes every queued
-//! job (up to a batch limit), runs each inside its own SAVEPOINT of one `BEGIN IMMEDIATE`
-//! transaction, commits once (one fsync with `synchronous=FULL` in WAL mode), and only then
-//! answers each caller on its oneshot. Every statement on the decision and outcome paths,
-//! including the transaction and savepoint statements, is a cached prepared statement; a
-//! decision's reservation rows and bucket totals are each written with one multi-row statement. A job that fails rolls back to its savepoint without
-//! affecting the others; if the commit itself fails, every caller in the batch gets
+//! All writes go to one writer thread (`store-writer`) through a bounded channel. The thread
+//! takes every queued job (up to a batch limit), runs each inside its own SAVEPOINT of one
+//! `BEGIN IMMEDIATE` transaction and commits once, with `synchronous=NORMAL`: the commit writes
+//! its WAL frames without an fsync. Durability is the job of a second thread (`store-sync`):
+//! the writer hands it the answers that must be durable, and it `fdatasync`s the WAL file, then
+//! answers every job of every commit written before that sync began. So the writer never waits
+//! for the disk — a queued outcome committed while a sync runs is answered at once instead of
+//! after it — and every commit written during one sync shares the next. While a sync runs, a
+//! batch holding only jobs that wait for an fsync is not committed yet (they could not be
+//! answered before the next sync anyway): the writer collects more jobs until the sync ends, so
+//! they share one commit too. The answer to a durable job therefore means the same as with
+//! `synchronous=FULL`: its commit is on disk.
+//!
+//! A failed `fdatasync` answers every waiting job with an error and stops all writes: after
+//! one, Linux no longer promises that the frames written before it reach the disk (a later sync
+//! can succeed without writing them), so nothing may be built on them. Writes resume only after
+//! a `wal_checkpoint(TRUNCATE)` succeeds — SQLite syncs the WAL, copies every frame into the
+//! database file, syncs that and empties the WAL — which puts every earlier commit on disk
+//! (`signer/tests/store_faults.rs` makes the disk under a running signer refuse writes). A
+//! decision that was committed but whose sync failed was refused to its caller and never
+//! signed; after recovery it stays `reserved`, as for a crash before signing.
+//!
+//! Every statement on the decision and outcome paths, including the transaction and savepoint
+//! statements, is a cached prepared statement; a decision's reservation rows and bucket totals
+//! are each written with one multi-row statement. A job that fails rolls back to its savepoint
+//! without affecting the others; if the commit itself fails, every caller in the batch gets
 //! [`StoreError::Commit`] and nothing of the batch is durable. Reads use a separate connection on
 //! the blocking thread pool. Two [`SqliteStore`]s on one file behave like two replicas: SQLite's
 //! write lock (with a busy timeout) serialises their batches, and each batch re-reads the audit

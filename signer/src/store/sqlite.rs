@@ -1,5 +1,6 @@
-//! SQLite implementation of [`Store`]: WAL, `synchronous=FULL`, one writer thread with group
-//! commit, one reader connection. See the module docs of [`crate::store`].
+//! SQLite implementation of [`Store`]: WAL, one writer thread with group commit and a sync
+//! thread that makes its commits durable, one reader connection. See the module docs of
+//! [`crate::store`].
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -57,6 +58,7 @@ impl Default for SqliteConfig {
 pub struct SqliteStore {
     sender: Option<mpsc::Sender<Box<dyn Job>>>,
     writer: Option<JoinHandle<()>>,
+    sync: Option<JoinHandle<()>>,
     reader: Arc<Mutex<Connection>>,
     path: PathBuf,
     stats: Arc<CommitCounters>,
@@ -66,8 +68,10 @@ pub struct SqliteStore {
 /// factor).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CommitStats {
-    /// Write transactions committed (one fsync each, except the `unsynced` ones).
+    /// Write transactions committed.
     pub commits: u64,
+    /// `fdatasync`s of the WAL that made them durable (one covers every commit before it).
+    pub syncs: u64,
     /// Of those, commits of batches that held only queued outcomes: written to the WAL without
     /// an fsync, made durable by the next commit's fsync.
     pub unsynced: u64,
@@ -81,6 +85,8 @@ struct CommitCounters {
     jobs: std::sync::atomic::AtomicU64,
     /// Commits without an fsync (batches of queued outcomes only).
     unsynced: std::sync::atomic::AtomicU64,
+    /// `fdatasync`s of the WAL by the sync thread.
+    syncs: std::sync::atomic::AtomicU64,
     /// Outcomes queued ([`Store::queue_outcome`]) and not yet committed: reads wait for them.
     queued: std::sync::atomic::AtomicU64,
     /// Set when a write batch failed to commit (or a job in it failed with a database error, e.g.
@@ -111,14 +117,26 @@ impl SqliteStore {
         let (sender, receiver) = mpsc::channel(config.queue_depth.max(1));
         let max_batch = config.max_batch.max(1);
         let stats = Arc::new(CommitCounters::default());
+        // The writer's commits are made durable by the sync thread (see `Syncer`).
+        writer_conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let syncer = Arc::new(Syncer::open(&path)?);
+        let sync_stats = Arc::clone(&stats);
+        let sync_thread = Arc::clone(&syncer);
+        let sync = std::thread::Builder::new()
+            .name("store-sync".into())
+            .spawn(move || sync_thread.run(&sync_stats))
+            .map_err(|e| StoreError::Database(format!("cannot start the sync thread: {e}")))?;
         let writer_stats = Arc::clone(&stats);
         let writer = std::thread::Builder::new()
-            .name("castellan-store-writer".into())
-            .spawn(move || writer_loop(writer_conn, receiver, max_batch, &writer_stats))
+            .name("store-writer".into())
+            .spawn(move || {
+                writer_loop(writer_conn, receiver, max_batch, &writer_stats, &syncer);
+            })
             .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             sender: Some(sender),
             writer: Some(writer),
+            sync: Some(sync),
             reader: Arc::new(Mutex::new(reader)),
             path,
             stats,
@@ -142,6 +160,7 @@ impl SqliteStore {
         use std::sync::atomic::Ordering::Relaxed;
         CommitStats {
             commits: self.stats.commits.load(Relaxed),
+            syncs: self.stats.syncs.load(Relaxed),
             unsynced: self.stats.unsynced.load(Relaxed),
             jobs: self.stats.jobs.load(Relaxed),
         }
@@ -156,8 +175,8 @@ impl SqliteStore {
         self.write_with(true, f).await
     }
 
-    /// Runs `f` in the writer's next batch; answers after the batch's commit, which is fsynced
-    /// if `durable` (or if any other job of the batch needs it).
+    /// Runs `f` in the writer's next batch; answers after the batch's commit and, if `durable`,
+    /// once an fsync covers it.
     async fn write_with<T, F>(&self, durable: bool, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -203,6 +222,10 @@ impl Drop for SqliteStore {
             // The writer drains the queue and exits once every sender is gone. A panic inside it
             // already answered its callers with `Closed`; nothing more to do here.
             let _ = writer.join();
+        }
+        // The sync thread answers what waits for the writer's last commits, then ends.
+        if let Some(sync) = self.sync.take() {
+            let _ = sync.join();
         }
     }
 }
@@ -1186,7 +1209,7 @@ impl Store for SqliteStore {
 trait Job: Send {
     fn run(self: Box<Self>, ctx: &mut WriteCtx<'_>) -> Box<dyn Reply>;
     fn abort(self: Box<Self>, error: StoreError);
-    /// Whether the batch holding this job must be fsynced before anyone is answered.
+    /// Whether this job is answered only once an fsync covers its commit (see `Syncer`).
     fn durable(&self) -> bool {
         true
     }
@@ -1425,11 +1448,10 @@ fn writer_loop(
     mut receiver: mpsc::Receiver<Box<dyn Job>>,
     max_batch: usize,
     stats: &CommitCounters,
+    syncer: &Syncer,
 ) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
     let mut cache = WindowCache::default();
-    // Whether the connection may have been left at `synchronous=NORMAL` (see `run_batch`).
-    let mut sync_unsure = false;
     while let Some(job) = receiver.blocking_recv() {
         batch.push(job);
         while batch.len() < max_batch {
@@ -1438,47 +1460,53 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        stats
-            .jobs
-            .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let durable = batch.iter().any(|j| j.durable());
-        let queued = batch.iter().filter(|j| j.queued()).count() as u64;
-        if sync_unsure {
-            // Fail closed: nothing commits until every commit is fsynced again.
-            match exec_cached(&conn, "PRAGMA synchronous = FULL") {
-                Ok(()) => sync_unsure = false,
-                Err(e) => {
-                    let msg = format!("cannot restore synchronous=FULL: {e}");
-                    stats
-                        .failing
-                        .store(true, std::sync::atomic::Ordering::Release);
-                    for job in batch.drain(..) {
-                        job.abort(StoreError::Database(msg.clone()));
-                    }
+        // Jobs that wait for an fsync gain nothing from a commit while a sync is running (they
+        // would wait for the next one): collect more until it ends, so they share one commit.
+        // A queued outcome (answered at its commit) ends the wait.
+        while batch.len() < max_batch && batch.iter().all(|j| j.durable()) && syncer.busy() {
+            syncer.wait_idle(Duration::from_micros(100));
+            while batch.len() < max_batch {
+                match receiver.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
                 }
             }
         }
-        if !batch.is_empty() {
-            sync_unsure = run_batch(&conn, &mut cache, batch.drain(..), durable, stats);
+        stats
+            .jobs
+            .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let queued = batch.iter().filter(|j| j.queued()).count() as u64;
+        if let Err(why) = syncer.recover(&conn) {
+            // Fail closed: after a failed fsync nothing commits until the WAL is known to be on
+            // disk again (see `Syncer::recover`).
+            cache.clear();
+            stats
+                .failing
+                .store(true, std::sync::atomic::Ordering::Release);
+            for job in batch.drain(..) {
+                job.abort(StoreError::Database(why.clone()));
+            }
+        } else {
+            run_batch(&conn, &mut cache, batch.drain(..), stats, syncer);
         }
         stats
             .queued
             .fetch_sub(queued, std::sync::atomic::Ordering::AcqRel);
     }
+    syncer.close();
 }
 
-/// One transaction for every job in the batch, answers after the commit. The commit is fsynced
-/// (`synchronous=FULL`) if any job is `durable`; a batch of queued outcomes only is committed
-/// with `synchronous=NORMAL` (WAL write, no fsync; durable with the next fsynced commit).
-/// Returns true if the connection could not be set back to `synchronous=FULL`.
+/// One transaction for every job in the batch. The commit writes the WAL without an fsync
+/// (`synchronous=NORMAL`); a job that is not `durable` (a queued outcome) is answered right after
+/// it, every other job once the [`Syncer`] has fsynced the WAL past this commit — so the writer
+/// goes on with the next batch while the disk syncs this one.
 fn run_batch(
     conn: &Connection,
     cache: &mut WindowCache,
     jobs: impl Iterator<Item = Box<dyn Job>>,
-    durable: bool,
     stats: &CommitCounters,
-) -> bool {
-    let unsynced = lower_sync(conn, durable);
+    syncer: &Syncer,
+) {
     if let Err(e) = exec_cached(conn, "BEGIN IMMEDIATE") {
         let msg = format!("cannot begin a write transaction: {e}");
         stats
@@ -1487,7 +1515,7 @@ fn run_batch(
         for job in jobs {
             job.abort(StoreError::Database(msg.clone()));
         }
-        return unsynced && exec_cached(conn, "PRAGMA synchronous = FULL").is_err();
+        return;
     }
     // Re-read the head inside the write lock: another store instance may have appended. For the
     // same reason, drop the window cache if another connection committed since the last batch.
@@ -1504,7 +1532,7 @@ fn run_batch(
                     "cannot read the audit head: {e}"
                 )));
             }
-            return unsynced && exec_cached(conn, "PRAGMA synchronous = FULL").is_err();
+            return;
         }
     };
     let changes_before = conn.total_changes();
@@ -1520,7 +1548,8 @@ fn run_batch(
         if let Some(why) = &ctx.broken {
             job.abort(StoreError::Commit(why.clone()));
         } else {
-            replies.push(job.run(&mut ctx));
+            let durable = job.durable();
+            replies.push((durable, job.run(&mut ctx)));
         }
     }
     let commit = match ctx.broken {
@@ -1540,30 +1569,217 @@ fn run_batch(
             .failing
             .store(false, std::sync::atomic::Ordering::Release);
     }
-    if commit.is_err() {
-        ctx.cache.clear();
-        let _ = exec_cached(conn, "ROLLBACK");
-    } else {
-        stats
-            .commits
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if unsynced {
+    match commit {
+        Err(e) => {
+            ctx.cache.clear();
+            let _ = exec_cached(conn, "ROLLBACK");
+            for (_, reply) in replies {
+                reply.send(Err(e.clone()));
+            }
+        }
+        Ok(()) => {
             stats
-                .unsynced
+                .commits
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut held = Vec::new();
+            for (durable, reply) in replies {
+                if durable {
+                    held.push(reply);
+                } else {
+                    reply.send(Ok(()));
+                }
+            }
+            if held.is_empty() {
+                stats
+                    .unsynced
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            syncer.committed(held);
         }
     }
-    let sync_unsure = unsynced && exec_cached(conn, "PRAGMA synchronous = FULL").is_err();
-    for reply in replies {
-        reply.send(commit.clone());
-    }
-    sync_unsure
 }
 
-/// Sets `synchronous=NORMAL` for a batch that needs no fsync (it cannot be changed inside a
-/// transaction); true if it was set. If it cannot be lowered, the commit is simply fsynced.
-fn lower_sync(conn: &Connection, durable: bool) -> bool {
-    !durable && exec_cached(conn, "PRAGMA synchronous = NORMAL").is_ok()
+/// Makes the writer's commits durable: the writer commits with `synchronous=NORMAL` (its WAL
+/// frames are written, not fsynced) and hands the answers that must be durable to this thread,
+/// which `fdatasync`s the WAL file and then answers every commit written before the sync began.
+/// One sync covers every commit before it (the WAL is one append-only file), so a sync in
+/// progress never holds up the writer, and commits that arrive during it share the next one.
+///
+/// A failed sync answers every waiting job with an error and stops all writes: after a failed
+/// `fdatasync` the kernel no longer promises that the frames written before it reach the disk
+/// (a later sync may succeed without writing them), so the writer must not build on them. It
+/// recovers only through a `TRUNCATE` checkpoint (every frame copied into the database file and
+/// fsynced there, the WAL emptied) — [`Syncer::recover`].
+struct Syncer {
+    state: Mutex<SyncState>,
+    wake: std::sync::Condvar,
+    /// Signalled when a sync ends.
+    idle: std::sync::Condvar,
+    /// The WAL file (`<db>-wal`), opened by this process to sync it.
+    wal: std::fs::File,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Commits written by the writer so far.
+    written: u64,
+    /// Answers waiting for a sync that covers the commit they belong to.
+    waiting: std::collections::VecDeque<(u64, Box<dyn Reply>)>,
+    /// Why writes stopped (a failed sync), until [`Syncer::recover`] succeeds.
+    failed: Option<String>,
+    closing: bool,
+    /// A sync is running.
+    syncing: bool,
+}
+
+impl Syncer {
+    fn open(db: &Path) -> Result<Self, StoreError> {
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal = std::fs::OpenOptions::new()
+            .read(true)
+            .open(&wal)
+            .map_err(|e| StoreError::Database(format!("cannot open the WAL file: {e}")))?;
+        // The WAL's directory entry must be on disk too (it may have just been created).
+        if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| {
+                    StoreError::Database(format!("cannot sync the store directory: {e}"))
+                })?;
+        }
+        Ok(Self {
+            state: Mutex::new(SyncState::default()),
+            wake: std::sync::Condvar::new(),
+            idle: std::sync::Condvar::new(),
+            wal,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
+        // The state stays consistent under a panic in another thread (each change is one step).
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A commit was written; `held` are its answers that wait for it to be durable.
+    fn committed(&self, held: Vec<Box<dyn Reply>>) {
+        let mut st = self.lock();
+        st.written += 1;
+        let n = st.written;
+        if held.is_empty() {
+            return;
+        }
+        if let Some(why) = st.failed.clone() {
+            drop(st);
+            for reply in held {
+                reply.send(Err(why.clone()));
+            }
+            return;
+        }
+        st.waiting.extend(held.into_iter().map(|r| (n, r)));
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// Whether a sync is running.
+    fn busy(&self) -> bool {
+        self.lock().syncing
+    }
+
+    /// Waits until no sync runs, for at most `limit`.
+    fn wait_idle(&self, limit: Duration) {
+        let st = self.lock();
+        if st.syncing {
+            let _ = self
+                .idle
+                .wait_timeout_while(st, limit, |st| st.syncing)
+                .map_err(|_| ());
+        }
+    }
+
+    /// The writer has stopped: answer what waits, then the sync thread ends.
+    fn close(&self) {
+        self.lock().closing = true;
+        self.wake.notify_one();
+    }
+
+    /// The sync thread.
+    fn run(&self, stats: &CommitCounters) {
+        loop {
+            let target = {
+                let mut st = self.lock();
+                while st.waiting.is_empty() && !st.closing {
+                    st = self
+                        .wake
+                        .wait(st)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+                if st.waiting.is_empty() {
+                    return;
+                }
+                st.syncing = true;
+                st.written
+            };
+            let synced = self.wal.sync_data();
+            let mut done = Vec::new();
+            let mut st = self.lock();
+            st.syncing = false;
+            self.idle.notify_all();
+            match synced {
+                Ok(()) => {
+                    while st.waiting.front().is_some_and(|(n, _)| *n <= target) {
+                        if let Some((_, reply)) = st.waiting.pop_front() {
+                            done.push((reply, Ok(())));
+                        }
+                    }
+                }
+                Err(e) => {
+                    let why = format!("the store's WAL could not be synced to disk: {e}");
+                    tracing::error!(error = %e, "fsync of the store's WAL failed; writes stop until it recovers");
+                    stats
+                        .failing
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    st.failed = Some(why.clone());
+                    done.extend(st.waiting.drain(..).map(|(_, r)| (r, Err(why.clone()))));
+                }
+            }
+            drop(st);
+            stats
+                .syncs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for (reply, result) in done {
+                reply.send(result);
+            }
+        }
+    }
+
+    /// Ok when writes may go on. After a failed sync, tries a `TRUNCATE` checkpoint: SQLite
+    /// syncs the WAL, copies every frame into the database file, syncs it and empties the WAL;
+    /// only when all of that succeeds are the earlier commits known to be on disk.
+    fn recover(&self, conn: &Connection) -> Result<(), String> {
+        let Some(why) = self.lock().failed.clone() else {
+            return Ok(());
+        };
+        let checkpoint: Result<(i64, i64, i64), _> =
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            });
+        match checkpoint {
+            Ok((0, _, _)) if self.wal.sync_data().is_ok() => {
+                tracing::warn!(
+                    "store recovered from a failed fsync (WAL checkpointed and emptied)"
+                );
+                self.lock().failed = None;
+                Ok(())
+            }
+            Ok(_) => Err(format!(
+                "{why} (recovery checkpoint could not complete yet)"
+            )),
+            Err(e) => Err(format!("{why} (recovery checkpoint failed: {e})")),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1879,7 +2095,8 @@ fn open_connection(path: &Path, busy_timeout: Duration) -> Result<Connection, St
             "cannot use WAL journal mode (got {mode})"
         )));
     }
-    // FULL: the WAL is fsynced at every commit, so an acknowledged commit survives power loss.
+    // FULL for every connection that commits by itself (the reader, another process); the
+    // writer lowers it to NORMAL and has its commits synced by the `Syncer`.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // Every write job runs in a SAVEPOINT, whose statement journal (the pages' contents before
