@@ -67,8 +67,6 @@ pub struct Metrics {
     pub latency: HistogramFamily<RouteLabels>,
     /// Time spent in each stage of the signing pipeline.
     pub stages: HistogramFamily<StageLabels>,
-    /// TLS connections accepted (handshake completed).
-    pub connections: Counter<u64, AtomicU64>,
     /// 1 when the backends passed their self-check and are healthy.
     pub ready: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// 1 while signing is frozen (as last seen by this process).
@@ -119,12 +117,6 @@ impl Metrics {
             "stage_seconds",
             "Time spent in each stage of the signing pipeline (decision, sign, outcome)",
             stages.clone(),
-        );
-        let connections = Counter::default();
-        registry.register(
-            "connections",
-            "TLS connections accepted (handshake completed)",
-            connections.clone(),
         );
         let ready = Gauge::default();
         registry.register(
@@ -181,7 +173,6 @@ impl Metrics {
             requests,
             latency,
             stages,
-            connections,
             ready,
             frozen,
             tls_refusals,
