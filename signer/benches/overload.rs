@@ -8,7 +8,12 @@
 //! 3. overload: open loop at 10× that rate for `OVERLOAD_SECONDS` (default 60), at most 512
 //!    requests outstanding from the generator (a request it could not send for lack of a free
 //!    slot is counted as "not sent", not as a signer answer);
-//! 4. right after: open loop at 10 % again for `OVERLOAD_LIGHT_SECONDS`.
+//! 4. right after: open loop at 10 % again for `OVERLOAD_LIGHT_SECONDS`;
+//! 5. refusals only, for `OVERLOAD_REFUSAL_SECONDS` (default 5; 0 skips it): every place is held
+//!    by a `/rpc` `eth_blockNumber` forwarded to an upstream node that never answers, and
+//!    `OVERLOAD_REFUSAL_CLIENTS` (default 32) connections send signing requests back to back;
+//!    every answer is a 503 `overloaded`, so the signer's CPU time divided by the answers is the
+//!    cost of one refusal, with no signature to subtract.
 //!
 //! Prints p50/p99 of admitted (200) requests per phase, the count of 503 `overloaded` and other
 //! answers, and the signer's RSS (VmRSS sampled every 100 ms, and VmHWM, from /proc/PID/status).
@@ -16,7 +21,7 @@
 //! service right after.
 //!
 //! Environment: `OVERLOAD_SECONDS`, `OVERLOAD_WARM_SECONDS`, `OVERLOAD_LIGHT_SECONDS`,
-//! `OVERLOAD_IN_FLIGHT` (default 8),
+//! `OVERLOAD_REFUSAL_SECONDS`, `OVERLOAD_REFUSAL_CLIENTS`, `OVERLOAD_IN_FLIGHT` (default 8),
 //! `OVERLOAD_QUEUE` (default 8), `OVERLOAD_QUEUE_WAIT` (default `"20ms"`).
 //!
 //! The generator stands for clients on other machines, but here it shares the cores with the
@@ -294,6 +299,113 @@ async fn open_loop(
     p
 }
 
+/// An upstream node that accepts connections and never answers, until `release` is notified:
+/// then it closes them, and the forwarded calls waiting on it fail at once.
+async fn stalling_upstream(release: Arc<tokio::sync::Notify>) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            tokio::select! {
+                a = listener.accept() => match a {
+                    Ok((tcp, _)) => held.push(tcp),
+                    Err(_) => break,
+                },
+                () = release.notified() => break,
+            }
+        }
+        drop(held);
+    });
+    addr
+}
+
+/// Phase 5: every place held by a stalled forwarded read, then signing requests back to back
+/// from `clients` connections for `dur`: (answers, 503 overloaded, other, signer CPU).
+async fn refusals_only(
+    app: &support::Appliance,
+    pid: u32,
+    in_flight: usize,
+    queue: usize,
+    clients: usize,
+    dur: Duration,
+    release: &Arc<tokio::sync::Notify>,
+) -> (u64, u64, u64, Duration) {
+    // Take every place (and the queue) with forwarded reads that do not come back.
+    let mut holders = Vec::new();
+    for i in 0..in_flight {
+        let c = app.client(Some("alpha"));
+        let url = app.url("/rpc");
+        holders.push(tokio::spawn(async move {
+            let _ = c
+                .post(&url)
+                .json(
+                    &json!({"jsonrpc": "2.0", "id": i, "method": "eth_blockNumber", "params": []}),
+                )
+                .send()
+                .await;
+        }));
+    }
+    let probe = app.client(Some("alpha"));
+    let url = app.url("/v1/keys/hot/sign/transaction");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = probe.post(&url).json(&tx(1)).send().await.unwrap();
+        if r.status().as_u16() == 503 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled reads do not hold the places ({})",
+            r.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("refusals only: {in_flight} places held by stalled forwarded reads, queue {queue}");
+    let conns: Vec<reqwest::Client> = (0..clients).map(|_| app.client(Some("alpha"))).collect();
+    // Connect them first: the phase measures refusals, not handshakes.
+    for c in &conns {
+        let _ = c.get(app.url("/ready")).send().await.unwrap().bytes().await;
+    }
+    let counts = Arc::new(Mutex::new((0u64, 0u64, 0u64)));
+    let cpu0 = cpu_of(pid);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for c in conns {
+        let url = url.clone();
+        let counts = counts.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while t0.elapsed() < dur {
+                let r = c.post(&url).json(&tx(n)).send().await.unwrap();
+                n += 1;
+                let status = r.status().as_u16();
+                let bytes = r.bytes().await.unwrap_or_default();
+                let overloaded = status == 503
+                    && serde_json::from_slice::<serde_json::Value>(&bytes)
+                        .is_ok_and(|v| v["error"]["code"] == "overloaded");
+                let mut k = counts.lock().unwrap();
+                k.0 += 1;
+                if overloaded {
+                    k.1 += 1;
+                } else {
+                    k.2 += 1;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let cpu = cpu_of(pid).saturating_sub(cpu0);
+    release.notify_one();
+    for h in holders {
+        let _ = h.await;
+    }
+    let (answers, overloaded, other) = *counts.lock().unwrap();
+    (answers, overloaded, other, cpu)
+}
+
 async fn run(token: &SoftHsmToken) {
     let secs: u64 = env_or("OVERLOAD_SECONDS", 60);
     let warm: u64 = env_or("OVERLOAD_WARM_SECONDS", 5);
@@ -301,7 +413,13 @@ async fn run(token: &SoftHsmToken) {
     let in_flight: usize = env_or("OVERLOAD_IN_FLIGHT", 8);
     let queue: usize = env_or("OVERLOAD_QUEUE", 8);
     let wait: String = env_or("OVERLOAD_QUEUE_WAIT", "20ms".to_owned());
-    let mut app = support::Appliance::start_full(token, &["hot"], POLICY, "", 2).await;
+    let refusal_secs: u64 = env_or("OVERLOAD_REFUSAL_SECONDS", 5);
+    let refusal_clients: usize = env_or("OVERLOAD_REFUSAL_CLIENTS", 32);
+    // The upstream node of phase 5 (unused before it).
+    let release = Arc::new(tokio::sync::Notify::new());
+    let upstream = stalling_upstream(release.clone()).await;
+    let extra = format!("[upstream]\nurl = \"http://{upstream}\"\ntimeout = \"120s\"\n");
+    let mut app = support::Appliance::start_full(token, &["hot"], POLICY, &extra, 2).await;
     // The admission limits under test, in signer.toml's [limits] table.
     app.kill();
     let path = app.path("signer.toml");
@@ -450,4 +568,21 @@ async fn run(token: &SoftHsmToken) {
         after.sent,
         pct(&after.admitted, 99.0).as_micros()
     );
+    if refusal_secs > 0 {
+        let (answers, overloaded, other, cpu) = refusals_only(
+            &app,
+            pid,
+            in_flight,
+            queue,
+            refusal_clients,
+            Duration::from_secs(refusal_secs),
+            &release,
+        )
+        .await;
+        println!(
+            "refusals only ({refusal_clients} connections, {refusal_secs} s): {answers} answers, {overloaded} 503 overloaded, {other} other; signer CPU {:.2} s, {:.1} µs per refusal",
+            cpu.as_secs_f64(),
+            cpu.as_secs_f64() * 1e6 / (answers.max(1) as f64),
+        );
+    }
 }
