@@ -207,9 +207,23 @@ fn disk_full_store_fails_closed_and_recovers() {
                 let (status, code) = ready(&app, &c).await;
                 assert_eq!(status, 503, "/ready while the disk is full");
                 assert_eq!(code.as_deref(), Some("not_ready"));
-                // Space comes back: the signer signs again by itself.
+                // Space comes back: /ready turns true by itself (its write probe), before any
+                // signing request, and the signer signs again.
                 std::fs::remove_file(&filler).unwrap();
                 let freed = Instant::now();
+                let ready_again = loop {
+                    let (status, code) = ready(&app, &c).await;
+                    if status == 200 {
+                        break freed.elapsed();
+                    }
+                    assert_eq!(code.as_deref(), Some("not_ready"));
+                    assert!(
+                        freed.elapsed() < Duration::from_secs(10),
+                        "/ready still false 10 s after space was freed, with no signing request"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                };
+                println!("disk full: /ready true {} ms after space was freed", ready_again.as_millis());
                 let recovered = loop {
                     n += 1;
                     let a = sign(&app, &c, n).await;
@@ -222,8 +236,6 @@ fn disk_full_store_fails_closed_and_recovers() {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 };
                 println!("disk full: signing again {} ms after space was freed", recovered.as_millis());
-                let (status, code) = ready(&app, &c).await;
-                assert_eq!(status, 200, "/ready after recovery: {code:?}");
 
                 for _ in 0..5 {
                     n += 1;

@@ -200,9 +200,13 @@ fn now_ms() -> UnixMillis {
 
 async fn ready<B: KeyBackend, S: Store>(State(s): State<Shared<B, S>>) -> Response {
     if s.store().writes_failing() {
+        // Probe (a durable no-op write, at most one per 200 ms): readiness comes back once the
+        // store commits and syncs again, without waiting for a signing request.
+        s.store().probe_writes().await;
+    }
+    if s.store().writes_failing() {
         // Same answer as for the backends: a load balancer takes the signer out of rotation
-        // while it cannot commit decisions; signing requests still probe the store, and the
-        // first commit that writes again clears this.
+        // while it cannot commit decisions.
         ApiError::unavailable(
             "not_ready",
             "the store is failing writes (its last write batch could not be committed)",

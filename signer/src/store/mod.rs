@@ -111,7 +111,7 @@
 //! write lock (with a busy timeout) serialises their batches, and each batch re-reads the audit
 //! head and the window sums inside its transaction.
 //!
-//! # Schema (version 1, `PRAGMA user_version`)
+//! # Schema (version 2, `PRAGMA user_version`)
 //! - `keys(name PK, created_at, rotate_every_ms, paused_until, pause_reason, consecutive_failures)`
 //! - `key_versions(name → keys, version, backend_ref JSON, address BLOB(20) UNIQUE, public_key
 //!   BLOB (SEC1), state, status JSON, created_at, activated_at; PK(name, version))`, at most one
@@ -131,6 +131,7 @@
 //!   grant's window
 //! - `audit(seq INTEGER PK, prev_hash BLOB, at, kind, request_id, identity, payload TEXT
 //!   (canonical JSON), hash BLOB)`
+//! - (version 2) `write_probe(id = 1, filler BLOB)`: rewritten by [`Store::probe_writes`]
 //!
 //! # Security
 //! No signature may be made unless `commit_decision` returned `Ok`: that answer means the audit
@@ -851,10 +852,17 @@ pub enum AuditCursor {
 /// record(s) describing the change in that same transaction; it returns only after the commit is
 /// on disk. See the module docs for what [`Store::commit_decision`] guarantees.
 pub trait Store: Send + Sync + 'static {
-    /// Whether the store is failing writes now: its last write batch failed to commit or a
-    /// write in it failed in the database (disk full, I/O error). Cleared by the next batch that
-    /// commits changes. Cheap (an atomic load); `/ready` answers not-ready while it is set.
+    /// Whether the store is failing writes now: its last write batch failed to commit, a write
+    /// in it failed in the database (disk full, I/O error), or the fsync that was to make it
+    /// durable failed. Cleared once a batch that wrote changes is durable. Cheap (an atomic
+    /// load); `/ready` answers not-ready while it is set.
     fn writes_failing(&self) -> bool;
+
+    /// While [`Store::writes_failing`], tries one durable write that changes nothing of meaning
+    /// (it proves the store can commit and sync again, and clears the flag if it can); at most
+    /// one attempt per 200 ms, further calls meanwhile return at once. No audit record: nothing
+    /// changed. Lets `/ready` recover without waiting for a signing request.
+    fn probe_writes(&self) -> impl Future<Output = ()> + Send;
 
     // --- signing pipeline ---
 

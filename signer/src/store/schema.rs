@@ -5,10 +5,10 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StoreError;
 
 /// Migrations in order; `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[V1];
+const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this binary writes.
-pub(crate) const CURRENT: i64 = 1;
+pub(crate) const CURRENT: i64 = 2;
 
 const V1: &str = r#"
 CREATE TABLE keys (
@@ -121,6 +121,15 @@ CREATE TABLE audit (
     hash       BLOB NOT NULL CHECK (length(hash) = 32)
 ) STRICT;
 CREATE INDEX audit_checkpoints ON audit(seq) WHERE kind = 'checkpoint';
+"#;
+
+/// Version 2: the write probe's row (see `Store::probe_writes`): one row rewritten with a
+/// 256 KiB blob, so that a probe needs about as much new WAL space as a busy batch.
+const V2: &str = r#"
+CREATE TABLE write_probe (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    filler BLOB NOT NULL
+) STRICT;
 "#;
 
 /// Brings the database to [`CURRENT`], in one immediate transaction (so two processes opening a

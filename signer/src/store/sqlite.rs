@@ -87,6 +87,8 @@ struct CommitCounters {
     unsynced: std::sync::atomic::AtomicU64,
     /// `fdatasync`s of the WAL by the sync thread.
     syncs: std::sync::atomic::AtomicU64,
+    /// When [`Store::probe_writes`] last wrote (ms since the Unix epoch).
+    last_probe_ms: std::sync::atomic::AtomicU64,
     /// Outcomes queued ([`Store::queue_outcome`]) and not yet committed: reads wait for them.
     queued: std::sync::atomic::AtomicU64,
     /// Set when a write batch failed to commit (or a job in it failed with a database error, e.g.
@@ -233,6 +235,40 @@ impl Drop for SqliteStore {
 impl Store for SqliteStore {
     fn writes_failing(&self) -> bool {
         SqliteStore::writes_failing(self)
+    }
+
+    async fn probe_writes(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.writes_failing() {
+            return;
+        }
+        let now = UnixMillis::now().0;
+        let last = self.stats.last_probe_ms.load(Ordering::Acquire);
+        if now.saturating_sub(last) < 200
+            || self
+                .stats
+                .last_probe_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return;
+        }
+        // Rewrites the probe row with 256 KiB: new WAL frames (about as many as a busy batch
+        // writes), so a write that fits only in the space a failed commit left in the WAL does
+        // not count as recovery.
+        let probe = self
+            .write(|ctx| {
+                ctx.conn
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO write_probe (id, filler) VALUES (1, zeroblob(262144))",
+                    )?
+                    .execute([])?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = probe {
+            tracing::debug!(error = %e, "store write probe failed");
+        }
     }
 
     async fn commit_decision(&self, d: DecisionTx) -> Result<DecisionReceipt, StoreError> {
@@ -1562,13 +1598,10 @@ fn run_batch(
         stats
             .failing
             .store(true, std::sync::atomic::Ordering::Release);
-    } else if conn.total_changes() > changes_before {
-        // Only a commit that wrote something shows the store can write again (an empty commit
-        // succeeds on a full disk).
-        stats
-            .failing
-            .store(false, std::sync::atomic::Ordering::Release);
     }
+    // Only a commit that wrote something shows the store can write again (an empty commit
+    // succeeds on a full disk); if it must be durable, only once its sync succeeded.
+    let wrote = !ctx.db_failed && conn.total_changes() > changes_before;
     match commit {
         Err(e) => {
             ctx.cache.clear();
@@ -1593,8 +1626,13 @@ fn run_batch(
                 stats
                     .unsynced
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if wrote {
+                    stats
+                        .failing
+                        .store(false, std::sync::atomic::Ordering::Release);
+                }
             }
-            syncer.committed(held);
+            syncer.committed(held, wrote);
         }
     }
 }
@@ -1630,6 +1668,9 @@ struct SyncState {
     closing: bool,
     /// A sync is running.
     syncing: bool,
+    /// The latest commit that wrote changes and waits for its sync: once synced, the store
+    /// writes again (clears [`CommitCounters::failing`]).
+    clears_failing: Option<u64>,
 }
 
 impl Syncer {
@@ -1663,13 +1704,17 @@ impl Syncer {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A commit was written; `held` are its answers that wait for it to be durable.
-    fn committed(&self, held: Vec<Box<dyn Reply>>) {
+    /// A commit was written; `held` are its answers that wait for it to be durable; `wrote`,
+    /// whether it changed anything (then its successful sync clears `failing`).
+    fn committed(&self, held: Vec<Box<dyn Reply>>, wrote: bool) {
         let mut st = self.lock();
         st.written += 1;
         let n = st.written;
         if held.is_empty() {
             return;
+        }
+        if wrote {
+            st.clears_failing = Some(n);
         }
         if let Some(why) = st.failed.clone() {
             drop(st);
@@ -1729,6 +1774,12 @@ impl Syncer {
             self.idle.notify_all();
             match synced {
                 Ok(()) => {
+                    if st.clears_failing.is_some_and(|n| n <= target) {
+                        st.clears_failing = None;
+                        stats
+                            .failing
+                            .store(false, std::sync::atomic::Ordering::Release);
+                    }
                     while st.waiting.front().is_some_and(|(n, _)| *n <= target) {
                         if let Some((_, reply)) = st.waiting.pop_front() {
                             done.push((reply, Ok(())));
@@ -1742,6 +1793,7 @@ impl Syncer {
                         .failing
                         .store(true, std::sync::atomic::Ordering::Release);
                     st.failed = Some(why.clone());
+                    st.clears_failing = None;
                     done.extend(st.waiting.drain(..).map(|(_, r)| (r, Err(why.clone()))));
                 }
             }
