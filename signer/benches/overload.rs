@@ -10,10 +10,12 @@
 //!    slot is counted as "not sent", not as a signer answer);
 //! 4. right after: open loop at 10 % again for `OVERLOAD_LIGHT_SECONDS`;
 //! 5. refusals only, for `OVERLOAD_REFUSAL_SECONDS` (default 5; 0 skips it): every place is held
-//!    by a `/rpc` `eth_blockNumber` forwarded to an upstream node that never answers, and
-//!    `OVERLOAD_REFUSAL_CLIENTS` (default 32) connections send signing requests back to back;
-//!    every answer is a 503 `overloaded`, so the signer's CPU time divided by the answers is the
-//!    cost of one refusal, with no signature to subtract.
+//!    by a `/rpc` `eth_blockNumber` forwarded to an upstream node that never answers, and signing
+//!    requests arrive at `OVERLOAD_REFUSAL_RATE`/s (default 4000; open loop, over
+//!    `OVERLOAD_REFUSAL_CLIENTS` connections, default 32); every answer is a 503 `overloaded`, so
+//!    the signer's CPU time divided by the answers is the cost of one refusal, with no signature
+//!    to subtract (at a fixed rate, so that runs compare: the cost per answer falls as the rate
+//!    rises, the runtime's threads sleeping and waking less per request).
 //!
 //! Prints p50/p99 of admitted (200) requests per phase, the count of 503 `overloaded` and other
 //! answers, and the signer's RSS (VmRSS sampled every 100 ms, and VmHWM, from /proc/PID/status).
@@ -21,7 +23,8 @@
 //! service right after.
 //!
 //! Environment: `OVERLOAD_SECONDS`, `OVERLOAD_WARM_SECONDS`, `OVERLOAD_LIGHT_SECONDS`,
-//! `OVERLOAD_REFUSAL_SECONDS`, `OVERLOAD_REFUSAL_CLIENTS`, `OVERLOAD_IN_FLIGHT` (default 8),
+//! `OVERLOAD_REFUSAL_SECONDS`, `OVERLOAD_REFUSAL_RATE`, `OVERLOAD_REFUSAL_CLIENTS`,
+//! `OVERLOAD_IN_FLIGHT` (default 8),
 //! `OVERLOAD_QUEUE` (default 8), `OVERLOAD_QUEUE_WAIT` (default `"20ms"`).
 //!
 //! The generator stands for clients on other machines, but here it shares the cores with the
@@ -320,17 +323,19 @@ async fn stalling_upstream(release: Arc<tokio::sync::Notify>) -> std::net::Socke
     addr
 }
 
-/// Phase 5: every place held by a stalled forwarded read, then signing requests back to back
-/// from `clients` connections for `dur`: (answers, 503 overloaded, other, signer CPU).
+/// Phase 5: every place held by a stalled forwarded read, then signing requests at `rate`/s
+/// (open loop) over `clients` connections for `dur`: what they got, and the signer's CPU.
+#[allow(clippy::too_many_arguments)]
 async fn refusals_only(
     app: &support::Appliance,
     pid: u32,
     in_flight: usize,
     queue: usize,
     clients: usize,
+    rate: f64,
     dur: Duration,
     release: &Arc<tokio::sync::Notify>,
-) -> (u64, u64, u64, Duration) {
+) -> (Phase, Duration) {
     // Take every place (and the queue) with forwarded reads that do not come back.
     let mut holders = Vec::new();
     for i in 0..in_flight {
@@ -367,43 +372,15 @@ async fn refusals_only(
     for c in &conns {
         let _ = c.get(app.url("/ready")).send().await.unwrap().bytes().await;
     }
-    let counts = Arc::new(Mutex::new((0u64, 0u64, 0u64)));
+    let nonce = Arc::new(AtomicU64::new(20_000_000));
     let cpu0 = cpu_of(pid);
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for c in conns {
-        let url = url.clone();
-        let counts = counts.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while t0.elapsed() < dur {
-                let r = c.post(&url).json(&tx(n)).send().await.unwrap();
-                n += 1;
-                let status = r.status().as_u16();
-                let bytes = r.bytes().await.unwrap_or_default();
-                let overloaded = status == 503
-                    && serde_json::from_slice::<serde_json::Value>(&bytes)
-                        .is_ok_and(|v| v["error"]["code"] == "overloaded");
-                let mut k = counts.lock().unwrap();
-                k.0 += 1;
-                if overloaded {
-                    k.1 += 1;
-                } else {
-                    k.2 += 1;
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let phase = open_loop(&conns, &url, rate, dur, 512, &nonce).await;
     let cpu = cpu_of(pid).saturating_sub(cpu0);
     release.notify_one();
     for h in holders {
         let _ = h.await;
     }
-    let (answers, overloaded, other) = *counts.lock().unwrap();
-    (answers, overloaded, other, cpu)
+    (phase, cpu)
 }
 
 async fn run(token: &SoftHsmToken) {
@@ -415,6 +392,7 @@ async fn run(token: &SoftHsmToken) {
     let wait: String = env_or("OVERLOAD_QUEUE_WAIT", "20ms".to_owned());
     let refusal_secs: u64 = env_or("OVERLOAD_REFUSAL_SECONDS", 5);
     let refusal_clients: usize = env_or("OVERLOAD_REFUSAL_CLIENTS", 32);
+    let refusal_rate: f64 = env_or("OVERLOAD_REFUSAL_RATE", 4000.0);
     // The upstream node of phase 5 (unused before it).
     let release = Arc::new(tokio::sync::Notify::new());
     let upstream = stalling_upstream(release.clone()).await;
@@ -569,20 +547,24 @@ async fn run(token: &SoftHsmToken) {
         pct(&after.admitted, 99.0).as_micros()
     );
     if refusal_secs > 0 {
-        let (answers, overloaded, other, cpu) = refusals_only(
+        let (mut phase, cpu) = refusals_only(
             &app,
             pid,
             in_flight,
             queue,
             refusal_clients,
+            refusal_rate,
             Duration::from_secs(refusal_secs),
             &release,
         )
         .await;
+        println!("{}", phase.line("refusals only"));
         println!(
-            "refusals only ({refusal_clients} connections, {refusal_secs} s): {answers} answers, {overloaded} 503 overloaded, {other} other; signer CPU {:.2} s, {:.1} µs per refusal",
+            "refusals only ({refusal_clients} connections, {refusal_rate:.0}/s for {refusal_secs} s): signer CPU {:.2} s, {:.1} µs per answer ({} answered, {} of them 503 overloaded)",
             cpu.as_secs_f64(),
-            cpu.as_secs_f64() * 1e6 / (answers.max(1) as f64),
+            cpu.as_secs_f64() * 1e6 / (phase.sent.max(1) as f64),
+            phase.sent,
+            phase.overloaded,
         );
     }
 }

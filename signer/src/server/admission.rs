@@ -61,13 +61,12 @@ impl Default for AdmissionLimits {
 /// Seconds a refused client is asked to wait (`Retry-After`).
 const RETRY_AFTER_SECONDS: u64 = 1;
 
-/// The body of a refused request is read (to keep its connection open for the next request, and
-/// on `/rpc` to answer with its id) only when it declares at most this many bytes…
-const DRAIN_MAX: u64 = 16 * 1024;
+/// The body of a refused `/rpc` request is read (to answer with its id) only when it declares at
+/// most this many bytes…
+const RPC_READ_MAX: u64 = 16 * 1024;
 
-/// …and only for this long; past either, the body is left unread and the connection is closed
-/// after the answer.
-const DRAIN_WAIT: Duration = Duration::from_millis(50);
+/// …and only for this long (see [`read_small`]).
+const RPC_READ_WAIT: Duration = Duration::from_millis(50);
 
 /// Why a request was refused for overload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -437,9 +436,10 @@ pub fn audit_error(count: u64, limits: AdmissionLimits) -> ApiError {
 /// spell starts the one flusher task ([`flush_overload_audits`]), which writes the aggregated
 /// record(s), at most one a second, the last one at most a second after the last refusal.
 ///
-/// The body of a refused request is read and dropped when it is small and arrives at once (see
-/// [`DRAIN_MAX`], [`DRAIN_WAIT`]), so the client's connection stays open for its next request
-/// instead of costing a new TLS handshake; otherwise the connection is closed after the answer.
+/// The body of a refused `/v1` request is not read: hyper discards it when it came with the head
+/// (the usual case for a small body), so the connection stays open for the client's next request
+/// instead of costing a new TLS handshake; else it closes the connection after the answer. On
+/// `/rpc`, a small body is read for its id (see [`read_small`]).
 pub async fn gate<B: KeyBackend, S: Store>(
     State(s): State<Arc<Signer<B, S>>>,
     req: Request,
@@ -475,12 +475,12 @@ pub async fn gate<B: KeyBackend, S: Store>(
         tokio::spawn(async move { flush_overload_audits(&s).await });
     }
     let rid = req.headers().get("x-request-id").cloned();
-    let rpc = ROUTES[route] == "rpc";
-    let body = drain(req, rpc).await;
     let answers = &admission.answers;
-    let body = if rpc {
+    let body = if ROUTES[route] == "rpc" {
         // {"jsonrpc":"2.0","id":<id>,"error":<prebuilt>}
-        let id = body.as_deref().map_or(Value::Null, super::rpc::peek_id);
+        let id = read_small(req)
+            .await
+            .map_or(Value::Null, |b| super::rpc::peek_id(&b));
         let id = serde_json::to_vec(&id).unwrap_or_else(|_| b"null".to_vec());
         let error = &answers.rpc[refused.reason as usize];
         let mut out = Vec::with_capacity(32 + id.len() + error.len());
@@ -491,6 +491,9 @@ pub async fn gate<B: KeyBackend, S: Store>(
         out.push(b'}');
         Bytes::from(out)
     } else {
+        // The body is not read: hyper discards it if it was received with the head (the
+        // connection stays open), else closes the connection after the answer.
+        drop(req);
         answers.rest[refused.reason as usize].clone()
     };
     let mut response = Response::new(Body::from(body));
@@ -507,20 +510,19 @@ pub async fn gate<B: KeyBackend, S: Store>(
     response
 }
 
-/// Reads a refused request's body when it declares at most [`DRAIN_MAX`] bytes and arrives
-/// within [`DRAIN_WAIT`], keeping (up to [`super::rpc::ID_PEEK_MAX`] bytes) only when `keep`,
-/// for the JSON-RPC id. Bodies that are larger, chunked, slow or behind `Expect: 100-continue`
-/// are left unread: hyper then keeps the connection only if the body was already received, else
-/// closes it after the answer.
-async fn drain(req: Request, keep: bool) -> Option<Bytes> {
+/// The body of a refused `/rpc` request (for its id), when it declares at most [`RPC_READ_MAX`]
+/// bytes, is not behind `Expect: 100-continue` and arrives within [`RPC_READ_WAIT`]; only its
+/// first [`super::rpc::ID_PEEK_MAX`] bytes are kept. Otherwise `None` (the answer's id is null),
+/// and the body is left to hyper: discarded if already received, else the connection is closed
+/// after the answer.
+async fn read_small(req: Request) -> Option<Bytes> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())?;
-    // A client that waits for `100 Continue` before sending its body is answered without it
-    // (it need not send the body at all; the connection is closed after the answer).
-    if declared == 0 || declared > DRAIN_MAX || req.headers().contains_key(header::EXPECT) {
+    // A client that waits for `100 Continue` before sending its body is answered without it.
+    if declared == 0 || declared > RPC_READ_MAX || req.headers().contains_key(header::EXPECT) {
         return None;
     }
     let mut body = req.into_body();
@@ -531,13 +533,13 @@ async fn drain(req: Request, keep: bool) -> Option<Bytes> {
             let Ok(data) = frame.ok()?.into_data() else {
                 continue;
             };
-            if keep && kept.len() + data.len() <= super::rpc::ID_PEEK_MAX {
+            if kept.len() + data.len() <= super::rpc::ID_PEEK_MAX {
                 kept.extend_from_slice(&data);
             }
         }
         Some(Bytes::from(kept))
     };
-    tokio::time::timeout(DRAIN_WAIT, read).await.ok()?
+    tokio::time::timeout(RPC_READ_WAIT, read).await.ok()?
 }
 
 /// The one flusher of the aggregated overload audit: writes a record of the refusals counted
