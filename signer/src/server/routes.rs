@@ -137,10 +137,12 @@ impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
     }
 }
 
-/// The request id: `X-Request-Id` when given (1–128 printable ASCII), else a new UUID.
+/// The request id: `X-Request-Id` when given (1–128 printable ASCII), else a new UUID v7
+/// (RFC 9562: a millisecond timestamp, then random bits): ids made here sort by time, so the
+/// store's indexes on them grow at one end instead of dirtying a random page per request.
 pub(super) fn request_id(headers: &HeaderMap) -> Result<String, ApiError> {
     match headers.get("x-request-id") {
-        None => Ok(uuid::Uuid::new_v4().to_string()),
+        None => Ok(uuid::Uuid::now_v7().to_string()),
         Some(v) => {
             let s = v.to_str().map_err(|_| {
                 ApiError::bad_request("invalid_request_id", "X-Request-Id must be printable ASCII")

@@ -118,7 +118,8 @@
 //!   `active` version per name (partial unique index)
 //! - `freeze(id = 1, frozen, reason, by_identity, at)`
 //! - `requests(request_id PK, key_name, key_version, identity, digest BLOB(32), decided_at, state
-//!   reserved|signed|failed, decision_seq, outcome JSON, outcome_seq)`
+//!   reserved|signed|failed, decision_seq, outcome JSON, outcome_seq)`; a signature's outcome
+//!   (details and response) is kept once, in its audit record (`outcome_seq`), not in `outcome`
 //! - `reservations(request_id → requests, window_key, amount BLOB(32), at, expires_at;
 //!   PK(request_id, window_key))`, indexes `(window_key, at, amount)` and `(expires_at)`
 //! - `window_buckets(window_key, width 1 000 | 60 000, bucket = at div width, total BLOB(32),

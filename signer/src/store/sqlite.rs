@@ -2042,11 +2042,11 @@ fn outcome(ctx: &mut WriteCtx<'_>, o: OutcomeTx) -> Result<DecisionReceipt, Stor
     let (kind, payload) = match o.outcome {
         Outcome::Signed { details } => {
             let text = json_text(&details)?;
+            // The details live once, in the signature record; `load_request` reads them there.
             c.prepare_cached(
-                "UPDATE requests SET state = 'signed', outcome = ?2, outcome_seq = ?3
-                 WHERE request_id = ?1",
+                "UPDATE requests SET state = 'signed', outcome_seq = ?2 WHERE request_id = ?1",
             )?
-            .execute(params![o.request_id.as_str(), &text, next_seq_i])?;
+            .execute(params![o.request_id.as_str(), next_seq_i])?;
             // {"details": <canonical details>, "key": …}, in canonical form directly.
             let mut p = Vec::with_capacity(text.len() + 64);
             p.extend_from_slice(b"{\"details\":");
@@ -2186,9 +2186,12 @@ fn load_freeze(c: &Connection) -> Result<Option<Freeze>, StoreError> {
 
 fn load_request(c: &Connection, id: &RequestId) -> Result<Option<StoredRequest>, StoreError> {
     let mut stmt = c.prepare_cached(
-        "SELECT key_name, key_version, identity, digest, decided_at, state, decision_seq,
-                outcome, released, outcome_seq
-         FROM requests WHERE request_id = ?1",
+        "SELECT r.key_name, r.key_version, r.identity, r.digest, r.decided_at, r.state,
+                r.decision_seq,
+                r.outcome, r.released, r.outcome_seq,
+                CASE WHEN r.state = 'signed' AND r.outcome IS NULL THEN a.payload END
+         FROM requests r LEFT JOIN audit a ON a.seq = r.outcome_seq
+         WHERE r.request_id = ?1",
     )?;
     let mut rows = stmt.query([id.as_str()])?;
     let Some(r) = rows.next()? else {
@@ -2196,7 +2199,16 @@ fn load_request(c: &Connection, id: &RequestId) -> Result<Option<StoredRequest>,
     };
     let version = u32::try_from(r.get::<_, i64>(1)?).map_err(|_| corrupt("key_version"))?;
     let state: String = r.get(5)?;
-    let outcome: Option<String> = r.get(7)?;
+    // A signature's details are in its audit record (`{"details":…,"key":…}`); rows written
+    // before that kept them in `outcome`.
+    let outcome: Option<String> = match r.get::<_, Option<String>>(10)? {
+        Some(payload) => Some(json_text(
+            parse_json(&payload)?
+                .get("details")
+                .ok_or_else(|| corrupt("signature record details"))?,
+        )?),
+        None => r.get(7)?,
+    };
     let outcome_seq = r.get::<_, Option<i64>>(9)?.map(seq_u64).transpose()?;
     let state = match state.as_str() {
         "reserved" => RequestState::Reserved,
