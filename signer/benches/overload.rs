@@ -15,7 +15,8 @@
 //!    `OVERLOAD_REFUSAL_CLIENTS` connections, default 32); every answer is a 503 `overloaded`, so
 //!    the signer's CPU time divided by the answers is the cost of one refusal, with no signature
 //!    to subtract (at a fixed rate, so that runs compare: the cost per answer falls as the rate
-//!    rises, the runtime's threads sleeping and waking less per request).
+//!    rises, the runtime's threads sleeping and waking less per request). Then, as the floor of
+//!    any answer, the same load on `POST /ready` (405 from the router, nothing else done).
 //!
 //! Prints p50/p99 of admitted (200) requests per phase, the count of 503 `overloaded` and other
 //! answers, and the signer's RSS (VmRSS sampled every 100 ms, and VmHWM, from /proc/PID/status).
@@ -380,6 +381,19 @@ async fn refusals_only(
     for h in holders {
         let _ = h.await;
     }
+    // The floor, for comparison: the same requests to a route that does nothing with them
+    // (`POST /ready` is answered 405 by the router, body unread), at the same rate on the same
+    // connections — what any answer costs in TLS, HTTP and the kernel.
+    let cpu0 = cpu_of(pid);
+    let floor = open_loop(&conns, &app.url("/ready"), rate, dur, 512, &nonce).await;
+    let floor_cpu = cpu_of(pid).saturating_sub(cpu0);
+    println!(
+        "floor: POST /ready at the same rate: {} answered ({:?}), signer CPU {:.2} s, {:.1} µs per answer",
+        floor.sent,
+        floor.other,
+        floor_cpu.as_secs_f64(),
+        floor_cpu.as_secs_f64() * 1e6 / (floor.sent.max(1) as f64),
+    );
     (phase, cpu)
 }
 
