@@ -93,6 +93,14 @@
 //! they share one commit too. The answer to a durable job therefore means the same as with
 //! `synchronous=FULL`: its commit is on disk.
 //!
+//! Nor does the writer copy the WAL into the database file: SQLite's automatic checkpoint
+//! would run inside a commit every 1000 pages (thousands of page writes and two fsyncs) and
+//! stall every request behind it. A third thread (`store-checkpoint`, its own connection) runs
+//! a `PASSIVE` checkpoint, which never blocks the writer, at most every 100 ms after new
+//! commits; SQLite starts the WAL over at the writer's next transaction once a checkpoint has
+//! caught up, and past [`SqliteConfig::wal_restart_frames`] (load without a pause) the writer
+//! restarts it itself, so the WAL file stays bounded.
+//!
 //! A failed `fdatasync` answers every waiting job with an error and stops all writes: after
 //! one, Linux no longer promises that the frames written before it reach the disk (a later sync
 //! can succeed without writing them), so nothing may be built on them. Writes resume only after

@@ -39,6 +39,9 @@ pub struct SqliteConfig {
     /// How long to wait for the database lock held by another process (another replica on the
     /// same file, or `keyctl` working on the store directly).
     pub busy_timeout: Duration,
+    /// WAL frames past which the writer restarts the WAL itself (see `Checkpointer`): bounds
+    /// the WAL file under load without a pause.
+    pub wal_restart_frames: u64,
 }
 
 impl Default for SqliteConfig {
@@ -47,6 +50,8 @@ impl Default for SqliteConfig {
             max_batch: 512,
             queue_depth: 4096,
             busy_timeout: Duration::from_secs(10),
+            // About 64 MiB at 4 KiB pages.
+            wal_restart_frames: 16_384,
         }
     }
 }
@@ -59,6 +64,7 @@ pub struct SqliteStore {
     sender: Option<mpsc::Sender<Box<dyn Job>>>,
     writer: Option<JoinHandle<()>>,
     sync: Option<JoinHandle<()>>,
+    checkpoint: Option<JoinHandle<()>>,
     reader: Arc<Mutex<Connection>>,
     path: PathBuf,
     stats: Arc<CommitCounters>,
@@ -72,6 +78,13 @@ pub struct CommitStats {
     pub commits: u64,
     /// `fdatasync`s of the WAL that made them durable (one covers every commit before it).
     pub syncs: u64,
+    /// Checkpoints run by the checkpoint thread.
+    pub checkpoints: u64,
+    /// Frames in the WAL, and of those copied into the database file, as of the last
+    /// checkpoint (equal: it had caught up).
+    pub wal_frames: u64,
+    /// See `wal_frames`.
+    pub wal_copied: u64,
     /// Of those, commits of batches that held only queued outcomes: written to the WAL without
     /// an fsync, made durable by the next commit's fsync.
     pub unsynced: u64,
@@ -87,6 +100,10 @@ struct CommitCounters {
     unsynced: std::sync::atomic::AtomicU64,
     /// `fdatasync`s of the WAL by the sync thread.
     syncs: std::sync::atomic::AtomicU64,
+    /// See [`CommitStats`].
+    checkpoints: std::sync::atomic::AtomicU64,
+    wal_frames: std::sync::atomic::AtomicU64,
+    wal_copied: std::sync::atomic::AtomicU64,
     /// When [`Store::probe_writes`] last wrote (ms since the Unix epoch).
     last_probe_ms: std::sync::atomic::AtomicU64,
     /// Outcomes queued ([`Store::queue_outcome`]) and not yet committed: reads wait for them.
@@ -119,8 +136,26 @@ impl SqliteStore {
         let (sender, receiver) = mpsc::channel(config.queue_depth.max(1));
         let max_batch = config.max_batch.max(1);
         let stats = Arc::new(CommitCounters::default());
-        // The writer's commits are made durable by the sync thread (see `Syncer`).
+        // The writer's commits are made durable by the sync thread (see `Syncer`), and the WAL
+        // is copied into the database file by the checkpoint thread (see `Checkpointer`).
         writer_conn.pragma_update(None, "synchronous", "NORMAL")?;
+        writer_conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpointer = Arc::new(Checkpointer {
+            restart_frames: config.wal_restart_frames,
+            ..Checkpointer::default()
+        });
+        let checkpoint_conn = open_connection(&path, config.busy_timeout)?;
+        checkpoint_conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpoint_thread = Arc::clone(&checkpointer);
+        let checkpoint = std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn({
+                let stats = Arc::clone(&stats);
+                move || checkpoint_thread.run(&checkpoint_conn, &stats)
+            })
+            .map_err(|e| {
+                StoreError::Database(format!("cannot start the checkpoint thread: {e}"))
+            })?;
         let syncer = Arc::new(Syncer::open(&path)?);
         let sync_stats = Arc::clone(&stats);
         let sync_thread = Arc::clone(&syncer);
@@ -132,13 +167,18 @@ impl SqliteStore {
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
-                writer_loop(writer_conn, receiver, max_batch, &writer_stats, &syncer);
+                let threads = Helpers {
+                    syncer: &syncer,
+                    checkpointer: &checkpointer,
+                };
+                writer_loop(writer_conn, receiver, max_batch, &writer_stats, threads);
             })
             .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             sender: Some(sender),
             writer: Some(writer),
             sync: Some(sync),
+            checkpoint: Some(checkpoint),
             reader: Arc::new(Mutex::new(reader)),
             path,
             stats,
@@ -163,6 +203,9 @@ impl SqliteStore {
         CommitStats {
             commits: self.stats.commits.load(Relaxed),
             syncs: self.stats.syncs.load(Relaxed),
+            checkpoints: self.stats.checkpoints.load(Relaxed),
+            wal_frames: self.stats.wal_frames.load(Relaxed),
+            wal_copied: self.stats.wal_copied.load(Relaxed),
             unsynced: self.stats.unsynced.load(Relaxed),
             jobs: self.stats.jobs.load(Relaxed),
         }
@@ -228,6 +271,10 @@ impl Drop for SqliteStore {
         // The sync thread answers what waits for the writer's last commits, then ends.
         if let Some(sync) = self.sync.take() {
             let _ = sync.join();
+        }
+        // The writer told the checkpoint thread to stop when it ended.
+        if let Some(checkpoint) = self.checkpoint.take() {
+            let _ = checkpoint.join();
         }
     }
 }
@@ -1479,12 +1526,21 @@ impl WriteCtx<'_> {
     }
 }
 
+/// The writer's helper threads.
+struct Helpers<'a> {
+    syncer: &'a Syncer,
+    checkpointer: &'a Checkpointer,
+}
+
 fn writer_loop(
     conn: Connection,
     mut receiver: mpsc::Receiver<Box<dyn Job>>,
     max_batch: usize,
     stats: &CommitCounters,
-    syncer: &Syncer,
+    Helpers {
+        syncer,
+        checkpointer,
+    }: Helpers<'_>,
 ) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
     let mut cache = WindowCache::default();
@@ -1512,6 +1568,7 @@ fn writer_loop(
             .jobs
             .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let queued = batch.iter().filter(|j| j.queued()).count() as u64;
+        checkpointer.restart_if_wanted(&conn);
         if let Err(why) = syncer.recover(&conn) {
             // Fail closed: after a failed fsync nothing commits until the WAL is known to be on
             // disk again (see `Syncer::recover`).
@@ -1524,12 +1581,120 @@ fn writer_loop(
             }
         } else {
             run_batch(&conn, &mut cache, batch.drain(..), stats, syncer);
+            checkpointer.committed();
         }
         stats
             .queued
             .fetch_sub(queued, std::sync::atomic::Ordering::AcqRel);
     }
     syncer.close();
+    checkpointer.close();
+}
+
+/// Copies the WAL into the database file off the writer's path: SQLite's automatic checkpoint
+/// would run inside a commit on the writer thread (every 1000 pages: thousands of page writes
+/// and two fsyncs), stalling every request queued behind it. This thread runs a `PASSIVE`
+/// checkpoint (which never blocks the writer) at most every [`Checkpointer::INTERVAL`] after new
+/// commits; SQLite restarts the WAL from its beginning at the writer's next transaction once a
+/// checkpoint has caught up. Under load without a pause it may never catch up exactly, so past
+/// [`SqliteConfig::wal_restart_frames`] frames the writer runs a `RESTART` checkpoint itself before
+/// its next batch (short: the frames are already copied), which bounds the WAL file.
+#[derive(Default)]
+struct Checkpointer {
+    state: Mutex<CheckpointState>,
+    wake: std::sync::Condvar,
+    restart: std::sync::atomic::AtomicBool,
+    /// [`SqliteConfig::wal_restart_frames`].
+    restart_frames: u64,
+}
+
+#[derive(Default)]
+struct CheckpointState {
+    /// Commits since the last checkpoint.
+    commits: u64,
+    closing: bool,
+}
+
+impl Checkpointer {
+    const INTERVAL: Duration = Duration::from_millis(100);
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CheckpointState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn committed(&self) {
+        self.lock().commits += 1;
+    }
+
+    fn close(&self) {
+        self.lock().closing = true;
+        self.wake.notify_one();
+    }
+
+    fn run(&self, conn: &Connection, stats: &CommitCounters) {
+        loop {
+            {
+                let st = self.lock();
+                let (st, _) = self
+                    .wake
+                    .wait_timeout_while(st, Self::INTERVAL, |st| !st.closing)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if st.closing {
+                    return;
+                }
+                if st.commits == 0 {
+                    continue;
+                }
+            }
+            self.lock().commits = 0;
+            let result: Result<(i64, i64, i64), _> =
+                conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                });
+            if let Ok((_, frames, copied)) = result {
+                use std::sync::atomic::Ordering::Relaxed;
+                stats.checkpoints.fetch_add(1, Relaxed);
+                stats
+                    .wal_frames
+                    .store(u64::try_from(frames).unwrap_or(0), Relaxed);
+                stats
+                    .wal_copied
+                    .store(u64::try_from(copied).unwrap_or(0), Relaxed);
+            }
+            match result {
+                Ok((_, frames, _)) if u64::try_from(frames).unwrap_or(0) >= self.restart_frames => {
+                    self.restart
+                        .store(true, std::sync::atomic::Ordering::Release);
+                }
+                Ok(_) => {}
+                // A full disk or an I/O error: the writer and the sync thread see it too; the
+                // WAL keeps every commit meanwhile.
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+            }
+        }
+    }
+
+    /// On the writer thread, before a batch: the `RESTART` checkpoint asked for by `run`.
+    fn restart_if_wanted(&self, conn: &Connection) {
+        if !self
+            .restart
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let result: Result<i64, _> =
+            conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get(0));
+        match result {
+            Ok(0) => {}
+            // Busy (a reader on old frames): try again before the next batch.
+            Ok(_) => self
+                .restart
+                .store(true, std::sync::atomic::Ordering::Release),
+            Err(e) => tracing::warn!(error = %e, "WAL restart checkpoint failed"),
+        }
+    }
 }
 
 /// One transaction for every job in the batch. The commit writes the WAL without an fsync

@@ -335,3 +335,47 @@ async fn queued_outcomes_are_read_back_in_order_without_an_fsync_of_their_own() 
         .await;
     assert!(matches!(e, Err(StoreError::Invalid(_))), "{e:?}");
 }
+
+/// The checkpoint thread copies the WAL into the database file while the store is open (the
+/// writer never checkpoints), and under writes without a pause the WAL stays bounded: past
+/// `wal_restart_frames` the writer restarts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_thread_copies_the_wal_and_the_wal_stays_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("db");
+    let wal = dir.path().join("db-wal");
+    let config = SqliteConfig {
+        wal_restart_frames: 128,
+        ..SqliteConfig::default()
+    };
+    let store = SqliteStore::open_with(&path, config).expect("open");
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let db_before = size(&path);
+    // 2000 records of about 2 KB, one commit each, with no pause: about 2000 WAL frames.
+    let mut wal_max = 0;
+    for i in 0..2000u64 {
+        let mut e = event(i);
+        e.payload = json!({"i": i, "filler": "x".repeat(2000)});
+        store.append_audit(e).await.expect("append");
+        wal_max = wal_max.max(size(&wal));
+    }
+    let stats = store.commit_stats();
+    assert!(stats.checkpoints > 0, "{stats:?}");
+    // Copied into the database file without a close to trigger it.
+    assert!(
+        size(&path) > db_before + (3 << 20),
+        "database file {} bytes (was {db_before}): the WAL was not copied into it",
+        size(&path)
+    );
+    // Frames are 4 KiB + 24 bytes. Unbounded, the WAL would hold all ~2000; restarted past 128
+    // frames (checked every 100 ms), it stays far below.
+    let frames = wal_max / 4120;
+    eprintln!("WAL at most {frames} frames over 2000 commits ({stats:?})");
+    assert!(frames < 1000, "WAL grew to {frames} frames");
+    let records = store
+        .audit_records(AuditCursor::Seq(1), usize::MAX)
+        .await
+        .expect("records");
+    assert_eq!(records.len(), 2000);
+    verify_chain(&records, None).expect("verifies");
+}
