@@ -12,6 +12,9 @@
 //!   directory, measured in the same run (the decision must be on disk before the HSM signs, so
 //!   one such sync is in every request's latency).
 //!
+//! The closed-loop clients run at nice 19 (on this machine they share the signer's two cores;
+//! in production they are other hosts); the open-loop latency clients at normal priority.
+//!
 //! Environment: `LOADGEN_SECONDS` (default 8) per phase; `LOADGEN_CLIENTS` (default 32) closed-
 //! loop clients per HSM session: enough requests in flight to cover the decision's fsync
 //! (milliseconds on a virtual disk) while the HSM signs others.
@@ -403,7 +406,16 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
             sessions,
         )
         .await;
-        let served = closed_loop(&app, per_session * sessions, dur).await;
+        // The clients run on threads of their own at the lowest priority (nice 19): on this
+        // machine they share the signer's two cores, where in production they run on other
+        // hosts; so their CPU goes to the signer and the HSM first.
+        let served = tokio::task::block_in_place(|| {
+            let generator = generator_runtime();
+            let served = generator.block_on(closed_loop(&app, per_session * sessions, dur));
+            // Dropped here, outside the async context (its threads end).
+            drop(generator);
+            served
+        });
         if sessions == 1 {
             sync = Some(sync_latency(app.dir.path()));
             let before = app.metrics().await;
@@ -494,6 +506,21 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
             p99.as_micros()
         );
     }
+}
+
+/// A runtime for the closed-loop clients whose threads run at nice 19.
+fn generator_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(|| {
+            let tid = rustix::thread::gettid();
+            if let Err(e) = rustix::process::setpriority_process(Some(tid), 19) {
+                eprintln!("loadgen: cannot lower the client threads' priority: {e}");
+            }
+        })
+        .build()
+        .unwrap()
 }
 
 /// The signer's own per-stage p50/p99 during the open loop, from its `stage_seconds` histogram
