@@ -409,6 +409,7 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
         // The clients run on threads of their own at the lowest priority (nice 19): on this
         // machine they share the signer's two cores, where in production they run on other
         // hosts; so their CPU goes to the signer and the HSM first.
+        let scrape0 = app.metrics().await;
         let served = tokio::task::block_in_place(|| {
             let generator = generator_runtime();
             let served = generator.block_on(closed_loop(&app, per_session * sessions, dur));
@@ -416,6 +417,18 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
             drop(generator);
             served
         });
+        let scrape1 = app.metrics().await;
+        let per_request = |name: &str| {
+            let d = counter(&scrape1, name) - counter(&scrape0, name);
+            d / (served.rate * dur.as_secs_f64()).max(1.0)
+        };
+        println!(
+            "  store per request: {:.2} jobs, {:.3} commits, {:.3} WAL syncs, {:.4} checkpoints",
+            per_request("castellan_signer_store_jobs_total"),
+            per_request("castellan_signer_store_commits_total"),
+            per_request("castellan_signer_store_syncs_total"),
+            per_request("castellan_signer_store_checkpoints_total"),
+        );
         if sessions == 1 {
             sync = Some(sync_latency(app.dir.path()));
             let before = app.metrics().await;
@@ -554,6 +567,13 @@ fn stage_report(before: &str, after: &str) -> String {
         ));
     }
     out
+}
+
+/// The value of an unlabelled counter in a Prometheus text scrape (0 if absent).
+fn counter(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// `(upper bound, cumulative count)` of one stage's histogram in a Prometheus text scrape.

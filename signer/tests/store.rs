@@ -1286,3 +1286,54 @@ async fn database_is_wal_versioned_and_a_newer_schema_is_refused() {
     let e = SqliteStore::open(&path).expect_err("newer schema");
     assert!(matches!(e, StoreError::Schema(_)), "{e}");
 }
+
+/// The writer counts the signatures in progress (decided, outcome not yet written) that its
+/// adaptive group commit reads: up with each decision, down with each outcome, signed or
+/// failed; a refused decision does not count.
+#[tokio::test]
+async fn the_writer_counts_signatures_in_progress() {
+    let (_dir, path) = tempdb();
+    let store = SqliteStore::open(&path).expect("open");
+    let key = active_key(&store, "searcher-hot", 1).await;
+    for i in 0..10u64 {
+        store
+            .commit_decision(decision(
+                &format!("r{i}"),
+                &key,
+                i,
+                vec![reservation("w", 1, 10)],
+            ))
+            .await
+            .expect("decide");
+    }
+    // Over the limit: refused, not in progress.
+    let refused = store
+        .commit_decision(decision("over", &key, 11, vec![reservation("w", 5, 10)]))
+        .await;
+    assert!(refused.is_err());
+    assert_eq!(store.commit_stats().in_flight, 10);
+    for i in 0..6u64 {
+        store
+            .queue_outcome(OutcomeTx {
+                request_id: RequestId::new(format!("r{i}")).expect("id"),
+                at: at(20 + i),
+                outcome: Outcome::Signed {
+                    details: serde_json::json!({"response": {"n": i}}),
+                },
+            })
+            .await
+            .expect("outcome");
+    }
+    store
+        .record_outcome(OutcomeTx {
+            request_id: RequestId::new("r6").expect("id"),
+            at: at(30),
+            outcome: Outcome::Failed {
+                reason: "CKR_DEVICE_REMOVED".into(),
+                release: true,
+            },
+        })
+        .await
+        .expect("failure");
+    assert_eq!(store.commit_stats().in_flight, 3);
+}

@@ -86,6 +86,20 @@ pub struct Metrics {
     pub rotation_overdue_seconds: Gauge<f64, AtomicU64>,
     /// State reads at scrape time that failed (the store did not answer).
     pub scrape_errors: Counter<u64, AtomicU64>,
+    /// The store's write jobs, commits, WAL syncs and checkpoints (see [`crate::store::CommitStats`]).
+    pub store_jobs: Counter<u64, AtomicU64>,
+    /// See `store_jobs`.
+    pub store_commits: Counter<u64, AtomicU64>,
+    /// See `store_jobs`.
+    pub store_syncs: Counter<u64, AtomicU64>,
+    /// See `store_jobs`.
+    pub store_checkpoints: Counter<u64, AtomicU64>,
+    /// WAL frames not yet copied into the database file at the last checkpoint.
+    pub store_wal_uncopied: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Signatures in progress as the store's writer counts them (decided, outcome not written).
+    pub store_in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// The counters' values at the last refresh (the store keeps totals).
+    store_seen: Arc<std::sync::Mutex<crate::store::CommitStats>>,
 }
 
 impl Default for Metrics {
@@ -168,7 +182,50 @@ impl Metrics {
             "State reads at scrape time that failed (store unavailable)",
             scrape_errors.clone(),
         );
+        let store_jobs = Counter::default();
+        registry.register(
+            "store_jobs",
+            "Write jobs answered by the store's writer (decisions, outcomes, changes)",
+            store_jobs.clone(),
+        );
+        let store_commits = Counter::default();
+        registry.register(
+            "store_commits",
+            "Write transactions committed by the store's writer (group commit: jobs / commits is the batching factor)",
+            store_commits.clone(),
+        );
+        let store_syncs = Counter::default();
+        registry.register(
+            "store_syncs",
+            "fdatasyncs of the store's WAL (each makes every earlier commit durable)",
+            store_syncs.clone(),
+        );
+        let store_checkpoints = Counter::default();
+        registry.register(
+            "store_checkpoints",
+            "WAL checkpoints run by the store's checkpoint thread",
+            store_checkpoints.clone(),
+        );
+        let store_wal_uncopied = Gauge::default();
+        registry.register(
+            "store_wal_uncopied_frames",
+            "WAL frames not yet copied into the database file at the last checkpoint",
+            store_wal_uncopied.clone(),
+        );
+        let store_in_flight = Gauge::default();
+        registry.register(
+            "store_in_flight",
+            "Signatures in progress as the store's writer counts them (decided, outcome not yet written); adaptive group commit lingers above a threshold",
+            store_in_flight.clone(),
+        );
         Self {
+            store_in_flight,
+            store_jobs,
+            store_commits,
+            store_syncs,
+            store_checkpoints,
+            store_wal_uncopied,
+            store_seen: Arc::default(),
             registry: Arc::new(registry),
             requests,
             latency,
@@ -197,6 +254,7 @@ impl Metrics {
     /// as they were and counts a scrape error.
     pub async fn refresh<S: Store>(&self, ready: bool, store: &S, now: UnixMillis) {
         self.ready.set(i64::from(ready));
+        self.refresh_store_counters(store.commit_stats());
         let mut failed = false;
         match store.freeze_state().await {
             Ok(f) => {
@@ -232,6 +290,26 @@ impl Metrics {
         if failed {
             self.scrape_errors.inc();
         }
+    }
+
+    /// Adds what the store counted since the last refresh.
+    fn refresh_store_counters(&self, now: crate::store::CommitStats) {
+        let mut seen = self
+            .store_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.store_jobs.inc_by(now.jobs.saturating_sub(seen.jobs));
+        self.store_commits
+            .inc_by(now.commits.saturating_sub(seen.commits));
+        self.store_syncs
+            .inc_by(now.syncs.saturating_sub(seen.syncs));
+        self.store_checkpoints
+            .inc_by(now.checkpoints.saturating_sub(seen.checkpoints));
+        self.store_wal_uncopied
+            .set(i64::try_from(now.wal_frames.saturating_sub(now.wal_copied)).unwrap_or(i64::MAX));
+        self.store_in_flight
+            .set(i64::try_from(now.in_flight).unwrap_or(i64::MAX));
+        *seen = now;
     }
 
     /// The Prometheus text exposition.

@@ -93,6 +93,14 @@
 //! they share one commit too. The answer to a durable job therefore means the same as with
 //! `synchronous=FULL`: its commit is on disk.
 //!
+//! Adaptive group commit: a commit costs the writer about as much as the jobs in it (every page
+//! it dirties goes to the WAL whole, and a decision touches a dozen index pages), so while the
+//! pipeline is loaded — at least [`SqliteConfig::linger_siblings`] decisions (default 8) wait
+//! for their outcome — the writer commits at most once per [`SqliteConfig::commit_linger`]
+//! (default 500 µs), collecting the jobs that arrive meanwhile; unloaded it commits at once. As
+//! PostgreSQL's `commit_delay`/`commit_siblings`: throughput under load without latency when
+//! the signer is not busy.
+//!
 //! Nor does the writer copy the WAL into the database file: SQLite's automatic checkpoint
 //! would run inside a commit every 1000 pages (thousands of page writes and two fsyncs) and
 //! stall every request behind it. A third thread (`store-checkpoint`, its own connection) runs
@@ -866,6 +874,9 @@ pub trait Store: Send + Sync + 'static {
     /// durable failed. Cleared once a batch that wrote changes is durable. Cheap (an atomic
     /// load); `/ready` answers not-ready while it is set.
     fn writes_failing(&self) -> bool;
+
+    /// Group-commit counters so far (for metrics).
+    fn commit_stats(&self) -> CommitStats;
 
     /// While [`Store::writes_failing`], tries one durable write that changes nothing of meaning
     /// (it proves the store can commit and sync again, and clears the flag if it can); at most

@@ -42,6 +42,13 @@ pub struct SqliteConfig {
     /// WAL frames past which the writer restarts the WAL itself (see `Checkpointer`): bounds
     /// the WAL file under load without a pause.
     pub wal_restart_frames: u64,
+    /// Adaptive group commit: while at least `linger_siblings` decisions wait for their
+    /// outcome (the pipeline is loaded), the writer commits at most once per `commit_linger`,
+    /// so that more jobs share each commit; below that it commits as soon as jobs arrive (as
+    /// PostgreSQL's `commit_delay` / `commit_siblings`). Zero disables it.
+    pub commit_linger: Duration,
+    /// See `commit_linger`.
+    pub linger_siblings: usize,
 }
 
 impl Default for SqliteConfig {
@@ -52,6 +59,8 @@ impl Default for SqliteConfig {
             busy_timeout: Duration::from_secs(10),
             // About 64 MiB at 4 KiB pages.
             wal_restart_frames: 16_384,
+            commit_linger: Duration::from_micros(500),
+            linger_siblings: 8,
         }
     }
 }
@@ -85,6 +94,9 @@ pub struct CommitStats {
     pub wal_frames: u64,
     /// See `wal_frames`.
     pub wal_copied: u64,
+    /// Decisions whose outcome is not written yet (signatures in progress), as the writer saw
+    /// at its last batch: what adaptive group commit ([`SqliteConfig::commit_linger`]) reads.
+    pub in_flight: u64,
     /// Of those, commits of batches that held only queued outcomes: written to the WAL without
     /// an fsync, made durable by the next commit's fsync.
     pub unsynced: u64,
@@ -104,6 +116,7 @@ struct CommitCounters {
     checkpoints: std::sync::atomic::AtomicU64,
     wal_frames: std::sync::atomic::AtomicU64,
     wal_copied: std::sync::atomic::AtomicU64,
+    in_flight: std::sync::atomic::AtomicU64,
     /// When [`Store::probe_writes`] last wrote (ms since the Unix epoch).
     last_probe_ms: std::sync::atomic::AtomicU64,
     /// Outcomes queued ([`Store::queue_outcome`]) and not yet committed: reads wait for them.
@@ -134,7 +147,11 @@ impl SqliteStore {
         schema::migrate(&mut writer_conn)?;
         let reader = open_connection(&path, config.busy_timeout)?;
         let (sender, receiver) = mpsc::channel(config.queue_depth.max(1));
-        let max_batch = config.max_batch.max(1);
+        let tuning = Tuning {
+            max_batch: config.max_batch.max(1),
+            linger: config.commit_linger,
+            linger_siblings: config.linger_siblings,
+        };
         let stats = Arc::new(CommitCounters::default());
         // The writer's commits are made durable by the sync thread (see `Syncer`), and the WAL
         // is copied into the database file by the checkpoint thread (see `Checkpointer`).
@@ -171,7 +188,7 @@ impl SqliteStore {
                     syncer: &syncer,
                     checkpointer: &checkpointer,
                 };
-                writer_loop(writer_conn, receiver, max_batch, &writer_stats, threads);
+                writer_loop(writer_conn, receiver, tuning, &writer_stats, threads);
             })
             .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
@@ -206,6 +223,7 @@ impl SqliteStore {
             checkpoints: self.stats.checkpoints.load(Relaxed),
             wal_frames: self.stats.wal_frames.load(Relaxed),
             wal_copied: self.stats.wal_copied.load(Relaxed),
+            in_flight: self.stats.in_flight.load(Relaxed),
             unsynced: self.stats.unsynced.load(Relaxed),
             jobs: self.stats.jobs.load(Relaxed),
         }
@@ -282,6 +300,10 @@ impl Drop for SqliteStore {
 impl Store for SqliteStore {
     fn writes_failing(&self) -> bool {
         SqliteStore::writes_failing(self)
+    }
+
+    fn commit_stats(&self) -> CommitStats {
+        SqliteStore::commit_stats(self)
     }
 
     async fn probe_writes(&self) {
@@ -1410,6 +1432,8 @@ struct WriteCtx<'c> {
     head: Option<(u64, B256)>,
     /// Window state, exact for this transaction (see "Window cache" in the module docs).
     cache: &'c mut WindowCache,
+    /// Signatures in progress (for adaptive group commit).
+    in_flight: &'c mut InFlight,
     /// Set when a savepoint could not be rolled back: the batch must not commit.
     broken: Option<String>,
     /// Set when a job failed with a database error (not a refusal or a conflict).
@@ -1526,6 +1550,47 @@ impl WriteCtx<'_> {
     }
 }
 
+/// The writer's batching settings (from [`SqliteConfig`]).
+struct Tuning {
+    max_batch: usize,
+    linger: Duration,
+    linger_siblings: usize,
+}
+
+/// Decisions committed by this writer whose outcome it has not written yet: the signatures in
+/// progress, i.e. how loaded the pipeline is. An entry older than a minute is dropped (its
+/// outcome was never recorded: a signing failure that could not be written, a caller gone).
+#[derive(Default)]
+struct InFlight {
+    started: std::collections::HashMap<String, std::time::Instant>,
+    last_purge: Option<std::time::Instant>,
+}
+
+impl InFlight {
+    const FORGET_AFTER: Duration = Duration::from_secs(60);
+
+    fn len(&self) -> usize {
+        self.started.len()
+    }
+
+    fn decided(&mut self, id: &RequestId) {
+        let now = std::time::Instant::now();
+        if self
+            .last_purge
+            .is_none_or(|t| now.duration_since(t) > Duration::from_secs(1))
+        {
+            self.started
+                .retain(|_, at| now.duration_since(*at) < Self::FORGET_AFTER);
+            self.last_purge = Some(now);
+        }
+        self.started.insert(id.as_str().to_owned(), now);
+    }
+
+    fn finished(&mut self, id: &RequestId) {
+        self.started.remove(id.as_str());
+    }
+}
+
 /// The writer's helper threads.
 struct Helpers<'a> {
     syncer: &'a Syncer,
@@ -1535,7 +1600,11 @@ struct Helpers<'a> {
 fn writer_loop(
     conn: Connection,
     mut receiver: mpsc::Receiver<Box<dyn Job>>,
-    max_batch: usize,
+    Tuning {
+        max_batch,
+        linger,
+        linger_siblings,
+    }: Tuning,
     stats: &CommitCounters,
     Helpers {
         syncer,
@@ -1544,12 +1613,30 @@ fn writer_loop(
 ) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
     let mut cache = WindowCache::default();
+    let mut in_flight = InFlight::default();
+    let mut last_commit = std::time::Instant::now();
     while let Some(job) = receiver.blocking_recv() {
         batch.push(job);
         while batch.len() < max_batch {
             match receiver.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
+            }
+        }
+        // Adaptive group commit (see `SqliteConfig::commit_linger`): a commit costs the writer
+        // about as much as the jobs in it (the pages it dirties go to the WAL whole), so under
+        // load a batch that comes sooner than `linger` after the last commit waits for the rest
+        // of the interval, collecting more jobs. Unloaded, nobody waits.
+        if !linger.is_zero() && in_flight.len() >= linger_siblings {
+            let since = last_commit.elapsed();
+            if since < linger && batch.len() < max_batch {
+                std::thread::sleep(linger - since);
+                while batch.len() < max_batch {
+                    match receiver.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
             }
         }
         // Jobs that wait for an fsync gain nothing from a commit while a sync is running (they
@@ -1580,7 +1667,17 @@ fn writer_loop(
                 job.abort(StoreError::Database(why.clone()));
             }
         } else {
-            run_batch(&conn, &mut cache, batch.drain(..), stats, syncer);
+            run_batch(
+                &conn,
+                (&mut cache, &mut in_flight),
+                batch.drain(..),
+                stats,
+                syncer,
+            );
+            last_commit = std::time::Instant::now();
+            stats
+                .in_flight
+                .store(in_flight.len() as u64, std::sync::atomic::Ordering::Relaxed);
             checkpointer.committed();
         }
         stats
@@ -1703,7 +1800,7 @@ impl Checkpointer {
 /// goes on with the next batch while the disk syncs this one.
 fn run_batch(
     conn: &Connection,
-    cache: &mut WindowCache,
+    (cache, in_flight): (&mut WindowCache, &mut InFlight),
     jobs: impl Iterator<Item = Box<dyn Job>>,
     stats: &CommitCounters,
     syncer: &Syncer,
@@ -1741,6 +1838,7 @@ fn run_batch(
         conn,
         head,
         cache,
+        in_flight,
         broken: None,
         db_failed: false,
     };
@@ -2028,7 +2126,11 @@ fn decide(
     // Every check runs before the first write, so a refusal has nothing to roll back.
     let at = ms(d.at)?;
     match check_decision(ctx, d, at) {
-        Ok(()) => write_decision(ctx, d, at).map(Ok),
+        Ok(()) => {
+            let receipt = write_decision(ctx, d, at)?;
+            ctx.in_flight.decided(&d.request_id);
+            Ok(Ok(receipt))
+        }
         Err(StoreError::Refused(refusal)) => {
             let mut payload = json!({
                 "code": refusal.code(),
@@ -2193,6 +2295,7 @@ fn write_decision(
 }
 
 fn outcome(ctx: &mut WriteCtx<'_>, o: OutcomeTx) -> Result<DecisionReceipt, StoreError> {
+    ctx.in_flight.finished(&o.request_id);
     let c = ctx.conn;
     let stored = load_request(c, &o.request_id)?
         .ok_or_else(|| StoreError::NotFound(format!("request {}", o.request_id)))?;
