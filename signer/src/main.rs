@@ -194,6 +194,7 @@ async fn main() -> anyhow::Result<()> {
         shutdown_signal(),
     )
     .await?;
+    signer.flush_refusal_audits().await;
     reload.abort();
     if let Some(t) = metrics_task {
         t.abort();

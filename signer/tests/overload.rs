@@ -207,6 +207,42 @@ fn past_the_admission_limit_503_overloaded_with_retry_after_then_serves_normally
                         .unwrap();
                     assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
                 }
+
+                // A second burst, then a stop right away (SIGTERM), before the flush timer:
+                // the signer writes the counts at shutdown, so the chain still holds every
+                // refusal.
+                let mut tasks = Vec::new();
+                for (i, c) in clients.iter().enumerate() {
+                    let c = c.clone();
+                    let url = app.url("/v1/keys/hot/sign/transaction");
+                    tasks.push(tokio::spawn(async move {
+                        c.post(&url)
+                            .json(&tx_json(2000 + i as u64))
+                            .send()
+                            .await
+                            .unwrap()
+                            .status()
+                            .as_u16()
+                    }));
+                }
+                let mut second = 0u64;
+                for t in tasks {
+                    match t.await.unwrap() {
+                        200 => {}
+                        503 => second += 1,
+                        other => panic!("unexpected {other}"),
+                    }
+                }
+                assert!(second >= 1, "the second burst was not refused at all");
+                app.terminate();
+                app.spawn();
+                let (audited, _) = overloads_audited(&app.audit().await);
+                assert_eq!(
+                    audited,
+                    refused + second,
+                    "after a stop right after a burst: {audited} audited, {} refused",
+                    refused + second
+                );
             });
         },
     );

@@ -158,6 +158,15 @@ impl Aggregate {
         }
     }
 
+    /// At shutdown: claims every counted refusal whatever the pacing.
+    fn take_all(&self, now_ms: u64) -> Option<u64> {
+        self.last_audit_ms.store(now_ms, Ordering::Release);
+        match self.unaudited.swap(0, Ordering::AcqRel) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
     /// For the flusher, after a record: true if it must go on (refusals were counted after its
     /// last claim and no other flusher took over), false if it ends.
     fn flusher_done(&self) -> bool {
@@ -281,6 +290,11 @@ impl Admission {
         self.audit.flusher_done()
     }
 
+    /// At shutdown: claims every refusal not yet audited, whatever the pacing.
+    pub fn take_all_audit(&self, now_ms: u64) -> Option<u64> {
+        self.audit.take_all(now_ms)
+    }
+
     /// The requests counter of a signing route (`route` indexes [`ROUTES`]), looked up in the
     /// metrics family once.
     fn counter(&self, route: usize, make: impl FnOnce() -> Counter) -> &Counter {
@@ -384,6 +398,11 @@ impl ConnectionAudits {
     /// last claim and no other flusher took over), false if it ends.
     pub fn flusher_done(&self) -> bool {
         self.aggregate.flusher_done()
+    }
+
+    /// At shutdown: claims every refusal not yet audited, whatever the pacing.
+    pub fn take_all_audit(&self, now_ms: u64) -> Option<u64> {
+        self.aggregate.take_all(now_ms)
     }
 
     /// The refusal written to the audit chain for `count` refusals not audited individually.
@@ -555,19 +574,7 @@ async fn flush_overload_audits<B: KeyBackend, S: Store>(s: &Signer<B, S>) {
         }
         let now = UnixMillis::now();
         if let Some(count) = admission.take_audit(now.0) {
-            let e = audit_error(count, admission.limits());
-            let entry = AuditEntry {
-                at: now,
-                kind: AuditKind::Refusal,
-                request_id: Some(format!("overload-{}", now.0)),
-                identity: None,
-                payload: json!({
-                    "code": e.code,
-                    "reason": e.message,
-                    "status": e.status.as_u16(),
-                    "count": count,
-                }),
-            };
+            let entry = overload_entry(count, admission.limits(), now);
             if let Err(e) = s.store().append_audit(entry).await {
                 tracing::error!(error = %e, count, "cannot audit overload refusals");
             }
@@ -575,6 +582,23 @@ async fn flush_overload_audits<B: KeyBackend, S: Store>(s: &Signer<B, S>) {
         if !admission.flusher_done() {
             return;
         }
+    }
+}
+
+/// The aggregated audit record of `count` overload refusals.
+pub(crate) fn overload_entry(count: u64, limits: AdmissionLimits, now: UnixMillis) -> AuditEntry {
+    let e = audit_error(count, limits);
+    AuditEntry {
+        at: now,
+        kind: AuditKind::Refusal,
+        request_id: Some(format!("overload-{}", now.0)),
+        identity: None,
+        payload: json!({
+            "code": e.code,
+            "reason": e.message,
+            "status": e.status.as_u16(),
+            "count": count,
+        }),
     }
 }
 

@@ -394,6 +394,40 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
         }
     }
 
+    /// The aggregated audit record of `count` refused connections.
+    fn connections_entry(&self, count: u64, now: UnixMillis) -> AuditEntry {
+        AuditEntry {
+            at: now,
+            kind: AuditKind::Refusal,
+            request_id: None,
+            identity: None,
+            payload: json!({
+                "code": "tls_refused",
+                "reason": self.connection_audits.audit_reason(count),
+                "count": count,
+            }),
+        }
+    }
+
+    /// At shutdown, after the listener stopped: writes the refusals counted for aggregated
+    /// records (overload, refused connections) that their flushers, paced to one record a
+    /// second, have not written yet — so a stop loses no refusal from the audit chain.
+    pub async fn flush_refusal_audits(&self) {
+        let now = UnixMillis::now();
+        let mut entries = Vec::new();
+        if let Some(count) = self.admission.take_all_audit(now.0) {
+            entries.push(admission::overload_entry(count, self.admission.limits(), now));
+        }
+        if let Some(count) = self.connection_audits.take_all_audit(now.0) {
+            entries.push(self.connections_entry(count, now));
+        }
+        for entry in entries {
+            if let Err(e) = self.store.append_audit(entry).await {
+                tracing::error!(error = %e, "cannot audit refusals at shutdown");
+            }
+        }
+    }
+
     /// The one flusher of [`Signer::connection_refused`]: writes aggregated records, at most one
     /// a second, until no counted refusal is left.
     async fn flush_connection_audits(&self) {
@@ -404,17 +438,7 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
             }
             let now = UnixMillis::now();
             if let Some(count) = self.connection_audits.take_audit(now.0) {
-                let entry = AuditEntry {
-                    at: now,
-                    kind: AuditKind::Refusal,
-                    request_id: None,
-                    identity: None,
-                    payload: json!({
-                        "code": "tls_refused",
-                        "reason": self.connection_audits.audit_reason(count),
-                        "count": count,
-                    }),
-                };
+                let entry = self.connections_entry(count, now);
                 if let Err(e) = self.store.append_audit(entry).await {
                     tracing::error!(error = %e, count, "cannot audit refused connections");
                 }
