@@ -416,7 +416,11 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
         let now = UnixMillis::now();
         let mut entries = Vec::new();
         if let Some(count) = self.admission.take_all_audit(now.0) {
-            entries.push(admission::overload_entry(count, self.admission.limits(), now));
+            entries.push(admission::overload_entry(
+                count,
+                self.admission.limits(),
+                now,
+            ));
         }
         if let Some(count) = self.connection_audits.take_all_audit(now.0) {
             entries.push(self.connections_entry(count, now));
