@@ -410,7 +410,9 @@ async fn run(token: &SoftHsmToken) {
     // The upstream node of phase 5 (unused before it).
     let release = Arc::new(tokio::sync::Notify::new());
     let upstream = stalling_upstream(release.clone()).await;
-    let extra = format!("[upstream]\nurl = \"http://{upstream}\"\ntimeout = \"120s\"\n");
+    let extra = format!(
+        "[upstream]\nurl = \"http://{upstream}\"\ntimeout = \"120s\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n"
+    );
     let mut app = support::Appliance::start_full(token, &["hot"], POLICY, &extra, 2).await;
     // The admission limits under test, in signer.toml's [limits] table.
     app.kill();
@@ -456,6 +458,7 @@ async fn run(token: &SoftHsmToken) {
     );
     let nonce = Arc::new(AtomicU64::new(10_000_000));
     let light: Vec<reqwest::Client> = (0..4).map(|_| app.client(Some("alpha"))).collect();
+    let scrape0 = app.metrics().await;
     let mut unloaded = open_loop(
         &light,
         &url,
@@ -480,6 +483,7 @@ async fn run(token: &SoftHsmToken) {
         })
     };
     let heavy: Vec<reqwest::Client> = (0..16).map(|_| app.client(Some("alpha"))).collect();
+    let scrape1 = app.metrics().await;
     let cpu0 = cpu_of(pid);
     let t_over = Instant::now();
     let mut overload = open_loop(
@@ -493,6 +497,7 @@ async fn run(token: &SoftHsmToken) {
     .await;
     let over_wall = t_over.elapsed();
     let over_cpu = cpu_of(pid).saturating_sub(cpu0);
+    let scrape2 = app.metrics().await;
     stop.store(true, Ordering::Relaxed);
     sampler.await.unwrap();
     let samples = samples.lock().unwrap().clone();
@@ -520,6 +525,39 @@ async fn run(token: &SoftHsmToken) {
         u99.as_micros(),
         o99.as_secs_f64() / u99.as_secs_f64().max(1e-9)
     );
+    // The same requests as the signer itself timed them (its histograms: handler start to
+    // answer; the pipeline's stages), without the generator's own waiting for CPU at nice 19.
+    for (name, metric, label) in [
+        (
+            "handler",
+            "castellan_signer_request_seconds_bucket{",
+            "route=\"transaction\"",
+        ),
+        (
+            "decision",
+            "castellan_signer_stage_seconds_bucket{",
+            "stage=\"decision\"",
+        ),
+        (
+            "sign",
+            "castellan_signer_stage_seconds_bucket{",
+            "stage=\"sign\"",
+        ),
+        (
+            "outcome",
+            "castellan_signer_stage_seconds_bucket{",
+            "stage=\"outcome\"",
+        ),
+    ] {
+        let q = |a: &str, b: &str| histogram_p99(a, b, metric, label);
+        let (u, o) = (q(&scrape0, &scrape1), q(&scrape1, &scrape2));
+        println!(
+            "signer-side {name:<8} p99 <= {:>8.0} µs unloaded, <= {:>8.0} µs at 10x ({:.1}x)",
+            u * 1e6,
+            o * 1e6,
+            o / u.max(1e-9)
+        );
+    }
     println!(
         "overload: {:.0} s, {} answered 200 ({:.0}/s), {} answered 503 overloaded, {} other, {} not sent by the generator",
         over_wall.as_secs_f64(),
@@ -581,4 +619,36 @@ async fn run(token: &SoftHsmToken) {
             phase.overloaded,
         );
     }
+}
+
+/// The p99 (upper bound of its bucket, seconds) of one histogram series between two Prometheus
+/// text scrapes: `metric` is the `…_bucket{` prefix, `label` a label the series must carry.
+fn histogram_p99(before: &str, after: &str, metric: &str, label: &str) -> f64 {
+    let buckets = |text: &str| -> Vec<(f64, f64)> {
+        text.lines()
+            .filter(|l| l.starts_with(metric) && l.contains(label))
+            .filter_map(|l| {
+                let le = l.split("le=\"").nth(1)?.split('"').next()?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, l.rsplit(' ').next()?.parse().ok()?))
+            })
+            .collect()
+    };
+    let (b, a) = (buckets(before), buckets(after));
+    let delta: Vec<(f64, f64)> = a
+        .iter()
+        .map(|(le, n)| {
+            let old = b.iter().find(|(l, _)| l == le).map_or(0.0, |(_, n)| *n);
+            (*le, n - old)
+        })
+        .collect();
+    let total = delta.last().map_or(0.0, |(_, n)| *n);
+    delta
+        .iter()
+        .find(|(_, n)| total > 0.0 && *n >= total * 0.99)
+        .map_or(f64::NAN, |(le, _)| *le)
 }
