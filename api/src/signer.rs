@@ -7,24 +7,24 @@
 //! checksummed; errors as `{"error":{"code","message","details"}}`.
 //!
 //! Routes (all JSON, under mTLS; the role each needs in brackets):
-//! - `POST /v1/keys/{name}/sign/transaction` [strategy] ([`SignTransactionRequest`] →
+//! - `POST /v1/keys/{name}/sign/transaction` \[strategy\] ([`SignTransactionRequest`] →
 //!   200 [`SignedTransactionResponse`] or 202 [`PendingResponse`])
-//! - `POST /v1/keys/{name}/sign/message` [strategy] ([`SignMessageRequest`] → [`SignatureResponse`])
-//! - `POST /v1/keys/{name}/sign/typed-data` [strategy] ([`SignTypedDataRequest`] →
+//! - `POST /v1/keys/{name}/sign/message` \[strategy\] ([`SignMessageRequest`] → [`SignatureResponse`])
+//! - `POST /v1/keys/{name}/sign/typed-data` \[strategy\] ([`SignTypedDataRequest`] →
 //!   [`SignatureResponse`])
-//! - `POST /v1/keys/{name}/sign/bundle` [strategy] ([`SignBundleRequest`] → [`SignedBundleResponse`]
+//! - `POST /v1/keys/{name}/sign/bundle` \[strategy\] ([`SignBundleRequest`] → [`SignedBundleResponse`]
 //!   or 202 [`PendingResponse`])
-//! - `GET /v1/requests/{id}` [strategy, approver, admin] (→ [`RequestStatus`])
-//! - `POST /v1/requests/{id}/approvals` [approver] ([`ApprovalSubmission`] → [`RequestStatus`])
-//! - `POST /v1/grants` [approver, admin] ([`GrantSubmission`] → 201 [`GrantView`]);
-//!   `GET /v1/grants` [approver, admin, auditor] (→ [`GrantList`])
-//! - `POST /v1/relay-auth` [submitter] ([`RelayAuthRequest`] → [`RelayAuthResponse`])
-//! - `POST /v1/outcomes` [submitter] (`crate::submitter::BundleOutcome`)
+//! - `GET /v1/requests/{id}` \[strategy, approver, admin\] (→ [`RequestStatus`])
+//! - `POST /v1/requests/{id}/approvals` \[approver\] ([`ApprovalSubmission`] → [`RequestStatus`])
+//! - `POST /v1/grants` \[approver, admin\] ([`GrantSubmission`] → 201 [`GrantView`]);
+//!   `GET /v1/grants` \[approver, admin, auditor\] (→ [`GrantList`])
+//! - `POST /v1/relay-auth` \[submitter\] ([`RelayAuthRequest`] → [`RelayAuthResponse`])
+//! - `POST /v1/outcomes` \[submitter\] (`crate::submitter::BundleOutcome`)
 //! - `GET /v1/keys`, `GET /v1/keys/{name}` [strategy (own keys), admin, auditor] (→ [`KeyView`])
 //! - `POST /v1/admin/freeze`, `/v1/admin/unfreeze`, `/v1/admin/keys/{name}/pause`,
 //!   `/v1/admin/keys/{name}/resume`, `/v1/admin/keys/{name}/revoke`, `/v1/admin/policy/reload`
-//!   [admin]
-//! - `GET /v1/audit?since={seq}` [auditor] (JSON lines)
+//!   \[admin\]
+//! - `GET /v1/audit?since={seq}` \[auditor\] (JSON lines)
 //! - `POST /rpc` (Ethereum JSON-RPC), `GET /live`, `GET /ready`, `GET /v1/openapi.json`
 
 use alloy::consensus::{TxEip1559, TxEip2930, TxLegacy, TypedTransaction};

@@ -110,7 +110,7 @@ enum Command {
         #[arg(long)]
         direct: bool,
         /// Delete the key objects on the HSM now instead of after the waiting period
-        /// (`destroy_wait`). Needs a second confirmation: --confirm-destroy <name>, or typing
+        /// (`destroy_wait`). Needs a second confirmation: --confirm-destroy NAME, or typing
         /// the key's name.
         #[arg(long)]
         destroy: bool,
@@ -176,7 +176,7 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum DevCommand {
-    /// Create a complete development appliance in <dir>: SoftHSM token, dev CA and
+    /// Create a complete development appliance in DIR: SoftHSM token, dev CA and
     /// certificates, approver / relay-auth / trading keys, signer, submitter, policy and keyctl
     /// configuration.
     Init {

@@ -3,7 +3,7 @@
 //! can check that every metric an alert or a panel uses really exists.
 //!
 //! The signer's and the submitter's tests scrape their own process and call
-//! [`assert_all_exported`] with their prefix; [`names_used`] returns every `castellan_*` name of
+//! [`check_exported`] with their prefix; [`names_used`] returns every `castellan_*` name of
 //! both files, so a name with an unknown prefix fails here too (nothing goes unchecked).
 
 use std::collections::BTreeSet;

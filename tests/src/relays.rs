@@ -581,7 +581,7 @@ pub fn verify_go_utils(header: &str, body: &[u8]) -> Option<Address> {
     (format!("{address:#x}") == claimed_lower).then_some(address)
 }
 
-/// A test [`RelayAuthSigner`](castellan_submitter::auth::RelayAuthSigner)-compatible signing
+/// A test `castellan_submitter::auth::RelayAuthSigner`-compatible signing
 /// function over an in-memory key: EIP-191 over the hex text of the body hash. Test code only.
 pub fn sign_body_hash(signer: &PrivateKeySigner, body_hash: B256) -> [u8; 65] {
     let text = format!("0x{}", hex_encode(body_hash.as_slice()));

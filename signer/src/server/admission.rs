@@ -452,13 +452,13 @@ pub fn audit_error(count: u64, limits: AdmissionLimits) -> ApiError {
 /// [`Admission::admit`]), the route's requests counter, and an answer made of prebuilt bytes
 /// (on `/rpc`, a JSON-RPC error with the request's id when its small body carries one). Nothing
 /// is logged per refusal and nothing is written to the store: the first refusal after a quiet
-/// spell starts the one flusher task ([`flush_overload_audits`]), which writes the aggregated
+/// spell starts the one flusher task (`flush_overload_audits`), which writes the aggregated
 /// record(s), at most one a second, the last one at most a second after the last refusal.
 ///
 /// The body of a refused `/v1` request is not read: hyper discards it when it came with the head
 /// (the usual case for a small body), so the connection stays open for the client's next request
 /// instead of costing a new TLS handshake; else it closes the connection after the answer. On
-/// `/rpc`, a small body is read for its id (see [`read_small`]).
+/// `/rpc`, a small body is read for its id (see `read_small`).
 pub async fn gate<B: KeyBackend, S: Store>(
     State(s): State<Arc<Signer<B, S>>>,
     req: Request,
@@ -602,7 +602,7 @@ pub(crate) fn overload_entry(count: u64, limits: AdmissionLimits, now: UnixMilli
     }
 }
 
-/// The metrics route labels of the signing paths (see [`route_index`]).
+/// The metrics route labels of the signing paths (see `route_index`).
 pub const ROUTES: [&str; 7] = [
     "transaction",
     "message",
