@@ -5,9 +5,11 @@
 //! 1. sustainable rate: closed loop, one client per place (`max_in_flight`),
 //!    `OVERLOAD_WARM_SECONDS` (default 5);
 //! 2. unloaded latency: open loop at 10 % of that rate for `OVERLOAD_LIGHT_SECONDS` (default 10);
-//! 3. overload: open loop at 10× that rate for `OVERLOAD_SECONDS` (default 60), at most 512
-//!    requests outstanding from the generator (a request it could not send for lack of a free
-//!    slot is counted as "not sent", not as a signer answer);
+//! 3. overload: open loop at 10× that rate for `OVERLOAD_SECONDS` (default 60), over 512
+//!    persistent connections of a lean HTTP/1.1 client (`Lean`: request bytes from a template, no
+//!    client library — the generator shares the signer's cores here; a request for which no
+//!    connection is idle is counted as "not sent", not as a signer answer); phases 2 and 4 use the
+//!    same client;
 //! 4. right after: open loop at 10 % again for `OVERLOAD_LIGHT_SECONDS`;
 //! 5. refusals only, for `OVERLOAD_REFUSAL_SECONDS` (default 5; 0 skips it): every place is held
 //!    by a `/rpc` `eth_blockNumber` forwarded to an upstream node that never answers, and signing
@@ -25,8 +27,8 @@
 //!
 //! Environment: `OVERLOAD_SECONDS`, `OVERLOAD_WARM_SECONDS`, `OVERLOAD_LIGHT_SECONDS`,
 //! `OVERLOAD_REFUSAL_SECONDS`, `OVERLOAD_REFUSAL_RATE`, `OVERLOAD_REFUSAL_CLIENTS`,
-//! `OVERLOAD_IN_FLIGHT` (default 8),
-//! `OVERLOAD_QUEUE` (default 8), `OVERLOAD_QUEUE_WAIT` (default `"20ms"`).
+//! `OVERLOAD_IN_FLIGHT` (default 2: one per HSM session),
+//! `OVERLOAD_QUEUE` (default 0), `OVERLOAD_QUEUE_WAIT` (default `"20ms"`).
 //!
 //! The generator stands for clients on other machines, but here it shares the cores with the
 //! signer: at 10× it costs more CPU than the signer itself. So once the signer runs, the
@@ -303,6 +305,151 @@ async fn open_loop(
     p
 }
 
+/// A lean client for the overload phases: `conns` persistent mTLS connections speaking plain
+/// HTTP/1.1 with the request bytes written from a template — no client library, no JSON built or
+/// parsed per request — so that the generator, which shares the signer's two cores here, costs
+/// as little CPU as it can (in production the clients are other hosts). A request goes out on an
+/// idle connection; when none is idle it is counted as not sent (open loop).
+struct Lean {
+    idle: tokio::sync::Mutex<Vec<LeanConn>>,
+}
+
+type LeanConn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+impl Lean {
+    async fn connect(app: &support::Appliance, conns: usize) -> Arc<Self> {
+        let config = castellan_api::tls::ClientTlsConfig {
+            server_ca: app.path("ca.pem"),
+            cert: app.path("alpha.pem"),
+            key: app.path("alpha.key"),
+        }
+        .build()
+        .unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut idle = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            idle.push(connector.connect(name.clone(), tcp).await.unwrap());
+        }
+        Arc::new(Self {
+            idle: tokio::sync::Mutex::new(idle),
+        })
+    }
+
+    /// One request on `conn`: (status, Retry-After present, body) or an error.
+    async fn request(
+        conn: &mut LeanConn,
+        head_and_body: &[u8],
+    ) -> std::io::Result<(u16, bool, Vec<u8>)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        conn.write_all(head_and_body).await?;
+        let mut buf = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            let n = conn.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let status: u16 = head
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .ok_or(std::io::ErrorKind::InvalidData)?;
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or(std::io::ErrorKind::InvalidData)?;
+        let retry = head.contains("\r\nretry-after:");
+        while buf.len() < head_end + length {
+            let n = conn.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok((status, retry, buf[head_end..head_end + length].to_vec()))
+    }
+}
+
+/// The HTTP/1.1 request signing a transaction with `nonce` (as [`tx`] builds it).
+fn lean_request(path: &str, nonce: u64) -> Vec<u8> {
+    let body = format!(
+        r#"{{"tx":{{"chainId":"31337","nonce":"{nonce}","to":"{}","value":"1","gas":"21000","maxFeePerGas":"0x77359400","maxPriorityFeePerGas":"0x3b9aca00"}}}}"#,
+        Address::repeat_byte(0x11)
+    );
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// [`open_loop`] over a [`Lean`] pool.
+async fn lean_open_loop(
+    pool: &Arc<Lean>,
+    path: &str,
+    rate: f64,
+    dur: Duration,
+    nonce: &Arc<AtomicU64>,
+) -> Phase {
+    let phase = Arc::new(Mutex::new(Phase::default()));
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let t0 = Instant::now();
+    let mut next = t0;
+    let mut tasks = Vec::new();
+    while t0.elapsed() < dur {
+        if next > Instant::now() {
+            tokio::time::sleep_until(next.into()).await;
+        }
+        next += interval;
+        let Some(mut conn) = pool.idle.lock().await.pop() else {
+            phase.lock().unwrap().not_sent += 1;
+            continue;
+        };
+        let request = lean_request(path, nonce.fetch_add(1, Ordering::Relaxed));
+        let phase = phase.clone();
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let result = Lean::request(&mut conn, &request).await;
+            let elapsed = t.elapsed();
+            {
+                let mut p = phase.lock().unwrap();
+                p.sent += 1;
+                match &result {
+                    Ok((200, _, _)) => p.admitted.push(elapsed),
+                    Ok((503, true, body)) if body.windows(12).any(|w| w == b"\"overloaded\"") => {
+                        p.overloaded += 1
+                    }
+                    Ok((status, _, _)) => *p.other.entry(format!("{status}")).or_default() += 1,
+                    Err(e) => *p.other.entry(format!("{:?}", e.kind())).or_default() += 1,
+                }
+            }
+            // A connection that failed is dropped; the pool shrinks (reported as not sent).
+            if result.is_ok() {
+                pool.idle.lock().await.push(conn);
+            }
+        }));
+        if tasks.len() > 4096 {
+            tasks.retain(|t| !t.is_finished());
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let mut p = std::mem::take(&mut *phase.lock().unwrap());
+    p.elapsed = t0.elapsed();
+    p
+}
+
 /// An upstream node that accepts connections and never answers, until `release` is notified:
 /// then it closes them, and the forwarded calls waiting on it fail at once.
 async fn stalling_upstream(release: Arc<tokio::sync::Notify>) -> std::net::SocketAddr {
@@ -401,8 +548,10 @@ async fn run(token: &SoftHsmToken) {
     let secs: u64 = env_or("OVERLOAD_SECONDS", 60);
     let warm: u64 = env_or("OVERLOAD_WARM_SECONDS", 5);
     let light_secs: u64 = env_or("OVERLOAD_LIGHT_SECONDS", 10);
-    let in_flight: usize = env_or("OVERLOAD_IN_FLIGHT", 8);
-    let queue: usize = env_or("OVERLOAD_QUEUE", 8);
+    // Latency-first limits (deploy/signer.toml explains the trade-off): one place per HSM
+    // session and no queue; OVERLOAD_IN_FLIGHT=8 OVERLOAD_QUEUE=8 shows the throughput-first side.
+    let in_flight: usize = env_or("OVERLOAD_IN_FLIGHT", 2);
+    let queue: usize = env_or("OVERLOAD_QUEUE", 0);
     let wait: String = env_or("OVERLOAD_QUEUE_WAIT", "20ms".to_owned());
     let refusal_secs: u64 = env_or("OVERLOAD_REFUSAL_SECONDS", 5);
     let refusal_clients: usize = env_or("OVERLOAD_REFUSAL_CLIENTS", 32);
@@ -437,7 +586,6 @@ async fn run(token: &SoftHsmToken) {
         reniced += usize::from(ok);
     }
     println!("generator threads moved to nice 19: {reniced}");
-    let url = app.url("/v1/keys/hot/sign/transaction");
     println!(
         "signer pid {pid}, 2 HSM sessions, limits: max_in_flight {in_flight}, queue {queue}, queue_wait {wait}"
     );
@@ -457,14 +605,15 @@ async fn run(token: &SoftHsmToken) {
         rss0 / 1024
     );
     let nonce = Arc::new(AtomicU64::new(10_000_000));
-    let light: Vec<reqwest::Client> = (0..4).map(|_| app.client(Some("alpha"))).collect();
+    // The same lean generator for every phase whose latencies are compared (see `Lean`).
+    let lean = Lean::connect(&app, 512).await;
+    let path = "/v1/keys/hot/sign/transaction";
     let scrape0 = app.metrics().await;
-    let mut unloaded = open_loop(
-        &light,
-        &url,
+    let mut unloaded = lean_open_loop(
+        &lean,
+        path,
         rate / 10.0,
         Duration::from_secs(light_secs),
-        64,
         &nonce,
     )
     .await;
@@ -482,19 +631,11 @@ async fn run(token: &SoftHsmToken) {
             }
         })
     };
-    let heavy: Vec<reqwest::Client> = (0..16).map(|_| app.client(Some("alpha"))).collect();
     let scrape1 = app.metrics().await;
     let cpu0 = cpu_of(pid);
     let t_over = Instant::now();
-    let mut overload = open_loop(
-        &heavy,
-        &url,
-        rate * 10.0,
-        Duration::from_secs(secs),
-        512,
-        &nonce,
-    )
-    .await;
+    let mut overload =
+        lean_open_loop(&lean, path, rate * 10.0, Duration::from_secs(secs), &nonce).await;
     let over_wall = t_over.elapsed();
     let over_cpu = cpu_of(pid).saturating_sub(cpu0);
     let scrape2 = app.metrics().await;
@@ -502,12 +643,11 @@ async fn run(token: &SoftHsmToken) {
     sampler.await.unwrap();
     let samples = samples.lock().unwrap().clone();
     let (rss_end, hwm) = rss_kib(pid);
-    let mut after = open_loop(
-        &light,
-        &url,
+    let mut after = lean_open_loop(
+        &lean,
+        path,
         rate / 10.0,
         Duration::from_secs(light_secs),
-        64,
         &nonce,
     )
     .await;
