@@ -338,11 +338,12 @@ impl Lean {
         })
     }
 
-    /// One request on `conn`: (status, Retry-After present, body) or an error.
+    /// One request on `conn`: (status, Retry-After present, body, the server closes the
+    /// connection after it) or an error.
     async fn request(
         conn: &mut LeanConn,
         head_and_body: &[u8],
-    ) -> std::io::Result<(u16, bool, Vec<u8>)> {
+    ) -> std::io::Result<(u16, bool, Vec<u8>, bool)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         conn.write_all(head_and_body).await?;
         let mut buf = Vec::with_capacity(1024);
@@ -368,6 +369,7 @@ impl Lean {
             .and_then(|v| v.trim().parse().ok())
             .ok_or(std::io::ErrorKind::InvalidData)?;
         let retry = head.contains("\r\nretry-after:");
+        let closes = head.contains("\r\nconnection: close");
         while buf.len() < head_end + length {
             let n = conn.read(&mut chunk).await?;
             if n == 0 {
@@ -375,7 +377,12 @@ impl Lean {
             }
             buf.extend_from_slice(&chunk[..n]);
         }
-        Ok((status, retry, buf[head_end..head_end + length].to_vec()))
+        Ok((
+            status,
+            retry,
+            buf[head_end..head_end + length].to_vec(),
+            closes,
+        ))
     }
 }
 
@@ -425,16 +432,20 @@ async fn lean_open_loop(
                 let mut p = phase.lock().unwrap();
                 p.sent += 1;
                 match &result {
-                    Ok((200, _, _)) => p.admitted.push(elapsed),
-                    Ok((503, true, body)) if body.windows(12).any(|w| w == b"\"overloaded\"") => {
+                    Ok((200, _, _, _)) => p.admitted.push(elapsed),
+                    Ok((503, true, body, _))
+                        if body.windows(12).any(|w| w == b"\"overloaded\"") =>
+                    {
                         p.overloaded += 1
                     }
-                    Ok((status, _, _)) => *p.other.entry(format!("{status}")).or_default() += 1,
+                    Ok((status, _, _, _)) => *p.other.entry(format!("{status}")).or_default() += 1,
                     Err(e) => *p.other.entry(format!("{:?}", e.kind())).or_default() += 1,
                 }
             }
-            // A connection that failed is dropped; the pool shrinks (reported as not sent).
-            if result.is_ok() {
+            // A connection that failed, or that the server closes after its answer (hyper does
+            // when a refused request's body had not arrived with its head), is dropped; the pool
+            // shrinks (a request finding no idle connection is reported as not sent).
+            if matches!(result, Ok((_, _, _, false))) {
                 pool.idle.lock().await.push(conn);
             }
         }));
