@@ -311,7 +311,9 @@ async fn open_loop(
 /// as little CPU as it can (in production the clients are other hosts). A request goes out on an
 /// idle connection; when none is idle it is counted as not sent (open loop).
 struct Lean {
-    idle: tokio::sync::Mutex<Vec<LeanConn>>,
+    /// First in, first out: every connection is used in turn, so none stays idle long enough
+    /// for the server to close it (hyper's 30 s header-read timeout covers idle keep-alive).
+    idle: tokio::sync::Mutex<std::collections::VecDeque<LeanConn>>,
 }
 
 type LeanConn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
@@ -327,11 +329,11 @@ impl Lean {
         .unwrap();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let mut idle = Vec::with_capacity(conns);
+        let mut idle = std::collections::VecDeque::with_capacity(conns);
         for _ in 0..conns {
             let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
             tcp.set_nodelay(true).unwrap();
-            idle.push(connector.connect(name.clone(), tcp).await.unwrap());
+            idle.push_back(connector.connect(name.clone(), tcp).await.unwrap());
         }
         Arc::new(Self {
             idle: tokio::sync::Mutex::new(idle),
@@ -417,7 +419,7 @@ async fn lean_open_loop(
             tokio::time::sleep_until(next.into()).await;
         }
         next += interval;
-        let Some(mut conn) = pool.idle.lock().await.pop() else {
+        let Some(mut conn) = pool.idle.lock().await.pop_front() else {
             phase.lock().unwrap().not_sent += 1;
             continue;
         };
@@ -446,7 +448,7 @@ async fn lean_open_loop(
             // when a refused request's body had not arrived with its head), is dropped; the pool
             // shrinks (a request finding no idle connection is reported as not sent).
             if matches!(result, Ok((_, _, _, false))) {
-                pool.idle.lock().await.push(conn);
+                pool.idle.lock().await.push_back(conn);
             }
         }));
         if tasks.len() > 4096 {
