@@ -274,11 +274,19 @@ fn past_the_admission_limit_rpc_signing_gets_503_overloaded_with_retry_after() {
                     let c = c.clone();
                     let url = app.url("/rpc");
                     tasks.push(tokio::spawn(async move {
+                        // Every fourth caller sends a batch: a signature and a chain id.
+                        let call = json!({"jsonrpc": "2.0", "id": i, "method": "personal_sign",
+                            "params": [format!("0x{:02x}", i + 1), from]});
+                        let body = if i % 4 == 3 {
+                            json!([call, {"jsonrpc": "2.0", "id": format!("chain-{i}"),
+                                "method": "eth_chainId", "params": []}])
+                        } else {
+                            call
+                        };
                         let r = c
                             .post(&url)
                             .header("x-request-id", format!("rpc-burst-{i}"))
-                            .json(&json!({"jsonrpc": "2.0", "id": i, "method": "personal_sign",
-                                "params": [format!("0x{:02x}", i + 1), from]}))
+                            .json(&body)
                             .send()
                             .await
                             .unwrap();
@@ -290,9 +298,34 @@ fn past_the_admission_limit_rpc_signing_gets_503_overloaded_with_retry_after() {
                         (i, status, retry, rid, connection, body)
                     }));
                 }
-                let (mut signed, mut refused) = (0, 0u64);
+                let (mut signed, mut refused, mut batches_refused) = (0, 0u64, 0);
                 for t in tasks {
                     let (i, status, retry, rid, connection, body) = t.await.unwrap();
+                    if i % 4 == 3 {
+                        // A batch: answered with an array, one answer per call, in order.
+                        let answers = body.as_array().unwrap_or_else(|| panic!("{body}"));
+                        assert_eq!(answers.len(), 2, "{body}");
+                        assert_eq!(answers[0]["id"], i, "{body}");
+                        assert_eq!(answers[1]["id"], format!("chain-{i}"), "{body}");
+                        match status {
+                            200 => {
+                                assert!(answers[0]["result"].as_str().is_some(), "{body}");
+                                signed += 1;
+                            }
+                            503 => {
+                                assert_eq!(retry.as_deref(), Some("1"), "{body}");
+                                for a in answers {
+                                    assert_eq!(a["jsonrpc"], "2.0", "{body}");
+                                    assert_eq!(a["error"]["code"], -32005, "{body}");
+                                    assert_eq!(a["error"]["data"]["code"], "overloaded", "{body}");
+                                }
+                                refused += 1;
+                                batches_refused += 1;
+                            }
+                            other => panic!("unexpected {other}: {body}"),
+                        }
+                        continue;
+                    }
                     match status {
                         200 => {
                             assert_eq!(body["jsonrpc"], "2.0", "{body}");
@@ -328,8 +361,9 @@ fn past_the_admission_limit_rpc_signing_gets_503_overloaded_with_retry_after() {
                         other => panic!("unexpected {other}: {body}"),
                     }
                 }
-                println!("rpc burst of 32 with 1 in flight + 1 waiting: {signed} signed, {refused} refused");
+                println!("rpc burst of 32 with 1 in flight + 1 waiting: {signed} signed, {refused} refused ({batches_refused} of 8 batches)");
                 assert!(signed >= 1 && refused >= 1, "{signed} signed, {refused} refused");
+                assert!(batches_refused >= 1, "no batch among the 8 was refused");
                 overloads_audited_soon(&app, refused).await;
 
                 // Right after, /rpc signs normally.

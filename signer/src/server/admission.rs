@@ -496,18 +496,33 @@ pub async fn gate<B: KeyBackend, S: Store>(
     let rid = req.headers().get("x-request-id").cloned();
     let answers = &admission.answers;
     let body = if ROUTES[route] == "rpc" {
-        // {"jsonrpc":"2.0","id":<id>,"error":<prebuilt>}
-        let id = read_small(req)
-            .await
-            .map_or(Value::Null, |b| super::rpc::peek_id(&b));
-        let id = serde_json::to_vec(&id).unwrap_or_else(|_| b"null".to_vec());
+        // {"jsonrpc":"2.0","id":<id>,"error":<prebuilt>}, or an array of them for a batch.
         let error = &answers.rpc[refused.reason as usize];
-        let mut out = Vec::with_capacity(32 + id.len() + error.len());
-        out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
-        out.extend_from_slice(&id);
-        out.extend_from_slice(br#","error":"#);
-        out.extend_from_slice(error);
-        out.push(b'}');
+        let answer = |out: &mut Vec<u8>, id: &Value| {
+            out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
+            match serde_json::to_vec(id) {
+                Ok(id) => out.extend_from_slice(&id),
+                Err(_) => out.extend_from_slice(b"null"),
+            }
+            out.extend_from_slice(br#","error":"#);
+            out.extend_from_slice(error);
+            out.push(b'}');
+        };
+        let mut out = Vec::with_capacity(64 + error.len());
+        match read_small(req).await.map(|b| super::rpc::peek_ids(&b)) {
+            Some(super::rpc::PeekedIds::Batch(ids)) => {
+                out.push(b'[');
+                for (n, id) in ids.iter().enumerate() {
+                    if n > 0 {
+                        out.push(b',');
+                    }
+                    answer(&mut out, id);
+                }
+                out.push(b']');
+            }
+            Some(super::rpc::PeekedIds::Single(id)) => answer(&mut out, &id),
+            None => answer(&mut out, &Value::Null),
+        }
         Bytes::from(out)
     } else {
         // The body is not read: hyper discards it if it was received with the head (the

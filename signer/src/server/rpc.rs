@@ -156,7 +156,7 @@ impl From<ApiError> for RpcError {
 pub const LIMIT_EXCEEDED: i64 = -32005;
 
 /// The id of a refused request is looked for only in bodies up to this size (see [`peek_id`]).
-pub const ID_PEEK_MAX: usize = 4096;
+pub const ID_PEEK_MAX: usize = 16 * 1024;
 
 /// The JSON-RPC error object of an overload refusal: code [`LIMIT_EXCEEDED`], message
 /// `overloaded: <reason>`, and in `data` the stable code and the refusal's details (limits,
@@ -172,6 +172,41 @@ pub fn overload_error(e: &ApiError) -> Value {
         "message": format!("{}: {}", e.code, e.message),
         "data": { "code": e.code, "details": e.details, "retryAfter": retry_after },
     })
+}
+
+/// The ids a refusal answers: one request's, or each of a batch's.
+#[derive(Debug, PartialEq)]
+pub enum PeekedIds {
+    /// One request (or a body that is neither a request nor a batch: id null).
+    Single(Value),
+    /// A batch: each request's id, in order (null where it has none or an invalid one).
+    Batch(Vec<Value>),
+}
+
+/// The ids of the JSON-RPC request or batch in `body` (see [`peek_id`]); a batch that does not
+/// parse as an array of objects is answered as one request with a null id, as JSON-RPC 2.0 asks
+/// for an invalid batch.
+pub fn peek_ids(body: &[u8]) -> PeekedIds {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        #[serde(default)]
+        id: Value,
+    }
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'[') {
+        return PeekedIds::Single(peek_id(body));
+    }
+    match serde_json::from_slice::<Vec<IdOnly>>(body) {
+        Ok(items) if !items.is_empty() => PeekedIds::Batch(
+            items
+                .into_iter()
+                .map(|i| match i.id {
+                    id @ (Value::String(_) | Value::Number(_)) => id,
+                    _ => Value::Null,
+                })
+                .collect(),
+        ),
+        _ => PeekedIds::Single(Value::Null),
+    }
 }
 
 /// The `id` of a single JSON-RPC request in `body` when it is a valid id (string, number or
@@ -543,6 +578,22 @@ fn parse_bytes(v: &Value) -> Result<Vec<u8>, RpcError> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+
+    #[test]
+    fn a_refusal_answers_each_id_of_a_batch_and_null_for_an_invalid_one() {
+        assert_eq!(
+            peek_ids(br#" [{"jsonrpc":"2.0","id":7,"method":"eth_chainId"},{"id":"a"},{"x":1},{"id":{}}]"#),
+            PeekedIds::Batch(vec![json!(7), json!("a"), Value::Null, Value::Null])
+        );
+        assert_eq!(
+            peek_ids(br#"{"jsonrpc":"2.0","id":"x","method":"eth_chainId"}"#),
+            PeekedIds::Single(json!("x"))
+        );
+        // Invalid batches (empty, not objects, not JSON) are answered as one request.
+        for body in [&b"[]"[..], b"[1,2]", b"[{\"id\":1}", b"nonsense"] {
+            assert_eq!(peek_ids(body), PeekedIds::Single(Value::Null), "{body:?}");
+        }
+    }
 
     #[test]
     fn the_id_of_a_refused_request() {
