@@ -183,7 +183,17 @@ impl ClientTlsConfig {
 pub struct ReloadableServerConfig {
     source: ServerTlsConfig,
     current: RwLock<Arc<ServerConfig>>,
-    stamp: RwLock<Vec<Option<SystemTime>>>,
+    stamp: RwLock<Vec<Option<FileStamp>>>,
+}
+
+/// What identifies a watched file's version: its modification time, length and a hash of its
+/// contents. The time alone is not enough: two writes within one tick of the file system's
+/// clock (a few milliseconds) leave it unchanged, and a CRL update would go unnoticed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    hash: u64,
 }
 
 impl ReloadableServerConfig {
@@ -222,7 +232,7 @@ impl ReloadableServerConfig {
         Ok(())
     }
 
-    /// Reloads if any watched file's modification time changed since the last (re)load.
+    /// Reloads if any watched file changed (time, length or contents) since the last (re)load.
     /// Returns whether a reload happened.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
         let now = file_stamps(&self.source.watched_files());
@@ -268,10 +278,21 @@ fn default_true() -> bool {
     true
 }
 
-fn file_stamps(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
+fn file_stamps(paths: &[PathBuf]) -> Vec<Option<FileStamp>> {
+    use std::hash::{Hash, Hasher};
     paths
         .iter()
-        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .map(|p| {
+            let meta = std::fs::metadata(p).ok()?;
+            let bytes = std::fs::read(p).ok()?;
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            bytes.hash(&mut h);
+            Some(FileStamp {
+                modified: meta.modified().ok(),
+                len: meta.len(),
+                hash: h.finish(),
+            })
+        })
         .collect()
 }
 

@@ -307,6 +307,40 @@ async fn a_broken_crl_file_keeps_the_previous_configuration() {
     fx.stop().await;
 }
 
+/// A CRL rewritten with its modification time unchanged (two writes within one tick of the file
+/// system's clock, or a tool that preserves times) is still noticed: the watch compares the
+/// files' contents too.
+#[tokio::test]
+async fn a_crl_rewrite_with_the_same_modification_time_is_noticed() {
+    let mut fx = Fixture::start().await;
+    fx.client_files("alpha", &LeafSpec::client_uri("spiffe://x/alpha"));
+    let crl = fx.path("crl.pem");
+    let before = std::fs::metadata(&crl).unwrap().modified().unwrap();
+    let since_epoch = before.duration_since(std::time::UNIX_EPOCH).unwrap();
+    write_file(&crl, b"-----BEGIN X509 CRL-----\ngarbage\n", 0o644).unwrap();
+    let touched = std::process::Command::new("touch")
+        .arg("-d")
+        .arg(format!(
+            "@{}.{:09}",
+            since_epoch.as_secs(),
+            since_epoch.subsec_nanos()
+        ))
+        .arg(&crl)
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    assert_eq!(std::fs::metadata(&crl).unwrap().modified().unwrap(), before);
+    // The change is seen (and refused: the file is broken), the old configuration stays.
+    assert!(fx.tls.reload_if_changed().is_err());
+    assert_eq!(
+        fx.whoami(&fx.client("alpha", &fx.path("ca.pem")))
+            .await
+            .unwrap(),
+        "spiffe://x/alpha"
+    );
+    fx.stop().await;
+}
+
 #[tokio::test]
 async fn stale_crl_is_refused_when_enforced() {
     let mut fx = Fixture::start().await;
