@@ -541,30 +541,23 @@ fn generator_runtime() -> tokio::runtime::Runtime {
 fn stage_report(before: &str, after: &str) -> String {
     let mut out = String::new();
     for stage in ["decision", "sign", "outcome"] {
-        let b = buckets(before, stage);
-        let a = buckets(after, stage);
-        let delta: Vec<(f64, f64)> = a
-            .iter()
-            .map(|(le, n)| {
-                let old = b.iter().find(|(l, _)| l == le).map_or(0.0, |(_, n)| *n);
-                (*le, n - old)
-            })
-            .collect();
-        let total = delta.last().map_or(0.0, |(_, n)| *n);
-        if total <= 0.0 {
-            continue;
-        }
+        let label = format!("stage=\"{stage}\"");
         let q = |p: f64| {
-            delta
-                .iter()
-                .find(|(_, n)| *n >= total * p)
-                .map_or(f64::INFINITY, |(le, _)| *le)
+            support::histogram_quantile(
+                before,
+                after,
+                "castellan_signer_stage_seconds_bucket{",
+                &label,
+                p,
+            )
         };
-        out.push_str(&format!(
-            "  stage {stage:<8} p50 <= {:>6.0} µs  p99 <= {:>6.0} µs\n",
-            q(0.5) * 1e6,
-            q(0.99) * 1e6
-        ));
+        if let (Some(p50), Some(p99)) = (q(0.5), q(0.99)) {
+            out.push_str(&format!(
+                "  stage {stage:<8} p50 <= {:>6.0} µs  p99 <= {:>6.0} µs\n",
+                p50 * 1e6,
+                p99 * 1e6
+            ));
+        }
     }
     out
 }
@@ -574,25 +567,6 @@ fn counter(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or(0.0)
-}
-
-/// `(upper bound, cumulative count)` of one stage's histogram in a Prometheus text scrape.
-fn buckets(text: &str, stage: &str) -> Vec<(f64, f64)> {
-    let prefix = "castellan_signer_stage_seconds_bucket{";
-    let want = format!("stage=\"{stage}\"");
-    text.lines()
-        .filter(|l| l.starts_with(prefix) && l.contains(&want))
-        .filter_map(|l| {
-            let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            let n: f64 = l.rsplit(' ').next()?.parse().ok()?;
-            Some((le, n))
-        })
-        .collect()
 }
 
 /// `fdatasync` latency of 4 KiB appends in `dir` (what one WAL commit with

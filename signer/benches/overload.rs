@@ -702,7 +702,9 @@ async fn run(token: &SoftHsmToken) {
             "stage=\"outcome\"",
         ),
     ] {
-        let q = |a: &str, b: &str| histogram_p99(a, b, metric, label);
+        let q = |a: &str, b: &str| {
+            support::histogram_quantile(a, b, metric, label, 0.99).unwrap_or(f64::NAN)
+        };
         let (u, o) = (q(&scrape0, &scrape1), q(&scrape1, &scrape2));
         println!(
             "signer-side {name:<8} p99 <= {:>8.0} µs unloaded, <= {:>8.0} µs at 10x ({:.1}x)",
@@ -772,36 +774,4 @@ async fn run(token: &SoftHsmToken) {
             phase.overloaded,
         );
     }
-}
-
-/// The p99 (upper bound of its bucket, seconds) of one histogram series between two Prometheus
-/// text scrapes: `metric` is the `…_bucket{` prefix, `label` a label the series must carry.
-fn histogram_p99(before: &str, after: &str, metric: &str, label: &str) -> f64 {
-    let buckets = |text: &str| -> Vec<(f64, f64)> {
-        text.lines()
-            .filter(|l| l.starts_with(metric) && l.contains(label))
-            .filter_map(|l| {
-                let le = l.split("le=\"").nth(1)?.split('"').next()?;
-                let le = if le == "+Inf" {
-                    f64::INFINITY
-                } else {
-                    le.parse().ok()?
-                };
-                Some((le, l.rsplit(' ').next()?.parse().ok()?))
-            })
-            .collect()
-    };
-    let (b, a) = (buckets(before), buckets(after));
-    let delta: Vec<(f64, f64)> = a
-        .iter()
-        .map(|(le, n)| {
-            let old = b.iter().find(|(l, _)| l == le).map_or(0.0, |(_, n)| *n);
-            (*le, n - old)
-        })
-        .collect();
-    let total = delta.last().map_or(0.0, |(_, n)| *n);
-    delta
-        .iter()
-        .find(|(_, n)| total > 0.0 && *n >= total * 0.99)
-        .map_or(f64::NAN, |(le, _)| *le)
 }

@@ -540,3 +540,45 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// The `q` quantile (0–1; the upper bound of its bucket, seconds) of one histogram series over
+/// the interval between two Prometheus text scrapes: `bucket_prefix` is the series' `…_bucket{`
+/// and `label` a label it must carry (e.g. `stage="sign"`). `None` when nothing was observed.
+pub fn histogram_quantile(
+    before: &str,
+    after: &str,
+    bucket_prefix: &str,
+    label: &str,
+    q: f64,
+) -> Option<f64> {
+    let buckets = |text: &str| -> Vec<(f64, f64)> {
+        text.lines()
+            .filter(|l| l.starts_with(bucket_prefix) && l.contains(label))
+            .filter_map(|l| {
+                let le = l.split("le=\"").nth(1)?.split('"').next()?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, l.rsplit(' ').next()?.parse().ok()?))
+            })
+            .collect()
+    };
+    let (b, a) = (buckets(before), buckets(after));
+    let delta: Vec<(f64, f64)> = a
+        .iter()
+        .map(|(le, n)| {
+            let old = b.iter().find(|(l, _)| l == le).map_or(0.0, |(_, n)| *n);
+            (*le, n - old)
+        })
+        .collect();
+    let total = delta.last().map_or(0.0, |(_, n)| *n);
+    if total <= 0.0 {
+        return None;
+    }
+    delta
+        .iter()
+        .find(|(_, n)| *n >= total * q)
+        .map(|(le, _)| *le)
+}
