@@ -240,11 +240,36 @@ pub async fn sign_transaction<B: KeyBackend>(
 ) -> Result<SignedTransaction, EthError> {
     guard.check_transaction(&tx)?;
     let digest = tx.signature_hash();
+    check_key_address(key)?;
+    sign_hashed_transaction(backend, key, guard, tx, digest).await
+}
+
+/// [`sign_transaction`] for a caller that already holds the transaction's signing hash and has
+/// checked the key's address against its public key with [`check_key_address`] (the server does
+/// both once: the hash for the request digest, the address when it loads a key), so neither is
+/// computed again per signature.
+///
+/// # Security
+/// `digest` must be `tx.signature_hash()` (checked in debug builds) and `key` must have passed
+/// [`check_key_address`]. The chain guard runs again here: a refused transaction never reaches
+/// the backend.
+pub(crate) async fn sign_hashed_transaction<B: KeyBackend>(
+    backend: &B,
+    key: &KeyInfo,
+    guard: ChainGuard,
+    tx: TypedTransaction,
+    digest: B256,
+) -> Result<SignedTransaction, EthError> {
+    guard.check_transaction(&tx)?;
+    debug_assert_eq!(digest, tx.signature_hash());
     let request = SignRequest {
         digest,
         payload: Payload::Transaction(Box::new(tx.clone())),
     };
-    let signature = sign_checked(backend, key, request).await?;
+    let signature = backend
+        .sign(&key.key_ref, &key.public_key, request)
+        .await?
+        .signature();
     let envelope: TxEnvelope = match tx {
         TypedTransaction::Legacy(tx) => tx.into_signed(signature).into(),
         TypedTransaction::Eip2930(tx) => tx.into_signed(signature).into(),
@@ -362,11 +387,9 @@ fn typed_data_digest(data: &TypedData) -> Result<B256, EthError> {
 ///
 /// The result recovers to `key.address`: see the module's `# Security` section for why this
 /// needs no second recovery.
-async fn sign_checked<B: KeyBackend>(
-    backend: &B,
-    key: &KeyInfo,
-    request: SignRequest,
-) -> Result<Signature, EthError> {
+/// Checks that `key.address` is the address of `key.public_key` (a signature verified against
+/// the public key is then one by that address).
+pub fn check_key_address(key: &KeyInfo) -> Result<(), EthError> {
     let derived = Address::from_public_key(&key.public_key);
     if derived != key.address {
         return Err(EthError::KeyAddressMismatch {
@@ -374,6 +397,15 @@ async fn sign_checked<B: KeyBackend>(
             derived,
         });
     }
+    Ok(())
+}
+
+async fn sign_checked<B: KeyBackend>(
+    backend: &B,
+    key: &KeyInfo,
+    request: SignRequest,
+) -> Result<Signature, EthError> {
+    check_key_address(key)?;
     Ok(backend
         .sign(&key.key_ref, &key.public_key, request)
         .await?

@@ -483,8 +483,8 @@ pub async fn gate<B: KeyBackend, S: Store>(
             s.metrics()
                 .requests
                 .get_or_create(&super::metrics::RequestLabels {
-                    route: ROUTES[route].to_owned(),
-                    code: "overloaded".to_owned(),
+                    route: ROUTES[route],
+                    code: "overloaded",
                 })
                 .clone()
         })

@@ -23,17 +23,17 @@ use crate::store::Store;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// `transaction`, `message`, `typed_data`, `bundle`, `relay_auth`, `rpc`, `approval` (the
-    /// last only for admission refusals).
-    pub route: String,
+    /// last only for admission refusals). Static strings: a lookup allocates nothing.
+    pub route: &'static str,
     /// `signed`, `pending`, or the stable error code (`value_cap_exceeded`, `frozen`, …).
-    pub code: String,
+    pub code: &'static str,
 }
 
 /// Labels of a latency sample.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     /// As in [`RequestLabels::route`].
-    pub route: String,
+    pub route: &'static str,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -337,13 +337,13 @@ mod tests {
         let m = Metrics::new();
         m.requests
             .get_or_create(&RequestLabels {
-                route: "transaction".into(),
-                code: "value_cap_exceeded".into(),
+                route: "transaction",
+                code: "value_cap_exceeded",
             })
             .inc();
         m.latency
             .get_or_create(&RouteLabels {
-                route: "transaction".into(),
+                route: "transaction",
             })
             .observe(0.002);
         m.ready.set(1);

@@ -47,8 +47,11 @@ pub use routes::router;
 pub struct LiveKey {
     /// The registry record.
     pub record: KeyVersionRecord,
-    /// The backend's view (public key read from the device).
+    /// The backend's view (public key read from the device); its address was checked against
+    /// the public key ([`crate::eth::check_key_address`]) when the key was loaded.
     pub info: KeyInfo,
+    /// `info.address` in EIP-55 checksum form, for the audit record of every signature.
+    pub checksum: Arc<str>,
 }
 
 /// The signer: configuration, policy, store, backend and the in-memory caches of the hot path.
@@ -59,7 +62,7 @@ pub struct Signer<B: KeyBackend, S: Store> {
     store: S,
     backend: B,
     /// Active and retiring versions by key name, verified against the backend.
-    keys: RwLock<HashMap<String, Vec<LiveKey>>>,
+    keys: RwLock<HashMap<String, Vec<Arc<LiveKey>>>>,
     /// Mirror of the store's limit windows for the policy's pre-check. The store transaction is
     /// authoritative; the mirror may only over-count (it is never lowered except by releases of
     /// this process's own reservations).
@@ -293,7 +296,7 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
             .list_keys(None)
             .await
             .map_err(|e| format!("store: {e}"))?;
-        let mut live: HashMap<String, Vec<LiveKey>> = HashMap::new();
+        let mut live: HashMap<String, Vec<Arc<LiveKey>>> = HashMap::new();
         let mut problems = Vec::new();
         for record in records {
             if !matches!(
@@ -304,9 +307,18 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
             }
             match self.backend.key_info(&record.key_ref).await {
                 Ok(info) if info.address == record.address => {
+                    if let Err(e) = crate::eth::check_key_address(&info) {
+                        problems.push(format!("{}: {e}", record.version));
+                        continue;
+                    }
+                    let checksum = info.address.to_checksum(None).into();
                     live.entry(record.version.name.as_str().to_owned())
                         .or_default()
-                        .push(LiveKey { record, info });
+                        .push(Arc::new(LiveKey {
+                            record,
+                            info,
+                            checksum,
+                        }));
                 }
                 Ok(info) => problems.push(format!(
                     "{}: registry address {} but the device key derives {}",
@@ -589,7 +601,7 @@ impl<B: KeyBackend, S: Store> Signer<B, S> {
     }
 
     /// The version that signs for `name` now (the active one).
-    fn active_key(&self, name: &str) -> Option<LiveKey> {
+    fn active_key(&self, name: &str) -> Option<Arc<LiveKey>> {
         let keys = match self.keys.read() {
             Ok(k) => k,
             Err(p) => p.into_inner(),

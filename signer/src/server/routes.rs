@@ -537,15 +537,10 @@ async fn sign_route<B: KeyBackend, S: Store>(
     };
     let m = s.metrics();
     m.requests
-        .get_or_create(&super::metrics::RequestLabels {
-            route: route.to_owned(),
-            code: code.to_owned(),
-        })
+        .get_or_create(&super::metrics::RequestLabels { route, code })
         .inc();
     m.latency
-        .get_or_create(&super::metrics::RouteLabels {
-            route: route.to_owned(),
-        })
+        .get_or_create(&super::metrics::RouteLabels { route })
         .observe(started.elapsed().as_secs_f64());
     with_request_id(&rid, result.unwrap_or_else(IntoResponse::into_response))
 }
@@ -709,7 +704,7 @@ fn live_version<B: KeyBackend, S: Store>(
     s: &Signer<B, S>,
     name: &str,
     v: &str,
-) -> Result<(LiveKey, policy::KeyStatus), ApiError> {
+) -> Result<(Arc<LiveKey>, policy::KeyStatus), ApiError> {
     let Some(v) = v.parse::<u32>().ok().filter(|v| *v >= 1) else {
         return Err(ApiError::bad_request(
             "invalid_key_name",
@@ -914,7 +909,8 @@ async fn execute<B: KeyBackend, S: Store>(
     let details = json!({
         "kind": job.kind(),
         "key": key.record.version.to_string(),
-        "address": key.record.address.to_checksum(None),
+        // `record.address == info.address` (checked when the key was loaded).
+        "address": &*key.checksum,
         "requestDigest": digest,
         "payloadDigest": payload_digest,
         "decision": decision.code.as_str(),
@@ -967,22 +963,30 @@ async fn execute<B: KeyBackend, S: Store>(
     let started = std::time::Instant::now();
     let signed = match &job {
         Job::Transaction(tx) => {
-            eth::sign_transaction(&s.backend, &key.info, s.chain, (**tx).clone())
-                .await
-                .map(|t| {
-                    let body = wire::SignedTransactionResponse {
-                        request_id: rid.to_owned(),
-                        key_version: key.record.version.to_string(),
-                        from: t.from,
-                        raw: t.raw.clone(),
-                        hash: t.hash,
-                        signature: sig65(&t.signature),
-                    };
-                    (
-                        json!({ "txHash": t.hash, "signature": sig65(&t.signature) }),
-                        serde_json::to_value(body),
-                    )
-                })
+            // The signing hash is `payload_digest` (computed for the request digest) and the
+            // key's address was checked when it was loaded: neither is computed again.
+            eth::sign_hashed_transaction(
+                &s.backend,
+                &key.info,
+                s.chain,
+                (**tx).clone(),
+                payload_digest,
+            )
+            .await
+            .map(|t| {
+                let body = wire::SignedTransactionResponse {
+                    request_id: rid.to_owned(),
+                    key_version: key.record.version.to_string(),
+                    from: t.from,
+                    raw: t.raw.clone(),
+                    hash: t.hash,
+                    signature: sig65(&t.signature),
+                };
+                (
+                    json!({ "txHash": t.hash, "signature": sig65(&t.signature) }),
+                    serde_json::to_value(body),
+                )
+            })
         }
         Job::Message(m) => eth::sign_personal_message(&s.backend, &key.info, m.clone())
             .await
