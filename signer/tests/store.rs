@@ -1279,7 +1279,7 @@ async fn database_is_wal_versioned_and_a_newer_schema_is_refused() {
         let version: i64 = raw
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("user_version");
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
         raw.pragma_update(None, "user_version", 99)
             .expect("set version");
     }

@@ -61,7 +61,8 @@
 //! later per-second buckets of the minute holding `since`, plus every later per-minute bucket —
 //! at most one second of rows, 59 second-buckets and `duration / 1 min` minute-buckets, whatever
 //! the request rate. A budget grant is a window that never expires: [`Reservation::grant`].
-//! Expired rows and buckets are deleted by [`Store::prune_reservations`].
+//! Expired rows and buckets are deleted by [`Store::prune_reservations`]: per window, the rows
+//! older than its span and the buckets whose whole second or minute is.
 //!
 //! # Window cache (SQLite writer)
 //! So that a decision does not re-read every bucket of a 24-hour window, the writer thread keeps
@@ -127,7 +128,7 @@
 //! write lock (with a busy timeout) serialises their batches, and each batch re-reads the audit
 //! head and the window sums inside its transaction.
 //!
-//! # Schema (version 2, `PRAGMA user_version`)
+//! # Schema (version 3, `PRAGMA user_version`)
 //! - `keys(name PK, created_at, rotate_every_ms, paused_until, pause_reason, consecutive_failures)`
 //! - `key_versions(name → keys, version, backend_ref JSON, address BLOB(20) UNIQUE, public_key
 //!   BLOB (SEC1), state, status JSON, created_at, activated_at; PK(name, version))`, at most one
@@ -136,8 +137,12 @@
 //! - `requests(request_id PK, key_name, key_version, identity, digest BLOB(32), decided_at, state
 //!   reserved|signed|failed, decision_seq, outcome JSON, outcome_seq)`; a signature's outcome
 //!   (details and response) is kept once, in its audit record (`outcome_seq`), not in `outcome`
-//! - `reservations(request_id → requests, window_key, amount BLOB(32), at, expires_at;
-//!   PK(request_id, window_key))`, indexes `(window_key, at, amount)` and `(expires_at)`
+//! - `reservations(window_key, at, request_id → requests, amount BLOB(32), expires_at;
+//!   PK(window_key, at, request_id), WITHOUT ROWID)`: one b-tree, in the order window sums read
+//!   (version 3; before, three b-trees and an expiry index)
+//! - (version 3) `window_spans(window_key PK, duration_ms)`: the longest duration each window was
+//!   reserved for, written in the decision's transaction; pruning and a failure's release find a
+//!   window's rows through it
 //! - `window_buckets(window_key, width 1 000 | 60 000, bucket = at div width, total BLOB(32),
 //!   expires_at; PK(window_key, width, bucket))`: the sum of the reservations in that second or
 //!   minute

@@ -5,10 +5,10 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StoreError;
 
 /// Migrations in order; `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[V1, V2];
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this binary writes.
-pub(crate) const CURRENT: i64 = 2;
+pub(crate) const CURRENT: i64 = 3;
 
 const V1: &str = r#"
 CREATE TABLE keys (
@@ -130,6 +130,39 @@ CREATE TABLE write_probe (
     id     INTEGER PRIMARY KEY CHECK (id = 1),
     filler BLOB NOT NULL
 ) STRICT;
+"#;
+
+/// Version 3: cheaper reservations. A decision wrote each reservation into a table with three
+/// b-trees (rowid, `(request_id, window_key)`, `(window_key, at, amount)`) plus an expiry index,
+/// and moved each of its buckets in an expiry index: a third of the writer's work per request.
+/// Now a reservation is one row of a `WITHOUT ROWID` table keyed `(window_key, at, request_id)`
+/// (what window sums read), and expired rows and buckets are found through `window_spans`, the
+/// longest duration each window has been reserved for, instead of expiry indexes. A failure's
+/// release finds its rows through `window_spans` and the request's `decided_at`.
+const V3: &str = r#"
+CREATE TABLE window_spans (
+    window_key  TEXT PRIMARY KEY,
+    duration_ms INTEGER NOT NULL CHECK (duration_ms >= 0)
+) STRICT, WITHOUT ROWID;
+INSERT INTO window_spans (window_key, duration_ms)
+    SELECT window_key, max(max(expires_at - at, 0)) FROM reservations GROUP BY window_key;
+INSERT INTO window_spans (window_key, duration_ms)
+    SELECT window_key, max(max(expires_at - bucket * width, 0)) FROM window_buckets
+    WHERE window_key NOT IN (SELECT window_key FROM window_spans) GROUP BY window_key;
+
+CREATE TABLE reservations_v3 (
+    window_key TEXT NOT NULL,
+    at         INTEGER NOT NULL,
+    request_id TEXT NOT NULL REFERENCES requests(request_id),
+    amount     BLOB NOT NULL CHECK (length(amount) = 32),
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (window_key, at, request_id)
+) STRICT, WITHOUT ROWID;
+INSERT INTO reservations_v3 (window_key, at, request_id, amount, expires_at)
+    SELECT window_key, at, request_id, amount, expires_at FROM reservations;
+DROP TABLE reservations;
+ALTER TABLE reservations_v3 RENAME TO reservations;
+DROP INDEX window_buckets_expiry;
 "#;
 
 /// Brings the database to [`CURRENT`], in one immediate transaction (so two processes opening a

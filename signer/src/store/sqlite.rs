@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
-use super::window_cache::{WindowCache, window_sum as db_window_sum};
+use super::window_cache::{self, WindowCache, window_sum as db_window_sum};
 use super::{
     Approval, ApprovalTally, AuditCursor, Change, DecisionReceipt, DecisionTx, Freeze, Grant,
     GrantRecord, KeyControl, KeyName, KeyStatus, KeyVersion, KeyVersionRecord, NewKeyVersion,
@@ -408,12 +408,33 @@ impl Store for SqliteStore {
         // pruning one (another replica) still sums them exactly.
         let now = ms(now)?.saturating_sub(PRUNE_GRACE_MS);
         self.write(move |ctx| {
-            let n = ctx
+            // Per window, through `window_spans` (the longest duration the window was reserved
+            // for): rows with `at <= now - span` have expired; a bucket expires with the last
+            // of its rows, so once its whole interval is at or before that point.
+            let spans = ctx
                 .conn
-                .execute("DELETE FROM reservations WHERE expires_at <= ?1", [now])?;
-            // A bucket expires with the last of its rows (its expiry is their maximum).
-            ctx.conn
-                .execute("DELETE FROM window_buckets WHERE expires_at <= ?1", [now])?;
+                .prepare_cached("SELECT window_key, duration_ms FROM window_spans")?
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut n = 0;
+            for (window, span) in spans {
+                let Some(cutoff) = now.checked_sub(span) else {
+                    continue;
+                };
+                n += ctx
+                    .conn
+                    .prepare_cached("DELETE FROM reservations WHERE window_key = ?1 AND at <= ?2")?
+                    .execute(params![window, cutoff])?;
+                for width in [window_cache::FINE_MS, window_cache::COARSE_MS] {
+                    let before = cutoff.saturating_add(1).div_euclid(width);
+                    ctx.conn
+                        .prepare_cached(
+                            "DELETE FROM window_buckets
+                             WHERE window_key = ?1 AND width = ?2 AND bucket < ?3",
+                        )?
+                        .execute(params![window, width, before])?;
+                }
+            }
             ctx.cache.clear();
             Ok(n as u64)
         })
@@ -2343,28 +2364,30 @@ fn outcome(ctx: &mut WriteCtx<'_>, o: OutcomeTx) -> Result<DecisionReceipt, Stor
         Outcome::Failed { reason, release } => {
             let mut windows = Vec::new();
             if release {
+                // The request's rows all have `at = decided_at`, in windows listed in
+                // `window_spans` (written with them).
+                let at = ms(stored.decided_at)?;
                 let mut stmt = c.prepare_cached(
-                    "SELECT window_key, at, amount FROM reservations WHERE request_id = ?1
-                     ORDER BY window_key",
+                    "SELECT r.window_key, r.amount FROM window_spans s
+                     JOIN reservations r
+                       ON r.window_key = s.window_key AND r.at = ?2 AND r.request_id = ?1
+                     ORDER BY r.window_key",
                 )?;
-                let rows = stmt.query_map([o.request_id.as_str()], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, Vec<u8>>(2)?,
-                    ))
+                let rows = stmt.query_map(params![o.request_id.as_str(), at], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
                 })?;
                 let rows = rows.collect::<Result<Vec<_>, _>>()?;
-                for (window, at, amount) in rows {
+                for (window, amount) in rows {
                     let amount =
                         U256::try_from_be_slice(&amount).ok_or_else(|| corrupt("amount"))?;
                     ctx.cache.release(c, &window, at, amount)?;
+                    c.prepare_cached(
+                        "DELETE FROM reservations
+                         WHERE window_key = ?1 AND at = ?2 AND request_id = ?3",
+                    )?
+                    .execute(params![window, at, o.request_id.as_str()])?;
                     windows.push(window);
                 }
-                c.execute(
-                    "DELETE FROM reservations WHERE request_id = ?1",
-                    [o.request_id.as_str()],
-                )?;
             }
             let text = json_text(&json!({"reason": reason}))?;
             c.execute(

@@ -379,3 +379,208 @@ async fn the_checkpoint_thread_copies_the_wal_and_the_wal_stays_bounded() {
     assert_eq!(records.len(), 2000);
     verify_chain(&records, None).expect("verifies");
 }
+
+/// Schema version 3 (reservations keyed by window, expiry through `window_spans`) migrates a
+/// version 2 file: the rows and buckets keep their window sums, each window's span is the
+/// longest duration it was reserved for, a failure releases a migrated reservation, and pruning
+/// removes exactly the expired rows and buckets.
+#[tokio::test]
+async fn a_version_2_database_migrates_with_its_reservations() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("db");
+    let signing = TestBackend::new(9).audit_key();
+    let t0 = 1_800_000_000_000u64;
+    let short = WindowKey::new("key:k:requests:60").expect("window");
+    let long = WindowKey::new("key:k:value:3600").expect("window");
+    let reservation = |window: &WindowKey, duration_ms: u64, amount: u64| Reservation {
+        window: window.clone(),
+        duration_ms,
+        amount: U256::from(amount),
+        limit: U256::MAX,
+    };
+    async fn window_totals(
+        store: &SqliteStore,
+        windows: &[(&WindowKey, u64)],
+        at: u64,
+    ) -> Vec<U256> {
+        let q = windows
+            .iter()
+            .map(|(w, d)| WindowQuery {
+                window: (*w).clone(),
+                duration_ms: *d,
+            })
+            .collect();
+        store
+            .window_sums(q, UnixMillis(at))
+            .await
+            .expect("sums")
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect()
+    }
+    let windows = [(&short, 60_000u64), (&long, 3_600_000u64)];
+    let before = {
+        let store = SqliteStore::open(&path).expect("open");
+        let change = Change::new("admin", UnixMillis(t0));
+        let v = store
+            .register_key_version(
+                NewKeyVersion {
+                    name: KeyName::new("k").expect("name"),
+                    key_ref: signing.key_ref.clone(),
+                    address: signing.address,
+                    public_key: signing
+                        .public_key
+                        .to_encoded_point(true)
+                        .as_bytes()
+                        .to_vec(),
+                    rotate_every_ms: None,
+                },
+                change.clone(),
+            )
+            .await
+            .expect("register");
+        store
+            .activate_version(v.version.clone(), None, change)
+            .await
+            .expect("activate");
+        // Three decisions, 1.5 s apart, each in both windows; the third stays unsigned.
+        for i in 0..3u64 {
+            store
+                .commit_decision(DecisionTx {
+                    request_id: RequestId::new(format!("r{i}")).expect("id"),
+                    key: v.version.clone(),
+                    identity: "client".into(),
+                    at: UnixMillis(t0 + 1_500 * i),
+                    digest: B256::repeat_byte(2),
+                    allow_retiring: false,
+                    reservations: vec![
+                        reservation(&short, 60_000, 1),
+                        reservation(&long, 3_600_000, 10 + i),
+                    ],
+                    details: json!({}),
+                })
+                .await
+                .expect("decision");
+        }
+        let s = window_totals(&store, &windows, t0 + 3_001).await;
+        assert_eq!(s, vec![U256::from(3), U256::from(33)]);
+        s
+    };
+    // Back to the version 2 layout, as a file written by the previous release.
+    {
+        let c = rusqlite::Connection::open(&path).expect("raw open");
+        c.execute_batch(
+            "BEGIN;
+             CREATE TABLE reservations_v2 (
+                 request_id TEXT NOT NULL REFERENCES requests(request_id),
+                 window_key TEXT NOT NULL,
+                 amount     BLOB NOT NULL CHECK (length(amount) = 32),
+                 at         INTEGER NOT NULL,
+                 expires_at INTEGER NOT NULL,
+                 PRIMARY KEY (request_id, window_key)
+             ) STRICT;
+             INSERT INTO reservations_v2 SELECT request_id, window_key, amount, at, expires_at
+                 FROM reservations;
+             DROP TABLE reservations;
+             ALTER TABLE reservations_v2 RENAME TO reservations;
+             CREATE INDEX reservations_window ON reservations(window_key, at, amount);
+             CREATE INDEX reservations_expiry ON reservations(expires_at);
+             CREATE INDEX window_buckets_expiry ON window_buckets(expires_at);
+             DROP TABLE window_spans;
+             PRAGMA user_version = 2;
+             COMMIT;",
+        )
+        .expect("downgrade");
+    }
+    let store = SqliteStore::open(&path).expect("migrate");
+    {
+        let c = rusqlite::Connection::open(&path).expect("raw open");
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 3);
+        let mut spans = c
+            .prepare("SELECT window_key, duration_ms FROM window_spans ORDER BY window_key")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .expect("query")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("rows");
+        spans.sort();
+        assert_eq!(
+            spans,
+            vec![
+                ("key:k:requests:60".to_string(), 60_000),
+                ("key:k:value:3600".to_string(), 3_600_000)
+            ]
+        );
+        let indexes: i64 = c
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'index'
+                 AND name IN ('reservations_window', 'reservations_expiry', 'window_buckets_expiry')",
+                [],
+                |r| r.get(0),
+            )
+            .expect("indexes");
+        assert_eq!(indexes, 0, "the version 2 indexes are gone");
+    }
+    assert_eq!(window_totals(&store, &windows, t0 + 3_001).await, before);
+    // Inside the boundary second: `at > since` still counts to the millisecond.
+    assert_eq!(
+        window_totals(&store, &windows, t0 + 61_500).await,
+        vec![U256::from(1), U256::from(33)]
+    );
+    // A failure releases the migrated reservation of the unsigned request.
+    store
+        .record_outcome(OutcomeTx {
+            request_id: RequestId::new("r2").expect("id"),
+            at: UnixMillis(t0 + 3_100),
+            outcome: Outcome::Failed {
+                reason: "test".into(),
+                release: true,
+            },
+        })
+        .await
+        .expect("release");
+    assert_eq!(
+        window_totals(&store, &windows, t0 + 3_101).await,
+        vec![U256::from(2), U256::from(21)]
+    );
+    // Pruning (5 min grace) removes the short window's rows at once; a bucket goes once its whole
+    // interval has expired (here the minute holding both rows), the long window keeps all.
+    let count = |sql: &str| -> i64 {
+        rusqlite::Connection::open(&path)
+            .expect("raw open")
+            .query_row(sql, [], |r| r.get(0))
+            .expect("count")
+    };
+    store
+        .prune_reservations(UnixMillis(t0 + 1_500 + 60_000 + 300_000))
+        .await
+        .expect("prune");
+    assert_eq!(
+        count("SELECT count(*) FROM reservations WHERE window_key = 'key:k:requests:60'"),
+        0
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM window_buckets WHERE window_key = 'key:k:requests:60'"),
+        2,
+        "the second and the minute holding the second row are not over yet"
+    );
+    store
+        .prune_reservations(UnixMillis(t0 + 60_000 + 60_000 + 300_000))
+        .await
+        .expect("prune");
+    assert_eq!(
+        count("SELECT count(*) FROM window_buckets WHERE window_key = 'key:k:requests:60'"),
+        0
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM reservations WHERE window_key = 'key:k:value:3600'"),
+        2
+    );
+    assert_eq!(
+        window_totals(&store, &windows, t0 + 60_000 + 60_000 + 300_000).await,
+        vec![U256::ZERO, U256::from(21)]
+    );
+}

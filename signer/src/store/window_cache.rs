@@ -32,6 +32,9 @@ const MAX_WINDOWS: usize = 1_024;
 pub(super) struct WindowCache {
     data_version: Option<i64>,
     windows: HashMap<String, CachedWindow>,
+    /// `window_spans` as this transaction sees it, for the windows written since the cache was
+    /// last dropped: the longest duration a reservation of the window has had.
+    spans: HashMap<String, i64>,
 }
 
 impl WindowCache {
@@ -43,7 +46,7 @@ impl WindowCache {
             .prepare_cached("PRAGMA data_version")?
             .query_row([], |r| r.get(0))?;
         if self.data_version != Some(version) || self.windows.len() > MAX_WINDOWS {
-            self.windows.clear();
+            self.clear();
             self.data_version = Some(version);
         }
         Ok(())
@@ -52,6 +55,25 @@ impl WindowCache {
     /// Forgets everything (after a rollback, or a bulk delete).
     pub(super) fn clear(&mut self) {
         self.windows.clear();
+        self.spans.clear();
+    }
+
+    /// Makes sure `window_spans` holds at least `span` for `window` (pruning finds a window's
+    /// expired rows and buckets through it), writing only when this transaction has not already.
+    fn cover_span(&mut self, conn: &Connection, window: &str, span: i64) -> Result<(), StoreError> {
+        if self.spans.get(window).is_some_and(|&known| known >= span) {
+            return Ok(());
+        }
+        let stored: i64 = conn
+            .prepare_cached(
+                "INSERT INTO window_spans (window_key, duration_ms) VALUES (?1, ?2)
+                 ON CONFLICT (window_key) DO UPDATE
+                   SET duration_ms = max(window_spans.duration_ms, excluded.duration_ms)
+                 RETURNING duration_ms",
+            )?
+            .query_row(params![window, span], |r| r.get(0))?;
+        self.spans.insert(window.to_owned(), stored);
+        Ok(())
     }
 
     /// The total of `window`'s reservations with `at > since`, exactly as
@@ -120,7 +142,8 @@ impl WindowCache {
     ) -> Result<(), StoreError> {
         for chunk in reservations.chunks(CHUNK) {
             let mut buckets = Vec::with_capacity(chunk.len());
-            for &(window, amount, _) in chunk {
+            for &(window, amount, expires) in chunk {
+                self.cover_span(conn, window, expires.saturating_sub(at).max(0))?;
                 buckets.push(self.step(conn, window, at, amount, true)?);
             }
             let mut sql = String::from(
