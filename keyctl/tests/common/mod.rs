@@ -91,6 +91,17 @@ impl Appliance {
             .unwrap();
         assert!(out.status.success(), "dev init failed: {}", dump(&out));
         let dir = dir.canonicalize().unwrap();
+        // The suite runs many appliances and builds at once on two cores, where one fsync can
+        // take seconds: keyctl's 5 s default for requests to the signer was once not enough
+        // ("error sending request"). The tests wait longer; what they check is not timing.
+        let config = dir.join("keyctl.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        assert!(text.contains("\ntimeout_secs = 5\n"), "{text}");
+        std::fs::write(
+            &config,
+            text.replace("\ntimeout_secs = 5\n", "\ntimeout_secs = 30\n"),
+        )
+        .unwrap();
         Self {
             config: dir.join("keyctl.toml"),
             dir,
