@@ -742,5 +742,52 @@ pub fn address_of(key: &VerifyingKey) -> Address {
 
 /// A U256 as a `0x` quantity string (for audit payloads: never JSON numbers for amounts).
 pub(crate) fn hex_u256(v: U256) -> String {
-    format!("{v:#x}")
+    // Byte by byte instead of `format!("{v:#x}")` (the same text: lowercase, no leading zeros,
+    // `0x0` for zero), which costs several times more on every signature's audit record.
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(66);
+    out.push_str("0x");
+    let mut started = false;
+    for byte in v.to_be_bytes::<32>() {
+        for nibble in [byte >> 4, byte & 0x0f] {
+            if started || nibble != 0 {
+                started = true;
+                out.push(char::from(DIGITS[usize::from(nibble)]));
+            }
+        }
+    }
+    if !started {
+        out.push('0');
+    }
+    out
+}
+
+#[cfg(test)]
+mod hex_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn hex_u256_is_the_lower_hex_format() {
+        let mut values = vec![
+            U256::ZERO,
+            U256::from(1u8),
+            U256::from(0x0fu8),
+            U256::from(0x10u8),
+            U256::from(0x100u16),
+            U256::from(10u64).pow(U256::from(18u8)),
+            U256::from(u64::MAX),
+            U256::from(u64::MAX) + U256::from(1u8),
+            U256::MAX,
+        ];
+        let mut x = U256::from(0x1234_5678_9abc_def0u64);
+        for _ in 0..64 {
+            x = x.wrapping_mul(U256::from(0x9e37_79b9_7f4a_7c15u64)) + U256::from(7u8);
+            values.push(x);
+            values.push(x >> 100usize);
+        }
+        for v in values {
+            assert_eq!(hex_u256(v), format!("{v:#x}"));
+        }
+    }
 }

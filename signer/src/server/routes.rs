@@ -885,14 +885,21 @@ async fn execute<B: KeyBackend, S: Store>(
     now: UnixMillis,
 ) -> Result<Signed, ApiError> {
     let policy = s.policy();
+    // Each window's text form, made once for the store's reservation and the audit record.
+    let window_names: Vec<String> = decision
+        .reservations
+        .iter()
+        .map(|r| r.window.to_string())
+        .collect();
     let reservations = decision
         .reservations
         .iter()
-        .map(|r| {
+        .zip(&window_names)
+        .map(|(r, name)| {
             // A grant's spending lives in the store's grant window (`Store::grant` sums it).
             let window = match r.window.scope {
                 policy::WindowScope::Grant(g) => WindowKey::grant(&g.to_string()),
-                _ => WindowKey::new(r.window.to_string()),
+                _ => WindowKey::new(name.clone()),
             };
             Ok(store::Reservation {
                 window: window.map_err(|e| ApiError::internal(format!("window key: {e}")))?,
@@ -918,8 +925,8 @@ async fn execute<B: KeyBackend, S: Store>(
         "policyHash": policy.hash(),
         "approvers": decision.approvers,
         "grant": decision.grant,
-        "reservations": decision.reservations.iter().map(|r| json!({
-            "window": r.window.to_string(), "amount": hex_u256(r.amount)
+        "reservations": decision.reservations.iter().zip(window_names).map(|(r, window)| json!({
+            "window": window, "amount": hex_u256(r.amount)
         })).collect::<Vec<_>>(),
     });
     let tx = DecisionTx {
