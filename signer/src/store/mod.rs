@@ -88,10 +88,12 @@
 //! the writer hands it the answers that must be durable, and it `fdatasync`s the WAL file, then
 //! answers every job of every commit written before that sync began. So the writer never waits
 //! for the disk — a queued outcome committed while a sync runs is answered at once instead of
-//! after it — and every commit written during one sync shares the next. While a sync runs, a
-//! batch holding only jobs that wait for an fsync is not committed yet (they could not be
-//! answered before the next sync anyway): the writer collects more jobs until the sync ends, so
-//! they share one commit too. The answer to a durable job therefore means the same as with
+//! after it — and every commit written during one sync shares the next. Under load (see
+//! adaptive group commit below), while a sync runs, a batch holding only jobs that wait for an
+//! fsync is not committed yet (they could not be answered before the next sync anyway): the
+//! writer collects more jobs until the sync ends, so they share one commit too. Unloaded, it
+//! commits at once, so the commit's work overlaps the running sync instead of adding to the
+//! decision's latency. The answer to a durable job therefore means the same as with
 //! `synchronous=FULL`: its commit is on disk.
 //!
 //! Adaptive group commit: a commit costs the writer about as much as the jobs in it (every page

@@ -1648,7 +1648,8 @@ fn writer_loop(
         // about as much as the jobs in it (the pages it dirties go to the WAL whole), so under
         // load a batch that comes sooner than `linger` after the last commit waits for the rest
         // of the interval, collecting more jobs. Unloaded, nobody waits.
-        if !linger.is_zero() && in_flight.len() >= linger_siblings {
+        let loaded = in_flight.len() >= linger_siblings;
+        if !linger.is_zero() && loaded {
             let since = last_commit.elapsed();
             if since < linger && batch.len() < max_batch {
                 std::thread::sleep(linger - since);
@@ -1660,10 +1661,16 @@ fn writer_loop(
                 }
             }
         }
-        // Jobs that wait for an fsync gain nothing from a commit while a sync is running (they
-        // would wait for the next one): collect more until it ends, so they share one commit.
-        // A queued outcome (answered at its commit) ends the wait.
-        while batch.len() < max_batch && batch.iter().all(|j| j.durable()) && syncer.busy() {
+        // Under load, jobs that wait for an fsync gain little from a commit while a sync is
+        // running (they wait for the next sync either way): collect more until it ends, so they
+        // share one commit. Unloaded, commit at once: the commit's work then overlaps the running
+        // sync instead of adding to the decision's latency. A queued outcome (answered at its
+        // commit) ends the wait.
+        while loaded
+            && batch.len() < max_batch
+            && batch.iter().all(|j| j.durable())
+            && syncer.busy()
+        {
             syncer.wait_idle(Duration::from_micros(100));
             while batch.len() < max_batch {
                 match receiver.try_recv() {
