@@ -584,3 +584,21 @@ async fn a_version_2_database_migrates_with_its_reservations() {
         vec![U256::ZERO, U256::from(21)]
     );
 }
+
+/// The decision record's amounts are written in decimal by a fast path below 2^128 and by the
+/// general one above: both give what `U256`'s own formatting gives.
+#[test]
+fn decimal_amounts_match_u256_formatting() {
+    for v in [
+        U256::ZERO,
+        U256::from(7u64),
+        U256::from(u64::MAX),
+        U256::from(u128::MAX),
+        U256::from(u128::MAX) + U256::from(1u64),
+        U256::MAX,
+    ] {
+        let mut out = Vec::new();
+        super::sqlite::write_decimal_str(&mut out, v);
+        assert_eq!(String::from_utf8(out).expect("utf8"), format!("\"{v}\""));
+    }
+}
