@@ -1266,6 +1266,132 @@ async fn window_sums_match_a_brute_force_sum() {
     }
 }
 
+/// Decisions and releases from concurrent callers share batches, whose bucket totals reach the
+/// database once per batch: after each burst, the committed sums (read by another connection)
+/// and the writer's own sums (probed with decisions exactly at and one over the limit) both
+/// agree with a brute-force sum, across two window lengths, releases, pruning and time jumps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_decisions_and_releases_keep_window_sums_exact() {
+    let (_dir, path) = tempdb();
+    let store = Arc::new(SqliteStore::open(&path).expect("open"));
+    let key = active_key(&store, "searcher-hot", 1).await;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let windows = [("batch-short", 90_000u64), ("batch-long", 2 * HOUR)];
+    let res = |w: usize, amount: u64, limit: U256| Reservation {
+        window: window(windows[w].0),
+        duration_ms: windows[w].1,
+        amount: U256::from(amount),
+        limit,
+    };
+    // (window, at, amount, released)
+    let made = Arc::new(std::sync::Mutex::new(Vec::<(usize, u64, u64, bool)>::new()));
+    let expected = |made: &[(usize, u64, u64, bool)], w: usize, now: u64| -> u64 {
+        made.iter()
+            .filter(|(mw, t, _, rel)| *mw == w && !rel && *t + windows[w].1 > now)
+            .map(|(_, _, a, _)| *a)
+            .sum()
+    };
+    let mut when = 0u64;
+    let mut id = 0u64;
+    for round in 0..30 {
+        when += next() % if round % 6 == 5 { 95_000 } else { 900 };
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            id += 1;
+            let w = (next() % 2) as usize;
+            let amount = 1 + next() % 1000;
+            // Spread over a few milliseconds, not in order.
+            let t = when + next() % 5;
+            let release = next() % 3 == 0;
+            let (store, key, made) = (Arc::clone(&store), key.clone(), Arc::clone(&made));
+            let rid = format!("batch-{id}");
+            let r = res(w, amount, U256::MAX);
+            tasks.push(tokio::spawn(async move {
+                store
+                    .commit_decision(decision(&rid, &key, t, vec![r]))
+                    .await
+                    .expect("commit");
+                if release {
+                    store
+                        .record_outcome(OutcomeTx {
+                            request_id: RequestId::new(rid).expect("id"),
+                            at: at(t + 1),
+                            outcome: Outcome::Failed {
+                                reason: "x".into(),
+                                release: true,
+                            },
+                        })
+                        .await
+                        .expect("release");
+                }
+                made.lock().expect("lock").push((w, t, amount, release));
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        if round % 10 == 9 {
+            store.prune_reservations(at(when)).await.expect("prune");
+        }
+        let now = when + 10;
+        for (w, (name, duration)) in windows.iter().enumerate() {
+            let exp = expected(&made.lock().expect("lock"), w, now);
+            let committed = store
+                .window_sums(
+                    vec![WindowQuery {
+                        window: window(name),
+                        duration_ms: *duration,
+                    }],
+                    at(now),
+                )
+                .await
+                .expect("sums")[0]
+                .1;
+            assert_eq!(
+                committed,
+                U256::from(exp),
+                "{name} committed, round {round}"
+            );
+            // The writer's sum: one more than the limit allows is refused with the exact spent
+            // total; exactly the limit is not.
+            id += 1;
+            let over = store
+                .commit_decision(decision(
+                    &format!("probe-{id}"),
+                    &key,
+                    now,
+                    vec![res(w, 2, U256::from(exp + 1))],
+                ))
+                .await
+                .expect_err("over the limit");
+            match refusal(over) {
+                Refusal::LimitExceeded { spent, .. } => {
+                    assert_eq!(spent, U256::from(exp), "{name} writer, round {round}");
+                }
+                other => panic!("{other:?}"),
+            }
+            id += 1;
+            store
+                .commit_decision(decision(
+                    &format!("probe-{id}"),
+                    &key,
+                    now,
+                    vec![res(w, 1, U256::from(exp + 1))],
+                ))
+                .await
+                .expect("exactly at the limit");
+            made.lock().expect("lock").push((w, now, 1, false));
+        }
+    }
+    verify_chain(&all_records(&store).await, None).expect("chain verifies");
+}
+
 #[tokio::test]
 async fn database_is_wal_versioned_and_a_newer_schema_is_refused() {
     let (_dir, path) = tempdb();

@@ -76,7 +76,14 @@
 //! writer: at the start of every batch, inside the write lock, the writer reads `PRAGMA
 //! data_version` (which changes when *another* connection committed — a second store instance
 //! on the file, `keyctl`) and drops the whole copy if it changed; it also drops it when a job
-//! rolls back to its savepoint, when a batch's commit fails, and after pruning. Two instances on
+//! that wrote rolls back to its savepoint, when a batch's commit fails, and after pruning.
+//!
+//! Bucket totals are written once per batch, not once per decision: the decisions of a batch
+//! move the same few buckets (this second, this minute), so the cache holds each changed total
+//! until just before the batch commits, and writes it then (in the same transaction as the
+//! rows). Every read of a bucket that the cache does not track sees these unflushed totals
+//! first. A job that fails after writing while such totals wait fails the whole batch (only a
+//! database failure does that), since dropping the cache would lose them. Two instances on
 //! one file therefore still never together exceed a limit. Readers ([`Store::window_sums`],
 //! [`Store::grant`]) always sum from the tables.
 //!

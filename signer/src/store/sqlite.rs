@@ -408,6 +408,8 @@ impl Store for SqliteStore {
         // pruning one (another replica) still sums them exactly.
         let now = ms(now)?.saturating_sub(PRUNE_GRACE_MS);
         self.write(move |ctx| {
+            // The buckets this batch changed are written before any is deleted.
+            ctx.cache.flush(ctx.conn)?;
             // Per window, through `window_spans` (the longest duration the window was reserved
             // for): rows with `at <= now - span` have expired; a bucket expires with the last
             // of its rows, so once its whole interval is at or before that point.
@@ -1463,13 +1465,20 @@ struct WriteCtx<'c> {
 
 impl WriteCtx<'_> {
     /// Runs `f` inside a savepoint; on `Err` everything it wrote (and its audit records) is
-    /// rolled back, and the window cache, which may hold what was rolled back, is dropped.
+    /// rolled back, and the window cache, which may hold what was rolled back, is dropped. A
+    /// job that fails without having written anything leaves the cache as it is. A job that
+    /// fails after writing while earlier jobs' bucket totals wait in the cache for the batch's
+    /// flush breaks the batch: dropping the cache would lose those totals, so everything rolls
+    /// back (only database failures fail a job after it wrote).
     fn in_savepoint<T>(
         &mut self,
         f: impl FnOnce(&mut Self) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         exec_cached(self.conn, "SAVEPOINT job")?;
         let head = self.head;
+        let changes = self.conn.total_changes();
+        let dirty_before = self.cache.has_dirty();
+        let dirty_generation = self.cache.dirty_generation();
         match f(self) {
             Ok(v) => match exec_cached(self.conn, "RELEASE job") {
                 Ok(()) => Ok(v),
@@ -1484,10 +1493,20 @@ impl WriteCtx<'_> {
                     self.db_failed = true;
                 }
                 self.head = head;
-                self.cache.clear();
+                let touched = self.conn.total_changes() != changes
+                    || self.cache.dirty_generation() != dirty_generation;
+                if touched && dirty_before {
+                    self.cache.clear();
+                    self.broken = Some(format!("a write failed inside the batch: {err}"));
+                    return Err(err);
+                }
+                if touched {
+                    self.cache.clear();
+                }
                 let undone = exec_cached(self.conn, "ROLLBACK TO job")
                     .and_then(|()| exec_cached(self.conn, "RELEASE job"));
                 if let Err(e) = undone {
+                    self.cache.clear();
                     self.broken = Some(format!("rollback failed: {e}"));
                 }
                 Err(err)
@@ -1879,9 +1898,14 @@ fn run_batch(
             replies.push((durable, job.run(&mut ctx)));
         }
     }
+    // The batch's bucket totals go to the database once, just before the commit.
     let commit = match ctx.broken {
         Some(why) => Err(why),
-        None => exec_cached(conn, "COMMIT").map_err(|e| e.to_string()),
+        None => ctx
+            .cache
+            .flush(conn)
+            .map_err(|e| format!("cannot write window buckets: {e}"))
+            .and_then(|()| exec_cached(conn, "COMMIT").map_err(|e| e.to_string())),
     };
     if commit.is_err() || ctx.db_failed {
         // A failed commit, or a job refused by the database (disk full, I/O error): the store

@@ -35,6 +35,21 @@ pub(super) struct WindowCache {
     /// `window_spans` as this transaction sees it, for the windows written since the cache was
     /// last dropped: the longest duration a reservation of the window has had.
     spans: HashMap<String, i64>,
+    /// Bucket totals changed in this batch and not yet written to `window_buckets`: every
+    /// decision of a batch moves the same few buckets (this second, this minute), so they are
+    /// written once, by [`WindowCache::flush`] before the batch commits, instead of once per
+    /// decision. Reads of buckets from the database see these first. `expires` is `None` when
+    /// a release lowered a total and the row's expiry stays as it is.
+    dirty: HashMap<String, BTreeMap<(i64, i64), Dirty>>,
+    /// Counts changes to `dirty`, so the writer can tell whether a failed job touched it.
+    dirty_gen: u64,
+}
+
+/// A bucket total waiting for [`WindowCache::flush`].
+#[derive(Clone, Copy, Debug)]
+struct Dirty {
+    total: U256,
+    expires: Option<i64>,
 }
 
 impl WindowCache {
@@ -53,9 +68,115 @@ impl WindowCache {
     }
 
     /// Forgets everything (after a rollback, or a bulk delete).
+    /// Unflushed bucket totals are dropped with it: the caller rolls back the transaction that
+    /// holds the rows behind them (see [`WindowCache::has_dirty`]).
     pub(super) fn clear(&mut self) {
         self.windows.clear();
         self.spans.clear();
+        self.dirty.clear();
+        self.dirty_gen = self.dirty_gen.wrapping_add(1);
+    }
+
+    /// Whether bucket totals wait for [`WindowCache::flush`]: then dropping the cache without
+    /// rolling back the whole batch would leave the buckets behind their rows.
+    pub(super) fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Changes whenever the unflushed bucket totals change.
+    pub(super) fn dirty_generation(&self) -> u64 {
+        self.dirty_gen
+    }
+
+    /// Writes every unflushed bucket total to `window_buckets` (multi-row upserts; a total that
+    /// fell to zero deletes its row). Called before each commit, and before a job that deletes
+    /// buckets itself.
+    pub(super) fn flush(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        if self.dirty.is_empty() {
+            return Ok(());
+        }
+        let mut upserts = Vec::new();
+        for (window, buckets) in &self.dirty {
+            for (&(width, bucket), d) in buckets {
+                match d.expires {
+                    _ if d.total.is_zero() => {
+                        conn.prepare_cached(
+                            "DELETE FROM window_buckets
+                         WHERE window_key = ?1 AND width = ?2 AND bucket = ?3",
+                        )?
+                        .execute(params![window, width, bucket])?;
+                    }
+                    None => {
+                        conn.prepare_cached(
+                            "UPDATE window_buckets SET total = ?4
+                         WHERE window_key = ?1 AND width = ?2 AND bucket = ?3",
+                        )?
+                        .execute(params![
+                            window,
+                            width,
+                            bucket,
+                            d.total.to_be_bytes::<32>().as_slice()
+                        ])?;
+                    }
+                    Some(expires) => {
+                        upserts.push((window.as_str(), width, bucket, d.total, expires))
+                    }
+                }
+            }
+        }
+        for chunk in upserts.chunks(2 * CHUNK) {
+            let mut sql = String::from(
+                "INSERT INTO window_buckets (window_key, width, bucket, total, expires_at) VALUES ",
+            );
+            push_rows(&mut sql, chunk.len(), 5);
+            sql.push_str(
+                " ON CONFLICT (window_key, width, bucket) DO UPDATE
+                   SET total = excluded.total,
+                       expires_at = max(window_buckets.expires_at, excluded.expires_at)",
+            );
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut i = 0;
+            let mut bind = |v: &dyn rusqlite::ToSql| -> Result<(), rusqlite::Error> {
+                i += 1;
+                stmt.raw_bind_parameter(i, v)
+            };
+            for &(window, width, bucket, total, expires) in chunk {
+                bind(&window)?;
+                bind(&width)?;
+                bind(&bucket)?;
+                bind(&total.to_be_bytes::<32>().as_slice())?;
+                bind(&expires)?;
+            }
+            stmt.raw_execute()?;
+        }
+        self.dirty.clear();
+        self.dirty_gen = self.dirty_gen.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Records a bucket's new total for [`WindowCache::flush`]; `expires` (a reservation's)
+    /// raises the row's expiry, `None` (a release) keeps it.
+    fn set_dirty(
+        &mut self,
+        window: &str,
+        width: i64,
+        bucket: i64,
+        total: U256,
+        expires: Option<i64>,
+    ) {
+        let buckets = match self.dirty.get_mut(window) {
+            Some(b) => b,
+            None => self.dirty.entry(window.to_owned()).or_default(),
+        };
+        let expires = match (
+            buckets.get(&(width, bucket)).and_then(|d| d.expires),
+            expires,
+        ) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        buckets.insert((width, bucket), Dirty { total, expires });
+        self.dirty_gen = self.dirty_gen.wrapping_add(1);
     }
 
     /// Makes sure `window_spans` holds at least `span` for `window` (pruning finds a window's
@@ -85,7 +206,8 @@ impl WindowCache {
         since: i64,
         at: i64,
     ) -> Result<U256, StoreError> {
-        let w = self.window(conn, window, at)?;
+        let dirty = self.dirty.get(window);
+        let w = window_entry(&mut self.windows, dirty, conn, window, at)?;
         let fine = since.div_euclid(FINE_MS);
         let fine_end = fine.saturating_add(1).saturating_mul(FINE_MS);
         let coarse = since.div_euclid(COARSE_MS);
@@ -95,7 +217,7 @@ impl WindowCache {
         // Every later one-minute bucket.
         let from = coarse.saturating_add(1);
         if !w.coarse.covers(from) {
-            let loaded = load_buckets(conn, window, COARSE_MS, from, w.coarse.lo)?;
+            let loaded = load_buckets(conn, dirty, window, COARSE_MS, from, w.coarse.lo)?;
             w.coarse.extend_down(from, loaded);
         }
         let mut sum = w.coarse_after(coarse);
@@ -106,13 +228,13 @@ impl WindowCache {
         // The later one-second buckets of the minute holding `since`.
         let from = fine.saturating_add(1);
         if !w.fine.covers(from) && near(FINE_SPAN_MS) {
-            let loaded = load_buckets(conn, window, FINE_MS, from, w.fine.lo)?;
+            let loaded = load_buckets(conn, dirty, window, FINE_MS, from, w.fine.lo)?;
             w.fine.extend_down(from, loaded);
         }
         let fine_sum = if w.fine.covers(from) {
             w.fine.sum_between(fine, coarse_end_fine)
         } else {
-            db_fine_sum(conn, window, fine, coarse_end_fine)?
+            db_fine_sum(conn, dirty, window, fine, coarse_end_fine)?
         };
         sum = sum.saturating_add(fine_sum);
 
@@ -131,8 +253,8 @@ impl WindowCache {
     }
 
     /// Inserts the reservation rows of one request at `at` — `(window, amount, expires)`, window
-    /// keys distinct — and adds each amount to both bucket levels of its window, with one
-    /// multi-row statement for the rows and one for the buckets (per [`CHUNK`] windows).
+    /// keys distinct — with one multi-row statement (per [`CHUNK`] windows), and adds each
+    /// amount to both bucket levels of its window (written by the batch's flush).
     pub(super) fn reserve(
         &mut self,
         conn: &Connection,
@@ -164,44 +286,19 @@ impl WindowCache {
                 bind(&expires)?;
             }
             stmt.raw_execute()?;
-
-            let mut sql = String::from(
-                "INSERT INTO window_buckets (window_key, width, bucket, total, expires_at) VALUES ",
-            );
-            push_rows(&mut sql, 2 * chunk.len(), 5);
-            sql.push_str(
-                " ON CONFLICT (window_key, width, bucket) DO UPDATE
-                   SET total = excluded.total,
-                       expires_at = max(window_buckets.expires_at, excluded.expires_at)",
-            );
-            let mut stmt = conn.prepare_cached(&sql)?;
-            let mut i = 0;
-            let mut bind = |v: &dyn rusqlite::ToSql| -> Result<(), rusqlite::Error> {
-                i += 1;
-                stmt.raw_bind_parameter(i, v)
-            };
             for (&(window, _, expires), &(fine, fine_total, coarse, coarse_total)) in
                 chunk.iter().zip(&buckets)
             {
-                for (width, bucket, total) in [
-                    (FINE_MS, fine, fine_total),
-                    (COARSE_MS, coarse, coarse_total),
-                ] {
-                    bind(&window)?;
-                    bind(&width)?;
-                    bind(&bucket)?;
-                    bind(&total.to_be_bytes::<32>().as_slice())?;
-                    bind(&expires)?;
-                }
+                self.set_dirty(window, FINE_MS, fine, fine_total, Some(expires));
+                self.set_dirty(window, COARSE_MS, coarse, coarse_total, Some(expires));
             }
-            stmt.raw_execute()?;
         }
         Ok(())
     }
 
     /// Records that the reservation row of `amount` at `at` in `window` was deleted, and
-    /// subtracts it from both bucket levels in the database (deleting a bucket that drops to
-    /// zero).
+    /// subtracts it from both bucket levels (written by the batch's flush, which deletes a
+    /// bucket that dropped to zero).
     pub(super) fn release(
         &mut self,
         conn: &Connection,
@@ -211,29 +308,8 @@ impl WindowCache {
     ) -> Result<(), StoreError> {
         let (fine, fine_total, coarse, coarse_total) =
             self.step(conn, window, at, amount, false)?;
-        for (width, bucket, total) in [
-            (FINE_MS, fine, fine_total),
-            (COARSE_MS, coarse, coarse_total),
-        ] {
-            if total.is_zero() {
-                conn.prepare_cached(
-                    "DELETE FROM window_buckets
-                     WHERE window_key = ?1 AND width = ?2 AND bucket = ?3",
-                )?
-                .execute(params![window, width, bucket])?;
-            } else {
-                conn.prepare_cached(
-                    "UPDATE window_buckets SET total = ?4
-                     WHERE window_key = ?1 AND width = ?2 AND bucket = ?3",
-                )?
-                .execute(params![
-                    window,
-                    width,
-                    bucket,
-                    total.to_be_bytes::<32>().as_slice()
-                ])?;
-            }
-        }
+        self.set_dirty(window, FINE_MS, fine, fine_total, None);
+        self.set_dirty(window, COARSE_MS, coarse, coarse_total, None);
         Ok(())
     }
 
@@ -248,11 +324,16 @@ impl WindowCache {
         amount: U256,
         add: bool,
     ) -> Result<(i64, U256, i64, U256), StoreError> {
-        let w = self.window(conn, window, at)?;
+        let dirty = self.dirty.get(window);
+        let w = window_entry(&mut self.windows, dirty, conn, window, at)?;
         let fine = at.div_euclid(FINE_MS);
         let coarse = at.div_euclid(COARSE_MS);
-        let fine_total = step(w.fine.get(conn, window, FINE_MS, fine)?, amount, add)?;
-        let coarse_total = step(w.coarse.get(conn, window, COARSE_MS, coarse)?, amount, add)?;
+        let fine_total = step(w.fine.get(conn, dirty, window, FINE_MS, fine)?, amount, add)?;
+        let coarse_total = step(
+            w.coarse.get(conn, dirty, window, COARSE_MS, coarse)?,
+            amount,
+            add,
+        )?;
         w.fine.set(fine, fine_total);
         w.set_coarse(coarse, coarse_total);
         let keep = w.rows.adjust(at, amount, add);
@@ -271,26 +352,28 @@ impl WindowCache {
         }
         Ok((fine, fine_total, coarse, coarse_total))
     }
+}
 
-    /// The window's entry, created (tracking one-second buckets from `at` on) if new.
-    fn window(
-        &mut self,
-        conn: &Connection,
-        window: &str,
-        at: i64,
-    ) -> Result<&mut CachedWindow, StoreError> {
-        if !self.windows.contains_key(window) {
-            let mut w = CachedWindow::new();
-            // Track the one-second buckets from now on, so writes need not read them back.
-            let from = at.div_euclid(FINE_MS);
-            let loaded = load_buckets(conn, window, FINE_MS, from, i64::MAX)?;
-            w.fine.extend_down(from, loaded);
-            self.windows.insert(window.to_owned(), w);
-        }
-        self.windows
-            .get_mut(window)
-            .ok_or_else(|| StoreError::Database("window cache entry vanished".into()))
+/// The window's entry, created (tracking one-second buckets from `at` on) if new. A free
+/// function over the map, so the caller can hold the window's unflushed buckets beside it.
+fn window_entry<'w>(
+    windows: &'w mut HashMap<String, CachedWindow>,
+    dirty: Option<&BTreeMap<(i64, i64), Dirty>>,
+    conn: &Connection,
+    window: &str,
+    at: i64,
+) -> Result<&'w mut CachedWindow, StoreError> {
+    if !windows.contains_key(window) {
+        let mut w = CachedWindow::new();
+        // Track the one-second buckets from now on, so writes need not read them back.
+        let from = at.div_euclid(FINE_MS);
+        let loaded = load_buckets(conn, dirty, window, FINE_MS, from, i64::MAX)?;
+        w.fine.extend_down(from, loaded);
+        windows.insert(window.to_owned(), w);
     }
+    windows
+        .get_mut(window)
+        .ok_or_else(|| StoreError::Database("window cache entry vanished".into()))
 }
 
 /// One window's cached state.
@@ -402,12 +485,16 @@ impl Tracked {
     fn get(
         &self,
         conn: &Connection,
+        dirty: Option<&BTreeMap<(i64, i64), Dirty>>,
         window: &str,
         width: i64,
         key: i64,
     ) -> Result<U256, StoreError> {
         if let Some(v) = self.value(key) {
             return Ok(v);
+        }
+        if let Some(d) = dirty.and_then(|d| d.get(&(width, key))) {
+            return Ok(d.total);
         }
         let blob: Option<Vec<u8>> = conn
             .prepare_cached(
@@ -495,7 +582,7 @@ pub(super) fn window_sum(c: &Connection, window: &str, since: i64) -> Result<U25
     let coarse = since.div_euclid(COARSE_MS);
     let coarse_end_fine = coarse.saturating_add(1).saturating_mul(COARSE_MS / FINE_MS);
     let rows = db_rows_sum(c, window, since, fine_end)?;
-    let fine = db_fine_sum(c, window, fine, coarse_end_fine)?;
+    let fine = db_fine_sum(c, None, window, fine, coarse_end_fine)?;
     let mut sum = rows.saturating_add(fine);
     let mut stmt = c.prepare_cached(
         "SELECT total FROM window_buckets WHERE window_key = ?1 AND width = ?2 AND bucket > ?3",
@@ -548,22 +635,30 @@ fn db_rows_sum(c: &Connection, window: &str, since: i64, before: i64) -> Result<
     Ok(sum)
 }
 
-fn db_fine_sum(c: &Connection, window: &str, after: i64, before: i64) -> Result<U256, StoreError> {
-    let mut stmt = c.prepare_cached(
-        "SELECT total FROM window_buckets
-         WHERE window_key = ?1 AND width = ?2 AND bucket > ?3 AND bucket < ?4",
-    )?;
-    let mut q = stmt.query(params![window, FINE_MS, after, before])?;
-    let mut sum = U256::ZERO;
-    while let Some(r) = q.next()? {
-        sum = sum.saturating_add(blob_u256(r)?);
+/// The one-second buckets strictly between `after` and `before`, unflushed totals included.
+fn db_fine_sum(
+    c: &Connection,
+    dirty: Option<&BTreeMap<(i64, i64), Dirty>>,
+    window: &str,
+    after: i64,
+    before: i64,
+) -> Result<U256, StoreError> {
+    let Some(from) = after.checked_add(1) else {
+        return Ok(U256::ZERO);
+    };
+    if from >= before {
+        return Ok(U256::ZERO);
     }
-    Ok(sum)
+    Ok(load_buckets(c, dirty, window, FINE_MS, from, before)?
+        .into_iter()
+        // A sum past 2^256 cannot be under any limit; saturating keeps it refusing.
+        .fold(U256::ZERO, |s, (_, v)| s.saturating_add(v)))
 }
 
 /// Buckets of one width with `from <= bucket < before`.
 fn load_buckets(
     c: &Connection,
+    dirty: Option<&BTreeMap<(i64, i64), Dirty>>,
     window: &str,
     width: i64,
     from: i64,
@@ -577,6 +672,21 @@ fn load_buckets(
     let mut out = Vec::new();
     while let Some(r) = q.next()? {
         out.push((r.get(0)?, u256(&r.get::<_, Vec<u8>>(1)?)?));
+    }
+    // Totals changed in this batch and not yet written replace (or add) their rows.
+    let pending = dirty
+        .map(|d| d.range((width, from)..(width, before)).collect::<Vec<_>>())
+        .unwrap_or_default();
+    if !pending.is_empty() {
+        let mut merged: BTreeMap<i64, U256> = out.into_iter().collect();
+        for (&(_, bucket), d) in pending {
+            if d.total.is_zero() {
+                merged.remove(&bucket);
+            } else {
+                merged.insert(bucket, d.total);
+            }
+        }
+        out = merged.into_iter().collect();
     }
     Ok(out)
 }
@@ -613,4 +723,72 @@ fn u256(b: &[u8]) -> Result<U256, StoreError> {
 
 fn corrupt(what: &str) -> StoreError {
     StoreError::Database(format!("corrupt row: {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn bucket(c: &Connection, width: i64, bucket: i64) -> Option<U256> {
+        c.query_row(
+            "SELECT total FROM window_buckets WHERE window_key = 'w' AND width = ?1 AND bucket = ?2",
+            params![width, bucket],
+            |r| r.get::<_, Vec<u8>>(0),
+        )
+        .optional()
+        .unwrap()
+        .map(|b| u256(&b).unwrap())
+    }
+
+    /// Bucket totals wait in the cache until the flush, so every read of a bucket the cache does
+    /// not track must see them first: here a decision earlier than the one that created the
+    /// window's entry (concurrent callers take their times before queueing) lands in a second
+    /// the cache does not track, twice in one batch.
+    #[test]
+    fn unflushed_totals_are_read_before_the_database_and_flushed_once() {
+        let mut c = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut c).unwrap();
+        c.pragma_update(None, "foreign_keys", "OFF").unwrap();
+        c.execute_batch("BEGIN").unwrap();
+        let mut cache = WindowCache::default();
+        cache.begin_batch(&c).unwrap();
+        let expires = 200_000;
+        cache
+            .reserve(&c, "r1", 10_500, &[("w", U256::from(5), expires)])
+            .unwrap();
+        cache
+            .reserve(&c, "r2", 9_999, &[("w", U256::from(7), expires)])
+            .unwrap();
+        cache
+            .reserve(&c, "r3", 9_998, &[("w", U256::from(11), expires)])
+            .unwrap();
+        assert_eq!(
+            bucket(&c, FINE_MS, 9),
+            None,
+            "nothing written before the flush"
+        );
+        let pending = load_buckets(&c, cache.dirty.get("w"), "w", FINE_MS, 0, 100).unwrap();
+        assert_eq!(pending, vec![(9, U256::from(18)), (10, U256::from(5))]);
+        assert_eq!(
+            db_fine_sum(&c, cache.dirty.get("w"), "w", 8, 60).unwrap(),
+            U256::from(23)
+        );
+        // A release in the same batch lowers the unflushed total.
+        cache.release(&c, "w", 9_999, U256::from(7)).unwrap();
+        assert!(cache.has_dirty());
+        cache.flush(&c).unwrap();
+        assert!(!cache.has_dirty());
+        assert_eq!(bucket(&c, FINE_MS, 9), Some(U256::from(11)));
+        assert_eq!(bucket(&c, FINE_MS, 10), Some(U256::from(5)));
+        assert_eq!(bucket(&c, COARSE_MS, 0), Some(U256::from(16)));
+        // Releasing the rest deletes the rows at the next flush.
+        cache.release(&c, "w", 9_998, U256::from(11)).unwrap();
+        cache.release(&c, "w", 10_500, U256::from(5)).unwrap();
+        cache.flush(&c).unwrap();
+        assert_eq!(bucket(&c, FINE_MS, 9), None);
+        assert_eq!(bucket(&c, COARSE_MS, 0), None);
+        c.execute_batch("COMMIT").unwrap();
+    }
 }
