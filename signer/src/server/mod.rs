@@ -745,21 +745,17 @@ pub(crate) fn hex_u256(v: U256) -> String {
     // Byte by byte instead of `format!("{v:#x}")` (the same text: lowercase, no leading zeros,
     // `0x0` for zero), which costs several times more on every signature's audit record.
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(66);
-    out.push_str("0x");
-    let mut started = false;
-    for byte in v.to_be_bytes::<32>() {
-        for nibble in [byte >> 4, byte & 0x0f] {
-            if started || nibble != 0 {
-                started = true;
-                out.push(char::from(DIGITS[usize::from(nibble)]));
-            }
-        }
+    let mut buf = [0u8; 66];
+    buf[0] = b'0';
+    buf[1] = b'x';
+    for (i, byte) in v.to_be_bytes::<32>().into_iter().enumerate() {
+        buf[2 + 2 * i] = DIGITS[usize::from(byte >> 4)];
+        buf[3 + 2 * i] = DIGITS[usize::from(byte & 0x0f)];
     }
-    if !started {
-        out.push('0');
-    }
-    out
+    // Leading zero digits dropped, the last one kept (`0x0`).
+    let skip = (v.leading_zeros() / 4).min(63);
+    buf.copy_within(0..2, skip);
+    String::from_utf8_lossy(&buf[skip..]).into_owned()
 }
 
 #[cfg(test)]

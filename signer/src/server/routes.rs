@@ -7,6 +7,7 @@ use alloy::consensus::{Transaction, TypedTransaction};
 use alloy::dyn_abi::TypedData;
 use alloy::eips::Decodable2718;
 use alloy::primitives::{B256, Bytes, Signature, U256, eip191_hash_message};
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -130,9 +131,29 @@ impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &St) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) => Err(ApiError::from(rejection)),
+        // Fast path for a body declared exactly `application/json` (what clients send): plain
+        // `serde_json::from_slice`, without the field-path tracking axum's `Json` does on every
+        // body. Any other content type, and any body that does not parse, goes through axum's
+        // `Json` itself, so every rejection and its message stay exactly axum's.
+        let plain_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes() == b"application/json");
+        if !plain_json {
+            return match Json::<T>::from_request(req, state).await {
+                Ok(Json(v)) => Ok(ApiJson(v)),
+                Err(rejection) => Err(ApiError::from(rejection)),
+            };
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::from(JsonRejection::from(e)))?;
+        match serde_json::from_slice::<T>(&bytes) {
+            Ok(v) => Ok(ApiJson(v)),
+            Err(_) => match Json::<T>::from_bytes(&bytes) {
+                Ok(Json(v)) => Ok(ApiJson(v)),
+                Err(rejection) => Err(ApiError::from(rejection)),
+            },
         }
     }
 }
@@ -889,7 +910,13 @@ async fn execute<B: KeyBackend, S: Store>(
     let window_names: Vec<String> = decision
         .reservations
         .iter()
-        .map(|r| r.window.to_string())
+        .map(|r| {
+            use std::fmt::Write;
+            // Sized once: `to_string` would grow the buffer three times on the way.
+            let mut name = String::with_capacity(64);
+            let _ = write!(name, "{}", r.window);
+            name
+        })
         .collect();
     let reservations = decision
         .reservations
@@ -913,7 +940,19 @@ async fn execute<B: KeyBackend, S: Store>(
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let details = json!({
+    // Built as values, not through `json!`, which would serialize (copy) each nested value again.
+    let reserved: Vec<Value> = decision
+        .reservations
+        .iter()
+        .zip(window_names)
+        .map(|(r, window)| {
+            let mut o = serde_json::Map::new();
+            o.insert("window".into(), Value::String(window));
+            o.insert("amount".into(), Value::String(hex_u256(r.amount)));
+            Value::Object(o)
+        })
+        .collect();
+    let mut details = json!({
         "kind": job.kind(),
         "key": key.record.version.to_string(),
         // `record.address == info.address` (checked when the key was loaded).
@@ -925,10 +964,10 @@ async fn execute<B: KeyBackend, S: Store>(
         "policyHash": policy.hash(),
         "approvers": decision.approvers,
         "grant": decision.grant,
-        "reservations": decision.reservations.iter().zip(window_names).map(|(r, window)| json!({
-            "window": window, "amount": hex_u256(r.amount)
-        })).collect::<Vec<_>>(),
     });
+    if let Some(d) = details.as_object_mut() {
+        d.insert("reservations".into(), Value::Array(reserved));
+    }
     let tx = DecisionTx {
         request_id: RequestId::new(rid)
             .map_err(|e| ApiError::bad_request("invalid_request_id", e.to_string()))?,
