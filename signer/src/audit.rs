@@ -930,7 +930,7 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-fn check_integers_only(v: &Value) -> Result<(), AuditError> {
+pub(crate) fn check_integers_only(v: &Value) -> Result<(), AuditError> {
     match v {
         Value::Number(n) if !(n.is_i64() || n.is_u64()) => Err(AuditError::Malformed(format!(
             "non-integer number {n} in payload (write quantities as strings)"

@@ -1463,3 +1463,32 @@ async fn the_writer_counts_signatures_in_progress() {
         .expect("failure");
     assert_eq!(store.commit_stats().in_flight, 3);
 }
+
+/// A decision's details go into its audit record: they must be a JSON object with integers
+/// only (quantities as strings), or the store refuses the decision before writing anything.
+#[tokio::test]
+async fn decision_details_must_be_an_object_of_integers() {
+    let (_dir, path) = tempdb();
+    let store = SqliteStore::open(&path).expect("open");
+    let key = active_key(&store, "searcher-hot", 1).await;
+    for (i, details) in [
+        json!([1, 2]),
+        json!({"value": 1.5}),
+        json!({"nested": {"x": [0.1]}}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut d = decision(&format!("bad-details-{i}"), &key, 1, vec![]);
+        d.details = details.clone();
+        let e = store.commit_decision(d).await.expect_err("bad details");
+        assert!(matches!(e, StoreError::Audit(_)), "{details}: {e}");
+    }
+    let mut d = decision("good-details", &key, 1, vec![]);
+    d.details = json!({"value": "1500000000000000000", "nonce": 7});
+    store.commit_decision(d).await.expect("good details");
+    assert_eq!(
+        all_records(&store).await.last().expect("record").kind,
+        audit::AuditKind::Decision
+    );
+}
