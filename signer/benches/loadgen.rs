@@ -30,39 +30,22 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use alloy::primitives::{Address, B256};
+use alloy::primitives::B256;
 use castellan_signer::backend::KeyBackend;
 use castellan_signer::backend::SignRequest;
 use castellan_signer::backend::pkcs11::{PinSource, Pkcs11Backend, Pkcs11Config};
 use castellan_tests::softhsm::{PIN_ENV, SoftHsmToken};
-use serde_json::json;
 
 fn main() -> ExitCode {
-    let Some(token) = SoftHsmToken::from_env() else {
-        let token = SoftHsmToken::new("castellan-loadgen").unwrap();
-        let mut child = Command::new(std::env::current_exe().unwrap());
-        child.args(std::env::args_os().skip(1));
-        token.configure(&mut child);
-        let status = child
-            .status()
-            .expect("cannot re-execute the load generator");
-        return if status.success() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        };
+    let token = match support::bench_token("castellan-loadgen", "loadgen") {
+        Ok(token) => token,
+        Err(code) => return code,
     };
-    // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing: run only when
-    // benchmarking, so the test suite does not spend minutes here.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("loadgen: run with `cargo bench --bench loadgen`");
-        return ExitCode::SUCCESS;
-    }
     let secs: u64 = std::env::var("LOADGEN_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -75,49 +58,6 @@ fn main() -> ExitCode {
     rt.block_on(run(&token, Duration::from_secs(secs)));
     ExitCode::SUCCESS
 }
-
-const POLICY: &str = r#"
-[approval_domain]
-chain_id = 31337
-
-[defaults]
-chain_ids = [31337]
-allow_contract_creation = false
-max_value = "10 ether"
-max_gas_limit = 1_000_000
-max_fee_per_gas = "100 gwei"
-max_priority_fee_per_gas = "10 gwei"
-max_cost = "20 ether"
-personal_sign = true
-typed_data = false
-
-[[defaults.velocity]]
-window = "1m"
-max_value = "1000000 ether"
-max_cost = "1000000 ether"
-
-[[defaults.velocity]]
-window = "1h"
-max_value = "1000000 ether"
-
-[[defaults.velocity]]
-window = "24h"
-max_cost = "1000000 ether"
-
-[[defaults.rate]]
-window = "1s"
-max_requests = 1000000
-
-[[keys]]
-name = "hot"
-
-[[keys]]
-name = "cold"
-
-[[clients]]
-identity = "spiffe://castellan/strategy/alpha"
-keys = ["hot", "cold"]
-"#;
 
 struct Raw {
     rate: f64,
@@ -235,18 +175,6 @@ fn self_cpu() -> Duration {
     cpu_of("self")
 }
 
-fn tx(nonce: u64) -> serde_json::Value {
-    json!({ "tx": {
-        "chainId": "31337",
-        "nonce": nonce.to_string(),
-        "to": Address::repeat_byte(0x11).to_string(),
-        "value": "1",
-        "gas": "21000",
-        "maxFeePerGas": "0x77359400",
-        "maxPriorityFeePerGas": "0x3b9aca00",
-    }})
-}
-
 struct Served {
     rate: f64,
     cpu_per_req: Duration,
@@ -261,7 +189,7 @@ async fn closed_loop(app: &support::Appliance, clients: usize, dur: Duration) ->
     for c in &conns {
         let r = c
             .post(app.url("/v1/keys/hot/sign/transaction"))
-            .json(&tx(nonce.fetch_add(1, Ordering::Relaxed)))
+            .json(&support::transfer(nonce.fetch_add(1, Ordering::Relaxed)))
             .send()
             .await
             .unwrap();
@@ -280,7 +208,7 @@ async fn closed_loop(app: &support::Appliance, clients: usize, dur: Duration) ->
             while t0.elapsed() < dur {
                 let r = c
                     .post(&url)
-                    .json(&tx(nonce.fetch_add(1, Ordering::Relaxed)))
+                    .json(&support::transfer(nonce.fetch_add(1, Ordering::Relaxed)))
                     .send()
                     .await
                     .unwrap();
@@ -334,7 +262,7 @@ async fn open_loop(
     for c in &pool {
         let r = c
             .post(app.url("/v1/keys/hot/sign/transaction"))
-            .json(&tx(nonce.fetch_add(1, Ordering::Relaxed)))
+            .json(&support::transfer(nonce.fetch_add(1, Ordering::Relaxed)))
             .send()
             .await
             .unwrap();
@@ -353,7 +281,7 @@ async fn open_loop(
         let c = pool[i % pool.len()].clone();
         i += 1;
         let url = app.url("/v1/keys/hot/sign/transaction");
-        let body = tx(nonce.fetch_add(1, Ordering::Relaxed));
+        let body = support::transfer(nonce.fetch_add(1, Ordering::Relaxed));
         let lats = lats.clone();
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
@@ -401,7 +329,7 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
         let app = support::Appliance::start_full(
             token,
             &["hot"],
-            POLICY,
+            support::LOAD_POLICY,
             "[metrics]\nlisten = \"127.0.0.1:0\"\n",
             sessions,
         )

@@ -57,24 +57,10 @@ use castellan_tests::softhsm::SoftHsmToken;
 use serde_json::json;
 
 fn main() -> ExitCode {
-    let Some(token) = SoftHsmToken::from_env() else {
-        let token = SoftHsmToken::new("castellan-overload").unwrap();
-        let mut child = Command::new(std::env::current_exe().unwrap());
-        child.args(std::env::args_os().skip(1));
-        token.configure(&mut child);
-        let status = child.status().expect("cannot re-execute the benchmark");
-        return if status.success() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        };
+    let token = match support::bench_token("castellan-overload", "overload") {
+        Ok(token) => token,
+        Err(code) => return code,
     };
-    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: run only when
-    // benchmarking, so the test suite does not spend minutes here.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("overload: run with `cargo bench --bench overload`");
-        return ExitCode::SUCCESS;
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -121,18 +107,6 @@ name = "hot"
 identity = "spiffe://castellan/strategy/alpha"
 keys = ["hot"]
 "#;
-
-fn tx(nonce: u64) -> serde_json::Value {
-    json!({ "tx": {
-        "chainId": "31337",
-        "nonce": nonce.to_string(),
-        "to": Address::repeat_byte(0x11).to_string(),
-        "value": "1",
-        "gas": "21000",
-        "maxFeePerGas": "0x77359400",
-        "maxPriorityFeePerGas": "0x3b9aca00",
-    }})
-}
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -210,7 +184,7 @@ async fn sustainable(app: &support::Appliance, clients: usize, dur: Duration) ->
             while t0.elapsed() < dur {
                 let r = c
                     .post(&url)
-                    .json(&tx(nonce.fetch_add(1, Ordering::Relaxed)))
+                    .json(&support::transfer(nonce.fetch_add(1, Ordering::Relaxed)))
                     .send()
                     .await
                     .unwrap();
@@ -255,7 +229,7 @@ async fn open_loop(
         let c = clients[i % clients.len()].clone();
         i += 1;
         let url = url.to_owned();
-        let body = tx(nonce.fetch_add(1, Ordering::Relaxed));
+        let body = support::transfer(nonce.fetch_add(1, Ordering::Relaxed));
         let phase = phase.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
@@ -516,7 +490,12 @@ async fn refusals_only(
     let url = app.url("/v1/keys/hot/sign/transaction");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = probe.post(&url).json(&tx(1)).send().await.unwrap();
+        let r = probe
+            .post(&url)
+            .json(&support::transfer(1))
+            .send()
+            .await
+            .unwrap();
         if r.status().as_u16() == 503 {
             break;
         }

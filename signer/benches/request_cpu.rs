@@ -30,28 +30,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use alloy::primitives::Address;
 use castellan_tests::softhsm::SoftHsmToken;
-use serde_json::json;
 
 fn main() -> ExitCode {
-    let Some(token) = SoftHsmToken::from_env() else {
-        let token = SoftHsmToken::new("castellan-request-cpu").unwrap();
-        let mut child = Command::new(std::env::current_exe().unwrap());
-        child.args(std::env::args_os().skip(1));
-        token.configure(&mut child);
-        let status = child.status().expect("cannot re-execute the bench");
-        return if status.success() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        };
+    let token = match support::bench_token("castellan-request-cpu", "request_cpu") {
+        Ok(token) => token,
+        Err(code) => return code,
     };
-    // `cargo test --benches` passes no `--bench`: do nothing there (valgrind takes minutes).
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("request_cpu: run with `cargo bench --bench request_cpu`");
-        return ExitCode::SUCCESS;
-    }
     let n: u64 = env_or("REQUEST_CPU_N", 300);
     let clients: u64 = env_or("REQUEST_CPU_CLIENTS", 4);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -70,58 +55,6 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-const POLICY: &str = r#"
-[approval_domain]
-chain_id = 31337
-
-[defaults]
-chain_ids = [31337]
-allow_contract_creation = false
-max_value = "10 ether"
-max_gas_limit = 1_000_000
-max_fee_per_gas = "100 gwei"
-max_priority_fee_per_gas = "10 gwei"
-max_cost = "20 ether"
-personal_sign = true
-typed_data = false
-
-[[defaults.velocity]]
-window = "1m"
-max_value = "1000000 ether"
-max_cost = "1000000 ether"
-
-[[defaults.velocity]]
-window = "1h"
-max_value = "1000000 ether"
-
-[[defaults.velocity]]
-window = "24h"
-max_cost = "1000000 ether"
-
-[[defaults.rate]]
-window = "1s"
-max_requests = 1000000
-
-[[keys]]
-name = "hot"
-
-[[clients]]
-identity = "spiffe://castellan/strategy/alpha"
-keys = ["hot"]
-"#;
-
-fn tx(nonce: u64) -> serde_json::Value {
-    json!({ "tx": {
-        "chainId": "31337",
-        "nonce": nonce.to_string(),
-        "to": Address::repeat_byte(0x11).to_string(),
-        "value": "1",
-        "gas": "21000",
-        "maxFeePerGas": "0x77359400",
-        "maxPriorityFeePerGas": "0x3b9aca00",
-    }})
-}
-
 /// Sends `n` requests from `clients` connections (already warmed up), all answered 200.
 async fn send(conns: &[reqwest::Client], url: &str, nonce: &Arc<AtomicU64>, n: u64) {
     let left = Arc::new(AtomicU64::new(n));
@@ -135,7 +68,7 @@ async fn send(conns: &[reqwest::Client], url: &str, nonce: &Arc<AtomicU64>, n: u
             {
                 let r = c
                     .post(&url)
-                    .json(&tx(nonce.fetch_add(1, Ordering::Relaxed)))
+                    .json(&support::transfer(nonce.fetch_add(1, Ordering::Relaxed)))
                     .send()
                     .await
                     .unwrap();
@@ -167,7 +100,7 @@ async fn run(token: &SoftHsmToken, n: u64, clients: u64) {
     let mut app = support::Appliance::start_full(
         token,
         &["hot"],
-        POLICY,
+        support::LOAD_POLICY,
         "[hardening]\nallow_root = true\nno_mlock = true\n",
         1,
     )

@@ -19,7 +19,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -30,23 +30,10 @@ use castellan_tests::softhsm::SoftHsmToken;
 use serde_json::json;
 
 fn main() -> ExitCode {
-    let Some(token) = SoftHsmToken::from_env() else {
-        let token = SoftHsmToken::new("castellan-revocation").unwrap();
-        let mut child = Command::new(std::env::current_exe().unwrap());
-        child.args(std::env::args_os().skip(1));
-        token.configure(&mut child);
-        let status = child.status().expect("cannot re-execute the benchmark");
-        return if status.success() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        };
+    let token = match support::bench_token("castellan-revocation", "revocation") {
+        Ok(token) => token,
+        Err(code) => return code,
     };
-    // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("revocation: run with `cargo bench --bench revocation`");
-        return ExitCode::SUCCESS;
-    }
     let rounds: usize = std::env::var("REVOCATION_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -25,6 +25,90 @@ use castellan_tests::softhsm::{PIN_ENV, SoftHsmToken};
 /// The chain anvil runs.
 pub const CHAIN_ID: u64 = 31337;
 
+/// The load benches' policy: three velocity windows and a rate limit, every limit far above
+/// what a run reaches, so each request reserves four windows and is signed.
+pub const LOAD_POLICY: &str = r#"
+[approval_domain]
+chain_id = 31337
+
+[defaults]
+chain_ids = [31337]
+allow_contract_creation = false
+max_value = "10 ether"
+max_gas_limit = 1_000_000
+max_fee_per_gas = "100 gwei"
+max_priority_fee_per_gas = "10 gwei"
+max_cost = "20 ether"
+personal_sign = true
+typed_data = false
+
+[[defaults.velocity]]
+window = "1m"
+max_value = "1000000 ether"
+max_cost = "1000000 ether"
+
+[[defaults.velocity]]
+window = "1h"
+max_value = "1000000 ether"
+
+[[defaults.velocity]]
+window = "24h"
+max_cost = "1000000 ether"
+
+[[defaults.rate]]
+window = "1s"
+max_requests = 1000000
+
+[[keys]]
+name = "hot"
+
+[[keys]]
+name = "cold"
+
+[[clients]]
+identity = "spiffe://castellan/strategy/alpha"
+keys = ["hot", "cold"]
+"#;
+
+/// A benches' EIP-1559 transfer (`/v1/keys/{name}/sign/transaction` body) with `nonce`.
+pub fn transfer(nonce: u64) -> serde_json::Value {
+    serde_json::json!({ "tx": {
+        "chainId": "31337",
+        "nonce": nonce.to_string(),
+        "to": Address::repeat_byte(0x11).to_string(),
+        "value": "1",
+        "gas": "21000",
+        "maxFeePerGas": "0x77359400",
+        "maxPriorityFeePerGas": "0x3b9aca00",
+    }})
+}
+
+/// The start of a bench's `main`. Under `cargo test --benches` (no `--bench` argument) it prints
+/// how to run `bench` and returns `Err(SUCCESS)`, so the test suite does not spend minutes there.
+/// Otherwise: the SoftHSM token this process was given, or, when it has none, a fresh token
+/// `label` and this binary run again with it (`Err` carries that run's exit code; SoftHSM reads
+/// its configuration from the process environment).
+pub fn bench_token(label: &str, bench: &str) -> Result<SoftHsmToken, std::process::ExitCode> {
+    use std::process::ExitCode;
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("{bench}: run with `cargo bench --bench {bench}`");
+        return Err(ExitCode::SUCCESS);
+    }
+    let Some(token) = SoftHsmToken::from_env() else {
+        let token = SoftHsmToken::new(label).unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap());
+        child.args(std::env::args_os().skip(1));
+        token.configure(&mut child);
+        let status = child.status().expect("cannot re-execute the bench");
+        return Err(if status.success() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    };
+    Ok(token)
+}
+
 /// One configured caller: certificate stem, SAN URI, roles, keys.
 pub struct Caller {
     pub stem: &'static str,
