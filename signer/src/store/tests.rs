@@ -18,6 +18,34 @@ fn event(i: u64) -> AuditEntry {
     }
 }
 
+/// Registers and activates key `name` with the public key of the test backend's key `seed`.
+async fn active_test_key(store: &SqliteStore, name: &str, seed: u8, at: u64) -> KeyVersion {
+    let signing = TestBackend::new(seed).audit_key();
+    let change = Change::new("admin", UnixMillis(at));
+    let v = store
+        .register_key_version(
+            NewKeyVersion {
+                name: KeyName::new(name).expect("name"),
+                key_ref: signing.key_ref.clone(),
+                address: signing.address,
+                public_key: signing
+                    .public_key
+                    .to_encoded_point(true)
+                    .as_bytes()
+                    .to_vec(),
+                rotate_every_ms: None,
+            },
+            change.clone(),
+        )
+        .await
+        .expect("register");
+    store
+        .activate_version(v.version.clone(), None, change)
+        .await
+        .expect("activate");
+    v.version
+}
+
 #[tokio::test]
 async fn checkpoints_every_n_records_and_verifies() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -87,34 +115,12 @@ async fn maintenance_prunes_and_checkpoints_until_shutdown() {
     let backend = TestBackend::new(7);
     let key = backend.audit_key();
     // A reservation made long ago, whose window has passed.
-    let signing = TestBackend::new(9).audit_key();
-    let change = Change::new("admin", UnixMillis(1_000));
-    let v = store
-        .register_key_version(
-            NewKeyVersion {
-                name: KeyName::new("old").expect("name"),
-                key_ref: signing.key_ref.clone(),
-                address: signing.address,
-                public_key: signing
-                    .public_key
-                    .to_encoded_point(true)
-                    .as_bytes()
-                    .to_vec(),
-                rotate_every_ms: None,
-            },
-            change.clone(),
-        )
-        .await
-        .expect("register");
-    store
-        .activate_version(v.version.clone(), None, change)
-        .await
-        .expect("activate");
+    let version = active_test_key(&store, "old", 9, 1_000).await;
     let window = WindowKey::new("key:old:value:60").expect("window");
     store
         .commit_decision(DecisionTx {
             request_id: RequestId::new("old-1").expect("id"),
-            key: v.version,
+            key: version,
             identity: "client".into(),
             at: UnixMillis(2_000),
             digest: B256::repeat_byte(2),
@@ -388,7 +394,6 @@ async fn the_checkpoint_thread_copies_the_wal_and_the_wal_stays_bounded() {
 async fn a_version_2_database_migrates_with_its_reservations() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("db");
-    let signing = TestBackend::new(9).audit_key();
     let t0 = 1_800_000_000_000u64;
     let short = WindowKey::new("key:k:requests:60").expect("window");
     let long = WindowKey::new("key:k:value:3600").expect("window");
@@ -421,34 +426,13 @@ async fn a_version_2_database_migrates_with_its_reservations() {
     let windows = [(&short, 60_000u64), (&long, 3_600_000u64)];
     let before = {
         let store = SqliteStore::open(&path).expect("open");
-        let change = Change::new("admin", UnixMillis(t0));
-        let v = store
-            .register_key_version(
-                NewKeyVersion {
-                    name: KeyName::new("k").expect("name"),
-                    key_ref: signing.key_ref.clone(),
-                    address: signing.address,
-                    public_key: signing
-                        .public_key
-                        .to_encoded_point(true)
-                        .as_bytes()
-                        .to_vec(),
-                    rotate_every_ms: None,
-                },
-                change.clone(),
-            )
-            .await
-            .expect("register");
-        store
-            .activate_version(v.version.clone(), None, change)
-            .await
-            .expect("activate");
+        let version = active_test_key(&store, "k", 9, t0).await;
         // Three decisions, 1.5 s apart, each in both windows; the third stays unsigned.
         for i in 0..3u64 {
             store
                 .commit_decision(DecisionTx {
                     request_id: RequestId::new(format!("r{i}")).expect("id"),
-                    key: v.version.clone(),
+                    key: version.clone(),
                     identity: "client".into(),
                     at: UnixMillis(t0 + 1_500 * i),
                     digest: B256::repeat_byte(2),
