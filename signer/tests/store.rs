@@ -95,11 +95,16 @@ fn decision(id: &str, key: &KeyVersion, when: u64, reservations: Vec<Reservation
 }
 
 async fn sum(store: &SqliteStore, w: &str, when: u64) -> U256 {
+    sum_over(store, w, HOUR, when).await
+}
+
+/// What a reader (not the writer) sums for window `w` of `duration_ms` at `when`.
+async fn sum_over(store: &SqliteStore, w: &str, duration_ms: u64, when: u64) -> U256 {
     let sums = store
         .window_sums(
             vec![WindowQuery {
                 window: window(w),
-                duration_ms: HOUR,
+                duration_ms,
             }],
             at(when),
         )
@@ -1249,17 +1254,7 @@ async fn window_sums_match_a_brute_force_sum() {
                     })
                     .map(|(_, _, a, _)| *a)
                     .sum();
-                let got = store
-                    .window_sums(
-                        vec![WindowQuery {
-                            window: window(name),
-                            duration_ms: *duration,
-                        }],
-                        at(now),
-                    )
-                    .await
-                    .expect("sums")[0]
-                    .1;
+                let got = sum_over(&store, name, *duration, now).await;
                 assert_eq!(got, U256::from(expected), "{name} at {now} after {i}");
             }
         }
@@ -1342,17 +1337,7 @@ async fn batched_decisions_and_releases_keep_window_sums_exact() {
         let now = when + 10;
         for (w, (name, duration)) in windows.iter().enumerate() {
             let exp = expected(&made.lock().expect("lock"), w, now);
-            let committed = store
-                .window_sums(
-                    vec![WindowQuery {
-                        window: window(name),
-                        duration_ms: *duration,
-                    }],
-                    at(now),
-                )
-                .await
-                .expect("sums")[0]
-                .1;
+            let committed = sum_over(&store, name, *duration, now).await;
             assert_eq!(
                 committed,
                 U256::from(exp),
