@@ -186,15 +186,20 @@ pub struct AuditEntry {
     pub payload: Value,
 }
 
+/// What [`AuditEntry::validate`] checks of a payload: a JSON object with no non-integer number.
+pub(crate) fn validate_payload(payload: &Value) -> Result<(), AuditError> {
+    if !payload.is_object() {
+        return Err(AuditError::Malformed(
+            "payload must be a JSON object".into(),
+        ));
+    }
+    check_integers_only(payload)
+}
+
 impl AuditEntry {
     /// Checks that the payload is an object and contains no non-integer number.
     pub fn validate(&self) -> Result<(), AuditError> {
-        if !self.payload.is_object() {
-            return Err(AuditError::Malformed(
-                "payload must be a JSON object".into(),
-            ));
-        }
-        check_integers_only(&self.payload)
+        validate_payload(&self.payload)
     }
 
     /// Places the entry after `prev` (or at seq 1 for `None`), computing its hash.
@@ -930,7 +935,7 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-pub(crate) fn check_integers_only(v: &Value) -> Result<(), AuditError> {
+fn check_integers_only(v: &Value) -> Result<(), AuditError> {
     match v {
         Value::Number(n) if !(n.is_i64() || n.is_u64()) => Err(AuditError::Malformed(format!(
             "non-integer number {n} in payload (write quantities as strings)"

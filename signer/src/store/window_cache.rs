@@ -98,29 +98,26 @@ impl WindowCache {
         let mut upserts = Vec::new();
         for (window, buckets) in &self.dirty {
             for (&(width, bucket), d) in buckets {
-                match d.expires {
-                    _ if d.total.is_zero() => {
-                        conn.prepare_cached(
-                            "DELETE FROM window_buckets
+                if d.total.is_zero() {
+                    conn.prepare_cached(
+                        "DELETE FROM window_buckets
                          WHERE window_key = ?1 AND width = ?2 AND bucket = ?3",
-                        )?
-                        .execute(params![window, width, bucket])?;
-                    }
-                    None => {
-                        conn.prepare_cached(
-                            "UPDATE window_buckets SET total = ?4
+                    )?
+                    .execute(params![window, width, bucket])?;
+                } else if let Some(expires) = d.expires {
+                    upserts.push((window.as_str(), width, bucket, d.total, expires));
+                } else {
+                    // Lowered by a release: the row exists, its expiry stays.
+                    conn.prepare_cached(
+                        "UPDATE window_buckets SET total = ?4
                          WHERE window_key = ?1 AND width = ?2 AND bucket = ?3",
-                        )?
-                        .execute(params![
-                            window,
-                            width,
-                            bucket,
-                            d.total.to_be_bytes::<32>().as_slice()
-                        ])?;
-                    }
-                    Some(expires) => {
-                        upserts.push((window.as_str(), width, bucket, d.total, expires))
-                    }
+                    )?
+                    .execute(params![
+                        window,
+                        width,
+                        bucket,
+                        d.total.to_be_bytes::<32>().as_slice()
+                    ])?;
                 }
             }
         }
