@@ -76,7 +76,7 @@
 //! writer: at the start of every batch, inside the write lock, the writer reads `PRAGMA
 //! data_version` (which changes when *another* connection committed — a second store instance
 //! on the file, `keyctl`) and drops the whole copy if it changed; it also drops it when a job
-//! that wrote rolls back to its savepoint, when a batch's commit fails, and after pruning.
+//! that wrote fails, when a batch's commit fails, and after pruning.
 //!
 //! Bucket totals are written once per batch, not once per decision: the decisions of a batch
 //! move the same few buckets (this second, this minute), so the cache holds each changed total
@@ -89,8 +89,8 @@
 //!
 //! # Group commit (SQLite)
 //! All writes go to one writer thread (`store-writer`) through a bounded channel. The thread
-//! takes every queued job (up to a batch limit), runs each inside its own SAVEPOINT of one
-//! `BEGIN IMMEDIATE` transaction and commits once, with `synchronous=NORMAL`: the commit writes
+//! takes every queued job (up to a batch limit), runs them in one `BEGIN IMMEDIATE`
+//! transaction (see "Failed jobs" below) and commits once, with `synchronous=NORMAL`: the commit writes
 //! its WAL frames without an fsync. Durability is the job of a second thread (`store-sync`):
 //! the writer hands it the answers that must be durable, and it `fdatasync`s the WAL file, then
 //! answers every job of every commit written before that sync began. So the writer never waits
@@ -128,11 +128,18 @@
 //! decision that was committed but whose sync failed was refused to its caller and never
 //! signed; after recovery it stays `reserved`, as for a crash before signing.
 //!
-//! Every statement on the decision and outcome paths, including the transaction and savepoint
-//! statements, is a cached prepared statement; a decision's reservation rows and bucket totals
-//! are each written with one multi-row statement. A job that fails rolls back to its savepoint
-//! without affecting the others; if the commit itself fails, every caller in the batch gets
-//! [`StoreError::Commit`] and nothing of the batch is durable. Reads use a separate connection on
+//! Every statement on the decision and outcome paths, including the transaction statements, is
+//! a cached prepared statement; a decision's reservation rows and bucket totals are each written
+//! with one multi-row statement.
+//!
+//! Failed jobs: decisions and outcomes make every check (and every refusal) before their first
+//! write, so only a database error (disk full, I/O) can fail them after writing. They run
+//! without a savepoint, whose statement journal copied every page they changed (a tenth of the
+//! writer's instructions per request): one that fails before writing leaves the batch as it
+//! was; one that fails after writing breaks the batch, so nothing of it commits and every job
+//! in it fails. Every other job runs in its own SAVEPOINT and a failure rolls back that job
+//! alone. If the commit itself fails, every caller in the batch gets [`StoreError::Commit`] and
+//! nothing of the batch is durable. Reads use a separate connection on
 //! the blocking thread pool. Two [`SqliteStore`]s on one file behave like two replicas: SQLite's
 //! write lock (with a busy timeout) serialises their batches, and each batch re-reads the audit
 //! head and the window sums inside its transaction.

@@ -235,12 +235,12 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        self.write_with(true, f).await
+        self.write_with(true, Guard::Savepoint, f).await
     }
 
     /// Runs `f` in the writer's next batch; answers after the batch's commit and, if `durable`,
     /// once an fsync covers it.
-    async fn write_with<T, F>(&self, durable: bool, f: F) -> Result<T, StoreError>
+    async fn write_with<T, F>(&self, durable: bool, guard: Guard, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
@@ -248,7 +248,12 @@ impl SqliteStore {
         let sender = self.sender.as_ref().ok_or(StoreError::Closed)?;
         let (tx, rx) = oneshot::channel();
         sender
-            .send(Box::new(ClosureJob { f, tx, durable }))
+            .send(Box::new(ClosureJob {
+                f,
+                tx,
+                durable,
+                guard,
+            }))
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -262,7 +267,7 @@ impl SqliteStore {
         // Read your writes: an outcome queued before this read (a client may have its signature
         // already) is committed before the read starts. The barrier needs no fsync.
         if self.stats.queued.load(std::sync::atomic::Ordering::Acquire) > 0 {
-            self.write_with(false, |_| Ok(())).await?;
+            self.write_with(false, Guard::Savepoint, |_| Ok(())).await?;
         }
         let reader = Arc::clone(&self.reader);
         tokio::task::spawn_blocking(move || {
@@ -342,7 +347,8 @@ impl Store for SqliteStore {
 
     async fn commit_decision(&self, d: DecisionTx) -> Result<DecisionReceipt, StoreError> {
         validate_decision(&d)?;
-        self.write(move |ctx| decide(ctx, &d))
+        // Unguarded: `decide` checks everything before its first write (see `Guard`).
+        self.write_with(true, Guard::WritesLast, move |ctx| decide(ctx, &d))
             .await?
             .map_err(StoreError::Refused)
     }
@@ -352,7 +358,9 @@ impl Store for SqliteStore {
             check_object(details)?;
         }
         ms(o.at)?;
-        self.write(move |ctx| outcome(ctx, o)).await
+        // Unguarded: `outcome` checks everything before its first write (see `Guard`).
+        self.write_with(true, Guard::WritesLast, move |ctx| outcome(ctx, o))
+            .await
     }
 
     async fn queue_outcome(&self, o: OutcomeTx) -> Result<(), StoreError> {
@@ -1356,6 +1364,21 @@ struct ClosureJob<T, F> {
     f: F,
     tx: oneshot::Sender<Result<T, StoreError>>,
     durable: bool,
+    guard: Guard,
+}
+
+/// How a job's writes are undone when it fails inside a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guard {
+    /// In a `SAVEPOINT`: a failed job is rolled back alone and the batch goes on. SQLite copies
+    /// every page the job changes first to the savepoint's statement journal (about a tenth of
+    /// the writer's instructions on the signing path).
+    Savepoint,
+    /// For a job that refuses before its first write, so that only a database error can fail
+    /// it after writing (the signing path's decisions and outcomes): no savepoint; a job that
+    /// fails after writing breaks the batch, whose every job then fails and nothing commits
+    /// (see [`WriteCtx::writes_last`]).
+    WritesLast,
 }
 
 impl<T, F> Job for ClosureJob<T, F>
@@ -1364,8 +1387,11 @@ where
     F: FnOnce(&mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
 {
     fn run(self: Box<Self>, ctx: &mut WriteCtx<'_>) -> Box<dyn Reply> {
-        let Self { f, tx, .. } = *self;
-        let result = ctx.in_savepoint(f);
+        let Self { f, tx, guard, .. } = *self;
+        let result = match guard {
+            Guard::Savepoint => ctx.in_savepoint(f),
+            Guard::WritesLast => ctx.writes_last(f),
+        };
         Box::new(HeldReply { result, tx })
     }
 
@@ -1390,7 +1416,7 @@ impl Job for QueuedOutcome {
     fn run(self: Box<Self>, ctx: &mut WriteCtx<'_>) -> Box<dyn Reply> {
         let Self { outcome: o, done } = *self;
         let request_id = o.request_id.clone();
-        let result = ctx.in_savepoint(|ctx| outcome(ctx, o).map(|_| ()));
+        let result = ctx.writes_last(|ctx| outcome(ctx, o).map(|_| ()));
         Box::new(LoggedReply {
             result,
             request_id,
@@ -1512,6 +1538,33 @@ impl WriteCtx<'_> {
                 Err(err)
             }
         }
+    }
+
+    /// Runs `f`, a job that refuses before its first write ([`Guard::WritesLast`]), without a
+    /// savepoint. If it fails after writing (a database error), what it wrote cannot be undone
+    /// alone: the batch is broken, so nothing of it commits and every job in it fails. If it
+    /// fails before writing, the batch goes on as if it had not run.
+    fn writes_last<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let head = self.head;
+        let changes = self.conn.total_changes();
+        let dirty_generation = self.cache.dirty_generation();
+        let result = f(self);
+        if let Err(err) = &result {
+            if matches!(err, StoreError::Database(_) | StoreError::Commit(_)) {
+                self.db_failed = true;
+            }
+            self.head = head;
+            let touched = self.conn.total_changes() != changes
+                || self.cache.dirty_generation() != dirty_generation;
+            if touched {
+                self.cache.clear();
+                self.broken = Some(format!("a write failed inside the batch: {err}"));
+            }
+        }
+        result
     }
 
     /// Appends an audit record after the current head.
@@ -2736,4 +2789,83 @@ fn exec_cached(conn: &Connection, sql: &str) -> Result<(), rusqlite::Error> {
 
 fn corrupt(what: &str) -> StoreError {
     StoreError::Database(format!("corrupt row: {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    /// A writer connection on a fresh database, inside a batch transaction.
+    fn batch_conn() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_connection(&dir.path().join("s.db"), Duration::from_secs(1)).unwrap();
+        schema::migrate(&mut conn).unwrap();
+        exec_cached(&conn, "BEGIN IMMEDIATE").unwrap();
+        (dir, conn)
+    }
+
+    fn entry(i: u64) -> AuditEntry {
+        AuditEntry {
+            at: UnixMillis(1_000 + i),
+            kind: AuditKind::PolicyChange,
+            request_id: None,
+            identity: Some("test".into()),
+            payload: json!({"i": i}),
+        }
+    }
+
+    fn audit_rows(conn: &Connection) -> i64 {
+        conn.query_row("SELECT count(*) FROM audit", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// A `WritesLast` job that fails before writing leaves the batch as it was; one that fails
+    /// after writing (a database error) breaks it, and restores the chain head it moved.
+    #[test]
+    fn a_job_without_a_savepoint_breaks_the_batch_only_if_it_wrote() {
+        let (_dir, conn) = batch_conn();
+        let mut cache = WindowCache::default();
+        let mut in_flight = InFlight::default();
+        let mut ctx = WriteCtx {
+            conn: &conn,
+            head: None,
+            cache: &mut cache,
+            in_flight: &mut in_flight,
+            broken: None,
+            db_failed: false,
+        };
+        ctx.writes_last(|ctx| ctx.append(entry(1))).unwrap();
+        let head = ctx.head;
+        assert!(head.is_some());
+
+        // Refused before any write: nothing to undo, the batch goes on.
+        let refused: Result<(), StoreError> =
+            ctx.writes_last(|_| Err(StoreError::Conflict("already has an outcome".into())));
+        assert!(matches!(refused, Err(StoreError::Conflict(_))));
+        assert!(ctx.broken.is_none());
+        assert!(!ctx.db_failed);
+        assert_eq!(ctx.head, head);
+
+        // Failed after writing: the batch is broken and the head is the one before the job.
+        let failed: Result<(), StoreError> = ctx.writes_last(|ctx| {
+            ctx.append(entry(2))?;
+            Err(StoreError::Database("disk I/O error".into()))
+        });
+        assert!(matches!(failed, Err(StoreError::Database(_))));
+        assert!(
+            ctx.broken.is_some(),
+            "a job that wrote and failed must break the batch"
+        );
+        assert!(ctx.db_failed);
+        assert_eq!(ctx.head, head);
+        assert_eq!(
+            audit_rows(&conn),
+            2,
+            "its write is still in the open transaction"
+        );
+        exec_cached(&conn, "ROLLBACK").unwrap();
+        assert_eq!(audit_rows(&conn), 0);
+    }
 }
