@@ -438,24 +438,85 @@ async fn lean_open_loop(
 }
 
 /// An upstream node that accepts connections and never answers, until `release` is notified:
-/// then it closes them, and the forwarded calls waiting on it fail at once.
-async fn stalling_upstream(release: Arc<tokio::sync::Notify>) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        loop {
-            tokio::select! {
-                a = listener.accept() => match a {
-                    Ok((tcp, _)) => held.push(tcp),
-                    Err(_) => break,
-                },
-                () = release.notified() => break,
+/// then it closes them, and the forwarded calls waiting on it fail at once. [`Stall::holding`]
+/// counts the forwarded requests it holds now (head received, connection still open).
+struct Stall {
+    addr: std::net::SocketAddr,
+    holding: Arc<AtomicU64>,
+}
+
+impl Stall {
+    async fn start(release: Arc<tokio::sync::Notify>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let holding = Arc::new(AtomicU64::new(0));
+        let count = holding.clone();
+        tokio::spawn(async move {
+            // One task per connection, so that every forwarded request is read as it comes; all
+            // are aborted (their connections closed) when the set is dropped.
+            let mut held = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    a = listener.accept() => match a {
+                        Ok((tcp, _)) => {
+                            held.spawn(hold(tcp, count.clone()));
+                        }
+                        Err(_) => break,
+                    },
+                    () = release.notified() => break,
+                }
             }
+            drop(held);
+        });
+        Self { addr, holding }
+    }
+
+    fn holding(&self) -> u64 {
+        self.holding.load(Ordering::Relaxed)
+    }
+}
+
+/// Reads a forwarded request's head, counts it as held, and never answers; uncounts it if the
+/// signer closes the connection.
+async fn hold(mut tcp: tokio::net::TcpStream, holding: Arc<AtomicU64>) {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut counted = false;
+    loop {
+        match tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) if !counted => {
+                seen.extend_from_slice(&chunk[..n]);
+                if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    counted = true;
+                    holding.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(_) => {}
         }
-        drop(held);
-    });
-    addr
+    }
+    if counted {
+        holding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One forwarded read (`eth_blockNumber` on `/rpc`) meant to hold a place until the upstream
+/// node is released: what it got, if it ends before.
+fn stalled_read(app: &support::Appliance, id: usize) -> tokio::task::JoinHandle<String> {
+    let c = app.client(Some("alpha"));
+    let url = app.url("/rpc");
+    tokio::spawn(async move {
+        let r = c
+            .post(&url)
+            .json(&json!({"jsonrpc": "2.0", "id": id, "method": "eth_blockNumber", "params": []}))
+            .send()
+            .await;
+        match r {
+            Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+            Err(e) => format!("transport error: {e}"),
+        }
+    })
 }
 
 /// Phase 5: every place held by a stalled forwarded read, then signing requests at `rate`/s
@@ -469,43 +530,51 @@ async fn refusals_only(
     clients: usize,
     rate: f64,
     dur: Duration,
+    upstream: &Stall,
     release: &Arc<tokio::sync::Notify>,
 ) -> (Phase, Duration) {
-    // Take every place (and the queue) with forwarded reads that do not come back.
-    let mut holders = Vec::new();
-    for i in 0..in_flight {
-        let c = app.client(Some("alpha"));
-        let url = app.url("/rpc");
-        holders.push(tokio::spawn(async move {
-            let _ = c
-                .post(&url)
-                .json(
-                    &json!({"jsonrpc": "2.0", "id": i, "method": "eth_blockNumber", "params": []}),
-                )
-                .send()
-                .await;
-        }));
-    }
-    let probe = app.client(Some("alpha"));
-    let url = app.url("/v1/keys/hot/sign/transaction");
+    // Take every place with forwarded reads that do not come back, and know that they hold them
+    // from the upstream node's side (the requests it holds), not by probing with signing
+    // requests: a probe takes a place itself, and a stalled read arriving while it is signed is
+    // refused (503, queue 0), leaving a place free for good after the probe.
+    let mut holders: Vec<_> = (0..in_flight).map(|i| stalled_read(app, i)).collect();
+    // What the reads that ended got, and how many times.
+    let mut ended = std::collections::BTreeMap::<String, usize>::new();
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = probe
-            .post(&url)
-            .json(&support::transfer(1))
-            .send()
-            .await
-            .unwrap();
-        if r.status().as_u16() == 503 {
-            break;
+    while upstream.holding() < in_flight as u64 {
+        // A read that ended (refused, or its connection failed) holds nothing: send another.
+        for (i, h) in holders.iter_mut().enumerate() {
+            if h.is_finished() {
+                let got = std::mem::replace(h, stalled_read(app, i)).await.unwrap();
+                *ended.entry(got).or_default() += 1;
+            }
         }
         assert!(
             Instant::now() < deadline,
-            "the stalled reads do not hold the places ({})",
-            r.status()
+            "the stalled reads do not hold the places: the upstream node holds {} of {in_flight} forwarded reads; reads that ended: {ended:?}",
+            upstream.holding(),
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    if !ended.is_empty() {
+        println!(
+            "refusals only: {} stalled reads ended before holding a place and were sent again: {ended:?}",
+            ended.values().sum::<usize>()
+        );
+    }
+    let probe = app.client(Some("alpha"));
+    let url = app.url("/v1/keys/hot/sign/transaction");
+    let r = probe
+        .post(&url)
+        .json(&support::transfer(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        503,
+        "a signing request with every place held by a stalled read"
+    );
     println!("refusals only: {in_flight} places held by stalled forwarded reads, queue {queue}");
     let conns: Vec<reqwest::Client> = (0..clients).map(|_| app.client(Some("alpha"))).collect();
     // Connect them first: the phase measures refusals, not handshakes.
@@ -550,9 +619,10 @@ async fn run(token: &SoftHsmToken) {
     let refusal_rate: f64 = env_or("OVERLOAD_REFUSAL_RATE", 4000.0);
     // The upstream node of phase 5 (unused before it).
     let release = Arc::new(tokio::sync::Notify::new());
-    let upstream = stalling_upstream(release.clone()).await;
+    let upstream = Stall::start(release.clone()).await;
     let extra = format!(
-        "[upstream]\nurl = \"http://{upstream}\"\ntimeout = \"120s\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n"
+        "[upstream]\nurl = \"http://{}\"\ntimeout = \"120s\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        upstream.addr
     );
     let mut app = support::Appliance::start_full(token, &["hot"], POLICY, &extra, 2).await;
     // The admission limits under test, in signer.toml's [limits] table.
@@ -741,6 +811,7 @@ async fn run(token: &SoftHsmToken) {
             refusal_clients,
             refusal_rate,
             Duration::from_secs(refusal_secs),
+            &upstream,
             &release,
         )
         .await;
