@@ -82,11 +82,13 @@ impl Upstream {
             .json(&body)
             .send()
             .await
-            .map_err(|e| RpcError::new(-32002, format!("upstream node unreachable: {e}")))?;
-        let v: Value = resp
-            .json()
-            .await
-            .map_err(|e| RpcError::new(-32002, format!("upstream node answered garbage: {e}")))?;
+            .map_err(|e| RpcError::new(-32002, format!("upstream node unreachable: {}", why(e))))?;
+        let v: Value = resp.json().await.map_err(|e| {
+            RpcError::new(
+                -32002,
+                format!("upstream node answered garbage: {}", why(e)),
+            )
+        })?;
         if let Some(err) = v.get("error") {
             let code = err.get("code").and_then(Value::as_i64).unwrap_or(-32000);
             let message = err
@@ -104,6 +106,21 @@ impl Upstream {
             .cloned()
             .ok_or_else(|| RpcError::new(-32002, "upstream node answered without a result"))
     }
+}
+
+/// What went wrong with a call to the upstream node, for the caller: reqwest's error without
+/// the node's URL (it may carry an API key, as hosted nodes' URLs do) and with its causes ("error
+/// sending request" alone does not tell a refused connection from one closed mid-call).
+fn why(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut out = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// A JSON-RPC error object.
@@ -607,6 +624,33 @@ mod tests {
         assert_eq!(peek_id(br#"[{"id":1}]"#), Value::Null);
         assert_eq!(peek_id(b"not json"), Value::Null);
         assert_eq!(peek_id(br#"{"id":1,"id":2}"#), Value::Null);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_upstream_is_reported_without_its_url() {
+        // As main does (reqwest is built without a TLS provider of its own).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // A port nothing listens on: bound, then closed.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let up = Upstream::new(
+            format!("http://{addr}/v3/secret-api-key"),
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+        let e = up.call("eth_blockNumber", json!([])).await.unwrap_err();
+        assert_eq!(e.code, -32002);
+        assert!(
+            e.message
+                .starts_with("upstream node unreachable: error sending request"),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains("secret-api-key"), "{}", e.message);
+        assert!(!e.message.contains(&addr.to_string()), "{}", e.message);
+        // The cause is told.
+        assert!(e.message.len() > "upstream node unreachable: error sending request".len());
     }
 
     #[test]
