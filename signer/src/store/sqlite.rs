@@ -42,6 +42,11 @@ pub struct SqliteConfig {
     /// WAL frames past which the writer restarts the WAL itself (see `Checkpointer`): bounds
     /// the WAL file under load without a pause.
     pub wal_restart_frames: u64,
+    /// How often the checkpoint thread copies new WAL frames into the database file (see
+    /// `Checkpointer`). Each checkpoint ends with an fsync of the database file, which competes
+    /// with the WAL syncs that decisions wait for; a page changed many times between two
+    /// checkpoints (the audit chain's last page, the current buckets) is copied once.
+    pub checkpoint_interval: Duration,
     /// Adaptive group commit: while at least `linger_siblings` decisions wait for their
     /// outcome (the pipeline is loaded), the writer commits at most once per `commit_linger`,
     /// so that more jobs share each commit; below that it commits as soon as jobs arrive (as
@@ -59,6 +64,11 @@ impl Default for SqliteConfig {
             busy_timeout: Duration::from_secs(10),
             // About 64 MiB at 4 KiB pages.
             wal_restart_frames: 16_384,
+            // At 1000 signatures/s about 3500 WAL frames (14 MiB) a checkpoint. Every 100 ms
+            // (20 fsyncs/s of the database file and each hot page copied ten times) the
+            // signer's CPU time per request outside the HSM and its half-load latency were
+            // higher in `cargo bench --bench loadgen` (two pairs of runs, README).
+            checkpoint_interval: Duration::from_secs(1),
             commit_linger: Duration::from_micros(500),
             linger_siblings: 8,
         }
@@ -159,6 +169,7 @@ impl SqliteStore {
         writer_conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let checkpointer = Arc::new(Checkpointer {
             restart_frames: config.wal_restart_frames,
+            interval: config.checkpoint_interval,
             ..Checkpointer::default()
         });
         let checkpoint_conn = open_connection(&path, config.busy_timeout)?;
@@ -1791,8 +1802,8 @@ fn writer_loop(
 /// Copies the WAL into the database file off the writer's path: SQLite's automatic checkpoint
 /// would run inside a commit on the writer thread (every 1000 pages: thousands of page writes
 /// and two fsyncs), stalling every request queued behind it. This thread runs a `PASSIVE`
-/// checkpoint (which never blocks the writer) at most every [`Checkpointer::INTERVAL`] after new
-/// commits; SQLite restarts the WAL from its beginning at the writer's next transaction once a
+/// checkpoint (which never blocks the writer) at most every
+/// [`SqliteConfig::checkpoint_interval`] after new commits; SQLite restarts the WAL from its beginning at the writer's next transaction once a
 /// checkpoint has caught up. Under load without a pause it may never catch up exactly, so past
 /// [`SqliteConfig::wal_restart_frames`] frames the writer runs a `RESTART` checkpoint itself before
 /// its next batch (short: the frames are already copied), which bounds the WAL file.
@@ -1803,6 +1814,8 @@ struct Checkpointer {
     restart: std::sync::atomic::AtomicBool,
     /// [`SqliteConfig::wal_restart_frames`].
     restart_frames: u64,
+    /// [`SqliteConfig::checkpoint_interval`].
+    interval: Duration,
 }
 
 #[derive(Default)]
@@ -1813,8 +1826,6 @@ struct CheckpointState {
 }
 
 impl Checkpointer {
-    const INTERVAL: Duration = Duration::from_millis(100);
-
     fn lock(&self) -> std::sync::MutexGuard<'_, CheckpointState> {
         self.state
             .lock()
@@ -1836,7 +1847,7 @@ impl Checkpointer {
                 let st = self.lock();
                 let (st, _) = self
                     .wake
-                    .wait_timeout_while(st, Self::INTERVAL, |st| !st.closing)
+                    .wait_timeout_while(st, self.interval, |st| !st.closing)
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if st.closing {
                     return;

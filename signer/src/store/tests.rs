@@ -352,6 +352,7 @@ async fn the_checkpoint_thread_copies_the_wal_and_the_wal_stays_bounded() {
     let wal = dir.path().join("db-wal");
     let config = SqliteConfig {
         wal_restart_frames: 128,
+        checkpoint_interval: std::time::Duration::from_millis(100),
         ..SqliteConfig::default()
     };
     let store = SqliteStore::open_with(&path, config).expect("open");
