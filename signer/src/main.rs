@@ -30,13 +30,6 @@ struct Args {
     log_json: bool,
 }
 
-/// mimalloc instead of glibc malloc: the request path allocates and frees small buffers on
-/// several threads (tokio workers, the store writer, the HSM workers), where glibc's per-thread
-/// arenas cost a sixth of the user-space instructions and trimmed their heaps with `mprotect`
-/// every few requests (`cargo bench -p castellan-signer --bench request_cpu`).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // Before anything is read: no core file and no ptrace by others can ever hold what follows.

@@ -114,7 +114,7 @@
 //! Nor does the writer copy the WAL into the database file: SQLite's automatic checkpoint
 //! would run inside a commit every 1000 pages (thousands of page writes and two fsyncs) and
 //! stall every request behind it. A third thread (`store-checkpoint`, its own connection) runs
-//! a `PASSIVE` checkpoint, which never blocks the writer, at most once a second
+//! a `PASSIVE` checkpoint, which never blocks the writer, at most every 100 ms
 //! ([`SqliteConfig::checkpoint_interval`]) after new commits; SQLite starts the WAL over at the writer's next transaction once a checkpoint has
 //! caught up, and past [`SqliteConfig::wal_restart_frames`] (load without a pause) the writer
 //! restarts it itself, so the WAL file stays bounded.

@@ -64,11 +64,12 @@ impl Default for SqliteConfig {
             busy_timeout: Duration::from_secs(10),
             // About 64 MiB at 4 KiB pages.
             wal_restart_frames: 16_384,
-            // At 1000 signatures/s about 3500 WAL frames (14 MiB) a checkpoint. Every 100 ms
-            // (20 fsyncs/s of the database file and each hot page copied ten times) the
-            // signer's CPU time per request outside the HSM and its half-load latency were
-            // higher in `cargo bench --bench loadgen` (two pairs of runs, README).
-            checkpoint_interval: Duration::from_secs(1),
+            // Each checkpoint's fsync of the database file holds up the WAL syncs that
+            // decisions wait for, for as long as it writes what it copied. Once a second (14 MiB
+            // at 1000 signatures/s) cost less CPU in `cargo bench --bench loadgen` but stalled
+            // decisions for tens of milliseconds (half-load p99 84 ms in one of three runs, and
+            // 503s right after the overload bench's flood): short checkpoints keep the tail.
+            checkpoint_interval: Duration::from_millis(100),
             commit_linger: Duration::from_micros(500),
             linger_siblings: 8,
         }
