@@ -2808,6 +2808,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
+    use crate::store::tests::event;
 
     /// A writer connection on a fresh database, inside a batch transaction.
     fn batch_conn() -> (tempfile::TempDir, Connection) {
@@ -2816,16 +2817,6 @@ mod tests {
         schema::migrate(&mut conn).unwrap();
         exec_cached(&conn, "BEGIN IMMEDIATE").unwrap();
         (dir, conn)
-    }
-
-    fn entry(i: u64) -> AuditEntry {
-        AuditEntry {
-            at: UnixMillis(1_000 + i),
-            kind: AuditKind::PolicyChange,
-            request_id: None,
-            identity: Some("test".into()),
-            payload: json!({"i": i}),
-        }
     }
 
     fn audit_rows(conn: &Connection) -> i64 {
@@ -2848,7 +2839,7 @@ mod tests {
             broken: None,
             db_failed: false,
         };
-        ctx.writes_last(|ctx| ctx.append(entry(1))).unwrap();
+        ctx.writes_last(|ctx| ctx.append(event(1))).unwrap();
         let head = ctx.head;
         assert!(head.is_some());
 
@@ -2862,7 +2853,7 @@ mod tests {
 
         // Failed after writing: the batch is broken and the head is the one before the job.
         let failed: Result<(), StoreError> = ctx.writes_last(|ctx| {
-            ctx.append(entry(2))?;
+            ctx.append(event(2))?;
             Err(StoreError::Database("disk I/O error".into()))
         });
         assert!(matches!(failed, Err(StoreError::Database(_))));

@@ -8,7 +8,8 @@ use super::*;
 use crate::audit::tests::TestBackend;
 use crate::audit::{AuditKind, ChainProblem, verify_chain};
 
-fn event(i: u64) -> AuditEntry {
+/// An audit entry of no particular meaning, `i` in its payload (also for `sqlite`'s tests).
+pub(super) fn event(i: u64) -> AuditEntry {
     AuditEntry {
         at: UnixMillis(1_800_000_000_000 + i),
         kind: AuditKind::PolicyChange,
