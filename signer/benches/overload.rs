@@ -77,6 +77,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// Lighter than `support::LOAD_POLICY` (one velocity window and the rate limit, one key): the
+/// figures of this bench are about admission under a flood, and were measured with it.
 const POLICY: &str = r#"
 [approval_domain]
 chain_id = 31337

@@ -37,16 +37,9 @@ fn now() -> u64 {
         .as_secs()
 }
 
+/// A transfer of `value` wei to [`RECIPIENT`].
 fn tx_json(nonce: u64, value: u128) -> Value {
-    json!({ "tx": {
-        "chainId": CHAIN_ID.to_string(),
-        "nonce": nonce.to_string(),
-        "to": RECIPIENT.to_string(),
-        "value": value.to_string(),
-        "gas": "21000",
-        "maxFeePerGas": "0x77359400",
-        "maxPriorityFeePerGas": "0x3b9aca00",
-    }})
+    support::transfer_to(nonce, RECIPIENT, value)
 }
 
 fn grant(client: &str, key: &str, budget: u128, window: u64, until: u64) -> BudgetGrant {

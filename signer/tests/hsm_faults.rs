@@ -27,20 +27,8 @@ use alloy::consensus::TxEnvelope;
 use alloy::eips::Decodable2718;
 use alloy::primitives::Address;
 use castellan_tests::softhsm::{SoftHsmToken, in_own_process};
-use serde_json::{Value, json};
-use support::{Appliance, CHAIN_ID, policy_toml, runtime};
-
-fn tx_json(nonce: u64) -> Value {
-    json!({ "tx": {
-        "chainId": CHAIN_ID.to_string(),
-        "nonce": nonce.to_string(),
-        "to": Address::repeat_byte(0x11).to_string(),
-        "value": "1",
-        "gas": "21000",
-        "maxFeePerGas": "0x77359400",
-        "maxPriorityFeePerGas": "0x3b9aca00",
-    }})
-}
+use serde_json::Value;
+use support::{Appliance, policy_toml, runtime};
 
 fn policy() -> String {
     policy_toml(&[0x41, 0x42, 0x43].map(Address::repeat_byte))
@@ -174,7 +162,7 @@ fn start_load(
                 let n = nonce.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let sent = t0.elapsed();
                 let t = Instant::now();
-                let r = match c.post(&url).json(&tx_json(n)).send().await {
+                let r = match c.post(&url).json(&support::transfer(n)).send().await {
                     Ok(r) => r,
                     Err(e) => {
                         answers.lock().unwrap().push(Answer {

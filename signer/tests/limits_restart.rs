@@ -15,7 +15,7 @@ use castellan_signer::store::{
 };
 use castellan_tests::softhsm::in_own_process;
 use serde_json::{Value, json};
-use support::{Appliance, CHAIN_ID, policy_toml, runtime};
+use support::{Appliance, policy_toml, runtime};
 
 const ALPHA: &str = "spiffe://castellan/strategy/alpha";
 const BETA: &str = "spiffe://castellan/strategy/beta";
@@ -42,18 +42,6 @@ fn policy() -> String {
         cold,
         &format!("{cold}velocity = [{{ window = \"1h\", max_value = \"2 wei\" }}]\n"),
     )
-}
-
-fn tx_json(nonce: u64, value: u64) -> Value {
-    json!({ "tx": {
-        "chainId": CHAIN_ID.to_string(),
-        "nonce": nonce.to_string(),
-        "to": Address::repeat_byte(0x11).to_string(),
-        "value": value.to_string(),
-        "gas": "21000",
-        "maxFeePerGas": "0x77359400",
-        "maxPriorityFeePerGas": "0x3b9aca00",
-    }})
 }
 
 fn header(r: &reqwest::Response, name: &str) -> Option<String> {
@@ -107,7 +95,11 @@ fn a_window_spent_before_a_restart_refuses_with_one_code_in_the_answer_and_the_a
                     app.client(Some(who))
                         .post(app.url(&format!("/v1/keys/{key}/sign/transaction")))
                         .header("x-request-id", rid)
-                        .json(&tx_json(nonce, value))
+                        .json(&support::transfer_to(
+                            nonce,
+                            Address::repeat_byte(0x11),
+                            u128::from(value),
+                        ))
                         .send()
                         .await
                         .unwrap()

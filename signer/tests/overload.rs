@@ -22,22 +22,10 @@ use alloy::primitives::Address;
 use castellan_signer::audit::AuditRecord;
 use castellan_tests::softhsm::in_own_process;
 use serde_json::{Value, json};
-use support::{Appliance, CHAIN_ID, policy_toml, refused_with, runtime};
+use support::{Appliance, policy_toml, refused_with, runtime};
 
 fn policy() -> String {
     policy_toml(&[0x41, 0x42, 0x43].map(Address::repeat_byte))
-}
-
-fn tx_json(nonce: u64) -> Value {
-    json!({ "tx": {
-        "chainId": CHAIN_ID.to_string(),
-        "nonce": nonce.to_string(),
-        "to": Address::repeat_byte(0x11).to_string(),
-        "value": "1",
-        "gas": "21000",
-        "maxFeePerGas": "0x77359400",
-        "maxPriorityFeePerGas": "0x3b9aca00",
-    }})
 }
 
 /// Restarts the signer with `lines` added to signer.toml's `[limits]` table.
@@ -140,7 +128,7 @@ fn past_the_admission_limit_503_overloaded_with_retry_after_then_serves_normally
                         let r = c
                             .post(&url)
                             .header("x-request-id", format!("burst-{i}"))
-                            .json(&tx_json(i as u64))
+                            .json(&support::transfer(i as u64))
                             .send()
                             .await
                             .unwrap();
@@ -201,7 +189,7 @@ fn past_the_admission_limit_503_overloaded_with_retry_after_then_serves_normally
                 for i in 0..5u64 {
                     let r = clients[0]
                         .post(app.url("/v1/keys/hot/sign/transaction"))
-                        .json(&tx_json(1000 + i))
+                        .json(&support::transfer(1000 + i))
                         .send()
                         .await
                         .unwrap();
@@ -217,7 +205,7 @@ fn past_the_admission_limit_503_overloaded_with_retry_after_then_serves_normally
                     let url = app.url("/v1/keys/hot/sign/transaction");
                     tasks.push(tokio::spawn(async move {
                         c.post(&url)
-                            .json(&tx_json(2000 + i as u64))
+                            .json(&support::transfer(2000 + i as u64))
                             .send()
                             .await
                             .unwrap()
@@ -402,7 +390,7 @@ fn over_its_rate_limit_a_client_gets_429_with_the_policys_numbers() {
                 let beta = app.client(Some("beta"));
                 let sign = async |c: &reqwest::Client, key: &str, nonce: u64| {
                     c.post(app.url(&format!("/v1/keys/{key}/sign/transaction")))
-                        .json(&tx_json(nonce))
+                        .json(&support::transfer(nonce))
                         .send()
                         .await
                         .unwrap()

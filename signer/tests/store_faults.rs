@@ -28,20 +28,8 @@ use std::time::{Duration, Instant};
 
 use alloy::primitives::Address;
 use castellan_tests::softhsm::in_own_process;
-use serde_json::{Value, json};
-use support::{Appliance, CHAIN_ID, policy_toml, runtime};
-
-fn tx_json(nonce: u64) -> Value {
-    json!({ "tx": {
-        "chainId": CHAIN_ID.to_string(),
-        "nonce": nonce.to_string(),
-        "to": Address::repeat_byte(0x11).to_string(),
-        "value": "1",
-        "gas": "21000",
-        "maxFeePerGas": "0x77359400",
-        "maxPriorityFeePerGas": "0x3b9aca00",
-    }})
-}
+use serde_json::Value;
+use support::{Appliance, policy_toml, runtime};
 
 /// A tmpfs mounted for the test; unmounted on drop (also when the test panics).
 struct Tmpfs {
@@ -112,7 +100,7 @@ async fn sign(app: &Appliance, c: &reqwest::Client, n: u64) -> Answer {
     let r = c
         .post(app.url("/v1/keys/hot/sign/transaction"))
         .header("x-request-id", &request_id)
-        .json(&tx_json(n))
+        .json(&support::transfer(n))
         .send()
         .await
         .unwrap();

@@ -70,13 +70,20 @@ identity = "spiffe://castellan/strategy/alpha"
 keys = ["hot", "cold"]
 "#;
 
-/// A benches' EIP-1559 transfer (`/v1/keys/{name}/sign/transaction` body) with `nonce`.
+/// An EIP-1559 transfer of 1 wei to `0x1111…` (`/v1/keys/{name}/sign/transaction` body) with
+/// `nonce`.
 pub fn transfer(nonce: u64) -> serde_json::Value {
+    transfer_to(nonce, Address::repeat_byte(0x11), 1)
+}
+
+/// An EIP-1559 transfer of `value` wei to `to` on [`CHAIN_ID`] (a
+/// `/v1/keys/{name}/sign/transaction` body), gas 21000, max fee 2 gwei, priority fee 1 gwei.
+pub fn transfer_to(nonce: u64, to: Address, value: u128) -> serde_json::Value {
     serde_json::json!({ "tx": {
-        "chainId": "31337",
+        "chainId": CHAIN_ID.to_string(),
         "nonce": nonce.to_string(),
-        "to": Address::repeat_byte(0x11).to_string(),
-        "value": "1",
+        "to": to.to_string(),
+        "value": value.to_string(),
         "gas": "21000",
         "maxFeePerGas": "0x77359400",
         "maxPriorityFeePerGas": "0x3b9aca00",
