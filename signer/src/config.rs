@@ -53,6 +53,9 @@ pub struct SignerConfig {
     /// Process hardening.
     #[serde(default)]
     pub hardening: HardeningConfig,
+    /// Thread scheduling.
+    #[serde(default)]
+    pub scheduling: SchedulingConfig,
 }
 
 /// One caller identity.
@@ -201,6 +204,26 @@ pub struct HardeningConfig {
     /// Do not lock memory (`mlockall`), e.g. where `RLIMIT_MEMLOCK` cannot be raised.
     #[serde(default)]
     pub no_mlock: bool,
+}
+
+/// Thread scheduling (see [`crate::sched`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulingConfig {
+    /// The key device's worker threads preempt the signer's other threads, never the other way
+    /// round (`SCHED_BATCH` for every thread but the device's). No privilege needed.
+    #[serde(default = "yes")]
+    pub device_first: bool,
+}
+
+impl Default for SchedulingConfig {
+    fn default() -> Self {
+        Self { device_first: true }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Errors loading the configuration.
@@ -424,6 +447,25 @@ pending_ttl = "10m"
         assert_eq!(c.chain_id, 1);
         assert_eq!(c.identities().len(), 4);
         assert!(c.submitter.is_some() && c.upstream.is_some() && c.metrics.is_some());
+        assert!(c.scheduling.device_first);
+    }
+
+    #[test]
+    fn the_device_comes_first_unless_configured_otherwise() {
+        let c = SignerConfig::parse(MINIMAL, "t").unwrap();
+        assert!(c.scheduling.device_first);
+        let c = SignerConfig::parse(
+            &format!("{MINIMAL}\n[scheduling]\ndevice_first = false\n"),
+            "t",
+        )
+        .unwrap();
+        assert!(!c.scheduling.device_first);
+        let e = SignerConfig::parse(
+            &format!("{MINIMAL}\n[scheduling]\ndevice_frist = true\n"),
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("device_frist"), "{e}");
     }
 
     #[test]

@@ -8,5 +8,6 @@ pub mod backend;
 pub mod config;
 pub mod eth;
 pub mod hardening;
+pub mod sched;
 pub mod server;
 pub mod store;

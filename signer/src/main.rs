@@ -30,14 +30,26 @@ struct Args {
     log_json: bool,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     // Before anything is read: no core file and no ptrace by others can ever hold what follows.
     castellan_signer::hardening::disable_core_dumps()?;
     let args = Args::parse();
     init_tracing(args.log_json);
 
     let config = SignerConfig::load(&args.config)?;
+    // Before any other thread exists, so that all of them inherit it (see `sched`); the key
+    // device's workers take precedence back when they start.
+    if config.scheduling.device_first {
+        castellan_signer::sched::yield_to_devices()?;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(serve(config))
+}
+
+async fn serve(config: SignerConfig) -> anyhow::Result<()> {
     // Before the PIN is read or a device opened: refuse root unless allowed, lock memory.
     let hardened = castellan_signer::hardening::apply(&config.hardening)?;
     tracing::info!(

@@ -183,6 +183,51 @@ fn check_locked_and_no_core(pid: u32, log: &str) {
         log.contains("memory_locked=true") && log.contains("not dumpable"),
         "the start-up log does not report the hardening:\n{log}"
     );
+    check_device_first(pid, &log);
+}
+
+/// `scheduling.device_first` (the default, see `signer/src/sched.rs`): every thread of the signer
+/// runs under `SCHED_BATCH` but the PKCS#11 workers, which run under `SCHED_OTHER` — as root and
+/// as an unprivileged user alike — and no thread's nice value changed.
+fn check_device_first(pid: u32, log: &str) {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    let mut workers = 0;
+    let mut others = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let Ok(stat) = std::fs::read_to_string(task.join("stat")) else {
+            continue; // the thread ended
+        };
+        // `pid (comm) state …`: the fields after the name start with field 3 (`state`);
+        // field 19 is the nice value, field 41 the scheduling policy.
+        let (comm, rest) = stat
+            .split_once(" (")
+            .and_then(|(_, r)| r.rsplit_once(") "))
+            .unwrap_or_else(|| panic!("unexpected {}: {stat}", task.display()));
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let nice: i32 = fields[19 - 3].parse().unwrap();
+        let policy: u32 = fields[41 - 3].parse().unwrap();
+        assert_eq!(nice, 0, "thread {comm:?} has nice {nice}");
+        if comm.starts_with("pkcs11-worker") {
+            workers += 1;
+            assert_eq!(
+                policy, SCHED_OTHER,
+                "device thread {comm:?}: policy {policy}"
+            );
+        } else {
+            others += 1;
+            assert_eq!(policy, SCHED_BATCH, "thread {comm:?}: policy {policy}");
+        }
+    }
+    assert!(
+        workers >= 1 && others >= 3,
+        "{workers} workers, {others} others"
+    );
+    assert!(
+        !log.contains("runs without precedence"),
+        "a device thread could not take precedence:\n{log}"
+    );
 }
 
 /// The log without terminal colour codes (`ESC [ … m`).

@@ -205,7 +205,11 @@ impl Pkcs11Backend {
             );
             let receiver = Arc::clone(&receiver);
             // On a spawn error `backend` is dropped, which stops and joins what did start.
-            backend.spawn(format!("pkcs11-worker-{i}"), move || worker.run(&receiver))?;
+            backend.spawn(format!("pkcs11-worker-{i}"), move || {
+                // The module computes or waits for the device here: first on the CPU.
+                crate::sched::device_thread();
+                worker.run(&receiver);
+            })?;
         }
         Ok(backend)
     }

@@ -203,7 +203,11 @@ impl YubiHsmBackend {
         };
         let thread = std::thread::Builder::new()
             .name("yubihsm-worker".into())
-            .spawn(move || worker.run(&receiver))
+            .spawn(move || {
+                // Wakes when the device answers: first on the CPU (see `crate::sched`).
+                crate::sched::device_thread();
+                worker.run(&receiver);
+            })
             .map_err(|e| BackendError::Unavailable(format!("cannot start a thread: {e}")))?;
         Ok(Self {
             sender: Some(sender),
