@@ -39,8 +39,16 @@ fn main() -> anyhow::Result<()> {
     let config = SignerConfig::load(&args.config)?;
     // Before any other thread exists, so that all of them inherit it (see `sched`); the key
     // device's workers take precedence back when they start.
-    if config.scheduling.device_first {
-        castellan_signer::sched::yield_to_devices()?;
+    // Not a security measure: a refusal (a seccomp filter without `sched_setscheduler`, say)
+    // costs throughput, and the signer says so and runs.
+    if config.scheduling.device_first
+        && let Err(e) = castellan_signer::sched::yield_to_devices()
+    {
+        tracing::warn!(
+            error = %e,
+            "the key device's threads get no precedence; set device_first = false in \
+             [scheduling] to run so without this warning"
+        );
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
