@@ -35,13 +35,10 @@ pub enum Policy {
     Unmanaged,
 }
 
-/// Changing a thread's scheduling policy failed.
+/// Reading or changing the calling thread's scheduling policy failed (the message says which).
 #[derive(Debug, thiserror::Error)]
-#[error("cannot set this thread's scheduling policy to {policy}: {reason}")]
-pub struct SchedError {
-    policy: &'static str,
-    reason: String,
-}
+#[error("{0}")]
+pub struct SchedError(String);
 
 /// The calling thread's policy.
 pub fn current() -> Result<Policy, SchedError> {
@@ -49,10 +46,9 @@ pub fn current() -> Result<Policy, SchedError> {
         Ok(ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other)) => Ok(Policy::Other),
         Ok(ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch)) => Ok(Policy::Batch),
         Ok(_) => Ok(Policy::Unmanaged),
-        Err(e) => Err(SchedError {
-            policy: "(read)",
-            reason: format!("{e:?}"),
-        }),
+        Err(e) => Err(SchedError(format!(
+            "cannot read this thread's scheduling policy: {e:?}"
+        ))),
     }
 }
 
@@ -84,9 +80,10 @@ pub fn device_thread() {
 
 /// Sets the calling thread's policy to `policy` without changing its nice value.
 fn set(policy: NormalThreadSchedulePolicy, name: &'static str) -> Result<(), SchedError> {
-    let fail = |reason: String| SchedError {
-        policy: name,
-        reason,
+    let fail = |reason: String| {
+        SchedError(format!(
+            "cannot set this thread's scheduling policy to {name}: {reason}"
+        ))
     };
     // `thread_priority` sets the nice value together with a normal policy; it takes it as a
     // cross-platform priority, 0 (nice 19) ..= 99 (nice -20). Ask for the thread's own nice
@@ -119,7 +116,6 @@ fn crossplatform_for_nice(nice: i32) -> Option<ThreadPriorityValue> {
     (u8::from(ThreadPriorityValue::MIN)..=max)
         .find(|&p| {
             let ratio = 1f32 - f32::from(p) / f32::from(max);
-            #[allow(clippy::cast_possible_truncation)]
             let mapped = i32::from((39f32 * ratio) as i8) - 20;
             mapped == nice
         })

@@ -90,8 +90,8 @@
 //! # Group commit (SQLite)
 //! All writes go to one writer thread (`store-writer`) through a bounded channel. The thread
 //! takes every queued job (up to a batch limit), runs them in one `BEGIN IMMEDIATE`
-//! transaction (see "Failed jobs" below) and commits once, with `synchronous=NORMAL`: the commit writes
-//! its WAL frames without an fsync. Durability is the job of a second thread (`store-sync`):
+//! transaction (see "Failed jobs" below) and commits once, with `synchronous=NORMAL`: the
+//! commit writes its WAL frames without an fsync. Durability is the job of a second thread (`store-sync`):
 //! the writer hands it the answers that must be durable, and it `fdatasync`s the WAL file, then
 //! answers every job of every commit written before that sync began. So the writer never waits
 //! for the disk — a queued outcome committed while a sync runs is answered at once instead of
@@ -115,8 +115,8 @@
 //! would run inside a commit every 1000 pages (thousands of page writes and two fsyncs) and
 //! stall every request behind it. A third thread (`store-checkpoint`, its own connection) runs
 //! a `PASSIVE` checkpoint, which never blocks the writer, at most every 100 ms
-//! ([`SqliteConfig::checkpoint_interval`]) after new commits; SQLite starts the WAL over at the writer's next transaction once a checkpoint has
-//! caught up, and past [`SqliteConfig::wal_restart_frames`] (load without a pause) the writer
+//! ([`SqliteConfig::checkpoint_interval`]) after new commits; SQLite starts the WAL over at the
+//! writer's next transaction once a checkpoint has caught up, and past [`SqliteConfig::wal_restart_frames`] (load without a pause) the writer
 //! restarts it itself, so the WAL file stays bounded.
 //!
 //! A failed `fdatasync` answers every waiting job with an error and stops all writes: after
