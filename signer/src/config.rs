@@ -210,9 +210,8 @@ pub struct HardeningConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SchedulingConfig {
-    /// The key device's worker threads and the store's writer and sync threads preempt the
-    /// signer's other threads, never the other way round (`SCHED_BATCH` for every other
-    /// thread). No privilege needed.
+    /// The key device's worker threads preempt the signer's other threads, never the other way
+    /// round (`SCHED_BATCH` for every thread but the device's). No privilege needed.
     #[serde(default = "yes")]
     pub device_first: bool,
 }

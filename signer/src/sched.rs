@@ -12,8 +12,7 @@
 //! With `scheduling.device_first` (the default), `main` puts its own thread under
 //! `SCHED_BATCH` before it starts any other thread, so every thread of the process inherits it
 //! — except the device's worker threads, which return to `SCHED_OTHER` when they start
-//! ([`device_thread`]), and the store's writer and sync threads, on every request's path before
-//! the device ([`store_thread`]). `SCHED_BATCH` keeps a thread's nice value and its fair share of CPU; it
+//! ([`device_thread`]). `SCHED_BATCH` keeps a thread's nice value and its fair share of CPU; it
 //! only stops its wake-ups from preempting a running thread (they wait for the scheduler tick or
 //! a free core). Both changes are allowed to an unprivileged process: no capability is needed,
 //! and nothing else on the host loses CPU to the signer. Measured the same way, the worker's
@@ -69,29 +68,13 @@ pub fn yield_to_devices() -> Result<(), SchedError> {
 /// benches, `scheduling.device_first = false`). A failure is logged, not fatal: the device then
 /// only loses its precedence.
 pub fn device_thread() {
-    precedence("the key device's thread");
-}
-
-/// Called by the store's writer and sync threads when they start: back to `SCHED_OTHER`, like
-/// the device's workers. Every signature waits for its decision's commit and `fdatasync` before
-/// the device is called, and these threads use little CPU (one transaction and one sync per
-/// batch of requests); under `SCHED_BATCH` their wake-ups waited behind the tokio threads that
-/// answer a flood of refusals (`cargo bench --bench overload`: the decision stage's p99 grew
-/// 2.8–4× at 10× the sustainable rate, 1.0–1.4× once they were put back under `SCHED_OTHER`).
-/// The checkpoint thread, off every request's path, stays under `SCHED_BATCH`.
-pub fn store_thread() {
-    precedence("the store's commit thread");
-}
-
-/// Back to `SCHED_OTHER` if the calling thread inherited `SCHED_BATCH`; a failure is logged.
-fn precedence(what: &str) {
     let outcome = match current() {
         Ok(Policy::Batch) => set(NormalThreadSchedulePolicy::Other, "SCHED_OTHER"),
         Ok(_) => Ok(()),
         Err(e) => Err(e),
     };
     if let Err(e) = outcome {
-        tracing::warn!(error = %e, "{what} runs without precedence");
+        tracing::warn!(error = %e, "the key device's thread runs without precedence");
     }
 }
 
@@ -160,8 +143,8 @@ mod tests {
     }
 
     #[test]
-    fn yielding_keeps_the_nice_value_is_inherited_and_device_and_store_threads_return() {
-        let (mine, child, device, store) = in_thread(|| {
+    fn yielding_keeps_the_nice_value_and_is_inherited_and_a_device_thread_returns() {
+        let (mine, child, device, device_nice) = in_thread(|| {
             // Raising one's own nice value needs no privilege; a test run as root must not pass
             // only because root may lower it back.
             rustix::process::setpriority_process(None, 3).unwrap();
@@ -177,27 +160,19 @@ mod tests {
                     rustix::process::getpriority_process(None).unwrap(),
                 )
             });
-            // ...and a device or store thread goes back to SCHED_OTHER, nice unchanged.
-            let device = in_thread(|| {
+            // ...and a device thread goes back to SCHED_OTHER, nice unchanged.
+            let (device, device_nice) = in_thread(|| {
                 device_thread();
                 (
                     current().unwrap(),
                     rustix::process::getpriority_process(None).unwrap(),
                 )
             });
-            let store = in_thread(|| {
-                store_thread();
-                (
-                    current().unwrap(),
-                    rustix::process::getpriority_process(None).unwrap(),
-                )
-            });
-            (mine, child, device, store)
+            (mine, child, device, device_nice)
         });
         assert_eq!(mine, (Policy::Batch, 3));
         assert_eq!(child, (Policy::Batch, 3));
-        assert_eq!(device, (Policy::Other, 3));
-        assert_eq!(store, (Policy::Other, 3));
+        assert_eq!((device, device_nice), (Policy::Other, 3));
     }
 
     #[test]

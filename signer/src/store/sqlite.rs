@@ -190,16 +190,12 @@ impl SqliteStore {
         let sync_thread = Arc::clone(&syncer);
         let sync = std::thread::Builder::new()
             .name("store-sync".into())
-            .spawn(move || {
-                crate::sched::store_thread();
-                sync_thread.run(&sync_stats);
-            })
+            .spawn(move || sync_thread.run(&sync_stats))
             .map_err(|e| StoreError::Database(format!("cannot start the sync thread: {e}")))?;
         let writer_stats = Arc::clone(&stats);
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
-                crate::sched::store_thread();
                 let threads = Helpers {
                     syncer: &syncer,
                     checkpointer: &checkpointer,
