@@ -6,7 +6,10 @@
 //! - raw backend signs/s and signer signs/s at 1 and 2 HSM sessions, and their ratio;
 //! - the signer's CPU time per request outside the HSM (signer process CPU per request minus the
 //!   backend's own CPU per signature measured in-process);
-//! - p50/p99 latency at half the sustainable load, beside the HSM's own p50/p99.
+//! - p50/p99 latency at half the sustainable load, beside the HSM's own p50/p99 (one signature
+//!   at a time), and beside the HSM alone at the same load (the raw backend driven open loop at
+//!   the same rate: at half load the device is busy half the time, and a signature that arrives
+//!   meanwhile waits for the one in progress, signer or not).
 //!
 //! - the store's own floor beside them: `fdatasync` latency of a 4 KiB append in the store's
 //!   directory, measured in the same run (the decision must be on disk before the HSM signs, so
@@ -66,7 +69,12 @@ struct Raw {
     p99: Duration,
 }
 
-async fn raw_backend(token: &SoftHsmToken, sessions: usize, dur: Duration) -> Raw {
+/// The backend in-process (no signer), with a key of its own.
+async fn open_raw(
+    token: &SoftHsmToken,
+    sessions: usize,
+    label: &str,
+) -> (Arc<Pkcs11Backend>, castellan_signer::backend::KeyInfo) {
     let mut config = Pkcs11Config::new(
         token.module(),
         token.label(),
@@ -75,7 +83,12 @@ async fn raw_backend(token: &SoftHsmToken, sessions: usize, dur: Duration) -> Ra
     config.sessions = sessions;
     config.sign_timeout = Duration::from_secs(10);
     let backend = Arc::new(Pkcs11Backend::open(&config).unwrap());
-    let key = backend.generate(&format!("raw-{sessions}")).await.unwrap();
+    let key = backend.generate(label).await.unwrap();
+    (backend, key)
+}
+
+async fn raw_backend(token: &SoftHsmToken, sessions: usize, dur: Duration) -> Raw {
+    let (backend, key) = open_raw(token, sessions, &format!("raw-{sessions}")).await;
     // Latency of one signature at a time.
     let mut lat = Vec::new();
     let t0 = Instant::now();
@@ -264,6 +277,47 @@ async fn closed_loop(app: &support::Appliance, clients: usize, dur: Duration) ->
     }
 }
 
+/// The device alone at the signer's half-load rate: the raw backend (one session, in-process, no
+/// signer, no store) driven open loop at `rate` signatures/s, paced as [`open_loop`] paces its
+/// requests. At that load the device is busy about half the time, so a signature that arrives
+/// while another is computed waits for it: this is the latency floor of any signer in front of
+/// this device at this load. Latency percentiles and how many signatures.
+async fn raw_open_loop(
+    token: &SoftHsmToken,
+    rate: f64,
+    dur: Duration,
+) -> (Duration, Duration, usize) {
+    let (backend, key) = open_raw(token, 1, "raw-open-loop").await;
+    let lats = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let t0 = Instant::now();
+    let mut next = t0;
+    let mut tasks = Vec::new();
+    while t0.elapsed() < dur {
+        tokio::time::sleep_until(next.into()).await;
+        next += interval;
+        let (b, k, lats) = (backend.clone(), key.clone(), lats.clone());
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            b.sign(
+                &k.key_ref,
+                &k.public_key,
+                SignRequest::digest(random_digest()),
+            )
+            .await
+            .unwrap();
+            let elapsed = t.elapsed();
+            lats.lock().unwrap().push(elapsed);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut l = lats.lock().unwrap().clone();
+    l.sort();
+    (pct(&l, 50.0), pct(&l, 99.0), l.len())
+}
+
 /// Open loop at `rate` requests/s: latency percentiles.
 async fn open_loop(
     app: &support::Appliance,
@@ -331,6 +385,7 @@ async fn open_loop(
 async fn run(token: &SoftHsmToken, dur: Duration) {
     let mut rows = Vec::new();
     let mut half_load = None;
+    let mut raw_loaded = None;
     let per_session: usize = std::env::var("LOADGEN_CLIENTS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -379,6 +434,11 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
             half_load = Some((served.rate / 2.0, p50, p99, n, raw.p50, raw.p99));
         }
         drop(app);
+        if sessions == 1
+            && let Some((rate, ..)) = half_load
+        {
+            raw_loaded = Some(raw_open_loop(token, rate, dur).await);
+        }
         rows.push((sessions, raw, served));
     }
     println!();
@@ -429,6 +489,18 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
             p50.saturating_sub(hp50).as_micros(),
             p99.saturating_sub(hp99).as_micros()
         );
+        if let Some((lp50, lp99, ln)) = raw_loaded {
+            println!(
+                "  HSM alone at the same load: p50 {:>7} µs   p99 {:>7} µs   (raw backend, 1 session, the same open-loop rate, {ln} signatures: waits for the signature in progress)",
+                lp50.as_micros(),
+                lp99.as_micros()
+            );
+            println!(
+                "  added to the HSM alone at the same load: p50 {:>7} µs   p99 {:>7} µs",
+                p50.saturating_sub(lp50).as_micros(),
+                p99.saturating_sub(lp99).as_micros()
+            );
+        }
     }
     // Machine-readable summary for scripts/bench: one `BENCH key=value` per line.
     for (sessions, raw, served) in &rows {
@@ -462,6 +534,10 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
         ] {
             println!("BENCH loadgen.{k}_us={}", v.as_micros());
         }
+    }
+    if let Some((lp50, lp99, _)) = raw_loaded {
+        println!("BENCH loadgen.hsm_loaded_p50_us={}", lp50.as_micros());
+        println!("BENCH loadgen.hsm_loaded_p99_us={}", lp99.as_micros());
     }
     print!("{stages}");
     if let Some((p50, p99)) = sync {
