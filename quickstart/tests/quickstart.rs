@@ -376,6 +376,20 @@ fn wait(child: &mut Child, timeout: Duration, log: &Path) -> std::process::ExitS
             return s;
         }
         if Instant::now() >= deadline {
+            // What is still running, and what its logs say, before anything is stopped: which
+            // process held the quickstart up.
+            let running = Command::new("ps")
+                .args([
+                    "-o",
+                    "pid,stat,etime,args",
+                    "--ppid",
+                    &child.id().to_string(),
+                ])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let out = std::fs::read_to_string(log).unwrap_or_default();
+            let logs = log_tails(&out);
             // SIGTERM lets the script's trap stop what it started.
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
@@ -384,12 +398,38 @@ fn wait(child: &mut Child, timeout: Duration, log: &Path) -> std::process::ExitS
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "the quickstart did not finish within {timeout:?}:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
+                "the quickstart did not finish within {timeout:?}:\n{out}\n\
+                 still running under it:\n{running}\n{logs}"
             );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The last lines of every log in the directory the quickstart names in its output
+/// (`(logs: DIR/)`).
+fn log_tails(out: &str) -> String {
+    let Some(dir) = out
+        .split_once("(logs: ")
+        .and_then(|(_, r)| r.split_once(')'))
+        .map(|(d, _)| PathBuf::from(d))
+    else {
+        return "(no logs directory in the output)".into();
+    };
+    let mut text = String::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return format!("(cannot read {})", dir.display());
+    };
+    for e in entries.flatten() {
+        let body = std::fs::read_to_string(e.path()).unwrap_or_default();
+        let lines: Vec<&str> = body.lines().collect();
+        let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+        text.push_str(&format!(
+            "--- {} (last lines) ---\n{tail}\n",
+            e.path().display()
+        ));
+    }
+    text
 }
 
 /// anvil started on a chain state file, killed on drop.
