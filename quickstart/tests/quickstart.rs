@@ -251,7 +251,12 @@ fn quickstart_stays_up_its_printed_commands_work_and_ctrl_c_stops_it() {
     let command = readme_commands()[0].clone();
     let tmp = tempfile::tempdir().unwrap();
     let log = tmp.path().join("quickstart.log");
-    let mut child = Command::new(root().join(&command))
+    // With SIGINT at its default, as in a terminal: a shell cannot trap a signal that was
+    // ignored when it started, and a test run started in the background of a non-interactive
+    // shell (`nohup scripts/test &`) hands an ignored SIGINT down to everything it runs.
+    let mut child = Command::new("env")
+        .arg("--default-signal=INT")
+        .arg(root().join(&command))
         .current_dir(root())
         .env("CASTELLAN_BIN_DIR", &bin_dir)
         .env("CASTELLAN_QUICKSTART_DIR", tmp.path().join("quickstart"))
