@@ -88,20 +88,19 @@
 //! [`Store::grant`]) always sum from the tables.
 //!
 //! # Group commit (SQLite)
-//! All writes go to one writer thread (`store-writer`) through a bounded channel. The thread
-//! takes every queued job (up to a batch limit), runs them in one `BEGIN IMMEDIATE`
-//! transaction (see "Failed jobs" below) and commits once, with `synchronous=NORMAL`: the
-//! commit writes its WAL frames without an fsync. Durability is the job of a second thread (`store-sync`):
-//! the writer hands it the answers that must be durable, and it `fdatasync`s the WAL file, then
-//! answers every job of every commit written before that sync began. So the writer never waits
-//! for the disk — a queued outcome committed while a sync runs is answered at once instead of
-//! after it — and every commit written during one sync shares the next. Under load (see
-//! adaptive group commit below), while a sync runs, a batch holding only jobs that wait for an
-//! fsync is not committed yet (they could not be answered before the next sync anyway): the
-//! writer collects more jobs until the sync ends, so they share one commit too. Unloaded, it
-//! commits at once, so the commit's work overlaps the running sync instead of adding to the
-//! decision's latency. The answer to a durable job therefore means the same as with
-//! `synchronous=FULL`: its commit is on disk.
+//! All writes go to one writer thread (`store-writer`) through a bounded channel. The thread takes
+//! every queued job (up to a batch limit), runs them in one `BEGIN IMMEDIATE` transaction (see
+//! "Failed jobs" below) and commits once, with `synchronous=NORMAL`: the commit writes its WAL
+//! frames without an fsync. Durability is the job of a second thread (`store-sync`): the writer
+//! hands it the answers that must be durable, and it `fdatasync`s the WAL file, then answers every
+//! job of every commit written before that sync began. So the writer never waits for the disk — a
+//! queued outcome committed while a sync runs is answered at once instead of after it — and every
+//! commit written during one sync shares the next. Under load (see adaptive group commit below),
+//! while a sync runs, a batch holding only jobs that wait for an fsync is not committed yet (they
+//! could not be answered before the next sync anyway): the writer collects more jobs until the sync
+//! ends, so they share one commit too. Unloaded, it commits at once, so the commit's work overlaps
+//! the running sync instead of adding to the decision's latency. The answer to a durable job
+//! therefore means the same as with `synchronous=FULL`: its commit is on disk.
 //!
 //! Adaptive group commit: a commit costs the writer about as much as the jobs in it (every page
 //! it dirties goes to the WAL whole, and a decision touches a dozen index pages), so while the
@@ -111,13 +110,14 @@
 //! PostgreSQL's `commit_delay`/`commit_siblings`: throughput under load without latency when
 //! the signer is not busy.
 //!
-//! Nor does the writer copy the WAL into the database file: SQLite's automatic checkpoint
-//! would run inside a commit every 1000 pages (thousands of page writes and two fsyncs) and
-//! stall every request behind it. A third thread (`store-checkpoint`, its own connection) runs
-//! a `PASSIVE` checkpoint, which never blocks the writer, at most every 100 ms
+//! Nor does the writer copy the WAL into the database file: SQLite's automatic checkpoint would run
+//! inside a commit every 1000 pages (thousands of page writes and two fsyncs) and stall every
+//! request behind it. A third thread (`store-checkpoint`, its own connection) runs a `PASSIVE`
+//! checkpoint, which never blocks the writer, at most every 100 ms
 //! ([`SqliteConfig::checkpoint_interval`]) after new commits; SQLite starts the WAL over at the
-//! writer's next transaction once a checkpoint has caught up, and past [`SqliteConfig::wal_restart_frames`] (load without a pause) the writer
-//! restarts it itself, so the WAL file stays bounded.
+//! writer's next transaction once a checkpoint has caught up, and past
+//! [`SqliteConfig::wal_restart_frames`] (load without a pause) the writer restarts it itself, so
+//! the WAL file stays bounded.
 //!
 //! A failed `fdatasync` answers every waiting job with an error and stops all writes: after
 //! one, Linux no longer promises that the frames written before it reach the disk (a later sync

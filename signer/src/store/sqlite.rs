@@ -1800,12 +1800,12 @@ fn writer_loop(
     checkpointer.close();
 }
 
-/// Copies the WAL into the database file off the writer's path: SQLite's automatic checkpoint
-/// would run inside a commit on the writer thread (every 1000 pages: thousands of page writes
-/// and two fsyncs), stalling every request queued behind it. This thread runs a `PASSIVE`
-/// checkpoint (which never blocks the writer) at most every
-/// [`SqliteConfig::checkpoint_interval`] after new commits; SQLite restarts the WAL from its
-/// beginning at the writer's next transaction once a checkpoint has caught up. Under load without a pause it may never catch up exactly, so past
+/// Copies the WAL into the database file off the writer's path: SQLite's automatic checkpoint would
+/// run inside a commit on the writer thread (every 1000 pages: thousands of page writes and two
+/// fsyncs), stalling every request queued behind it. This thread runs a `PASSIVE` checkpoint (which
+/// never blocks the writer) at most every [`SqliteConfig::checkpoint_interval`] after new commits;
+/// SQLite restarts the WAL from its beginning at the writer's next transaction once a checkpoint
+/// has caught up. Under load without a pause it may never catch up exactly, so past
 /// [`SqliteConfig::wal_restart_frames`] frames the writer runs a `RESTART` checkpoint itself before
 /// its next batch (short: the frames are already copied), which bounds the WAL file.
 #[derive(Default)]
