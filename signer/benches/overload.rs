@@ -4,12 +4,13 @@
 //! all against one signer process (2 HSM sessions, admission limits below):
 //! 1. sustainable rate: closed loop, one client per place (`max_in_flight`),
 //!    `OVERLOAD_WARM_SECONDS` (default 5);
-//! 2. unloaded latency: open loop at 10 % of that rate for `OVERLOAD_LIGHT_SECONDS` (default 10);
+//! 2. unloaded latency: open loop at 10 % of that rate for `OVERLOAD_LIGHT_SECONDS` (default 10),
+//!    then the probe (below) alone at that rate for as long;
 //! 3. overload: open loop at 10× that rate for `OVERLOAD_SECONDS` (default 60), over 512
 //!    persistent connections of a lean HTTP/1.1 client (`Lean`: request bytes from a template, no
 //!    client library — the generator shares the signer's cores here; a request for which no
-//!    connection is idle is counted as "not sent", not as a signer answer); phases 2 and 4 use the
-//!    same client;
+//!    connection is idle is counted as "not sent", not as a signer answer), with the probe beside
+//!    it at 10 % of the rate; phases 2 and 4 use the same client;
 //! 4. right after: open loop at 10 % again for `OVERLOAD_LIGHT_SECONDS`;
 //! 5. refusals only, for `OVERLOAD_REFUSAL_SECONDS` (default 5; 0 skips it): every place is held
 //!    by a `/rpc` `eth_blockNumber` forwarded to an upstream node that never answers, and signing
@@ -23,7 +24,9 @@
 //! Prints p50/p99 of admitted (200) requests per phase, the count of 503 `overloaded` and other
 //! answers, and the signer's RSS (VmRSS sampled every 100 ms, and VmHWM, from /proc/PID/status).
 //! The targets (issue 8): admitted p99 at 10× within 2× the unloaded p99; RSS bounded; normal
-//! service right after.
+//! service right after. The p99 ratio is printed three ways: as the flood's generator timed its
+//! own requests, as the probe timed its requests (`Probe`: a client on its own thread at normal
+//! niceness, as a strategy host on another machine would be), and from the signer's histograms.
 //!
 //! Environment: `OVERLOAD_SECONDS`, `OVERLOAD_WARM_SECONDS`, `OVERLOAD_LIGHT_SECONDS`,
 //! `OVERLOAD_REFUSAL_SECONDS`, `OVERLOAD_REFUSAL_RATE`, `OVERLOAD_REFUSAL_CLIENTS`,
@@ -294,20 +297,34 @@ struct Lean {
 
 type LeanConn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
-impl Lean {
-    async fn connect(app: &support::Appliance, conns: usize) -> Arc<Self> {
-        let config = castellan_api::tls::ClientTlsConfig {
-            server_ca: app.path("ca.pem"),
-            cert: app.path("alpha.pem"),
-            key: app.path("alpha.key"),
+/// Where a [`Lean`] pool connects, as strategy client `alpha`.
+#[derive(Clone)]
+struct LeanTarget {
+    tls: castellan_api::tls::ClientTlsConfig,
+    addr: std::net::SocketAddr,
+}
+
+impl LeanTarget {
+    fn of(app: &support::Appliance) -> Self {
+        Self {
+            tls: castellan_api::tls::ClientTlsConfig {
+                server_ca: app.path("ca.pem"),
+                cert: app.path("alpha.pem"),
+                key: app.path("alpha.key"),
+            },
+            addr: app.addr,
         }
-        .build()
-        .unwrap();
+    }
+}
+
+impl Lean {
+    async fn connect(target: &LeanTarget, conns: usize) -> Arc<Self> {
+        let config = target.tls.build().unwrap();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let mut idle = std::collections::VecDeque::with_capacity(conns);
         for _ in 0..conns {
-            let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+            let tcp = tokio::net::TcpStream::connect(target.addr).await.unwrap();
             tcp.set_nodelay(true).unwrap();
             idle.push_back(connector.connect(name.clone(), tcp).await.unwrap());
         }
@@ -438,6 +455,68 @@ async fn lean_open_loop(
     p.elapsed = t0.elapsed();
     p
 }
+
+/// A client that is not the flood: its own thread, runtime and [`Lean`] connections, at the
+/// niceness the benchmark was started with (the generator's threads go to nice 19, see the
+/// module docs). It stands for a strategy host on another machine, whose clock reads an answer
+/// when it arrives: the flood's own generator, starved of CPU at nice 19 by the load it makes,
+/// times its answers late, and that delay is in its p99. The probe sends at the unloaded phase's
+/// rate, alone for the unloaded figure and beside the flood for the overload figure; its
+/// requests are admitted or refused like any other, so its admitted ones are a sample of the
+/// admitted requests.
+struct Probe {
+    commands: tokio::sync::mpsc::UnboundedSender<(f64, Duration, std::sync::mpsc::Sender<Phase>)>,
+    /// The probe thread's id, which the renice loop leaves alone.
+    tid: String,
+}
+
+impl Probe {
+    const CONNECTIONS: usize = 16;
+
+    fn start(target: LeanTarget) -> Self {
+        let (commands, mut rx) = tokio::sync::mpsc::unbounded_channel::<(
+            f64,
+            Duration,
+            std::sync::mpsc::Sender<Phase>,
+        )>();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("probe".into())
+            .spawn(move || {
+                tid_tx
+                    .send(rustix::thread::gettid().as_raw_nonzero().to_string())
+                    .unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let pool = Lean::connect(&target, Self::CONNECTIONS).await;
+                    // Nonces of their own: the generator's start at 10 000 000.
+                    let nonce = Arc::new(AtomicU64::new(500_000_000));
+                    while let Some((rate, dur, reply)) = rx.recv().await {
+                        let phase = lean_open_loop(&pool, PATH, rate, dur, &nonce).await;
+                        let _ = reply.send(phase);
+                    }
+                });
+            })
+            .unwrap();
+        Self {
+            commands,
+            tid: tid_rx.recv().unwrap(),
+        }
+    }
+
+    /// Starts a phase at `rate`/s for `dur`; its [`Phase`] comes on the returned channel.
+    fn phase(&self, rate: f64, dur: Duration) -> std::sync::mpsc::Receiver<Phase> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.commands.send((rate, dur, tx)).unwrap();
+        rx
+    }
+}
+
+/// The route every phase signs on.
+const PATH: &str = "/v1/keys/hot/sign/transaction";
 
 /// An upstream node that accepts connections and never answers, until `release` is notified:
 /// then it closes them, and the forwarded calls waiting on it fail at once. [`Stall::holding`]
@@ -639,9 +718,15 @@ async fn run(token: &SoftHsmToken) {
     .unwrap();
     app.spawn();
     let pid = app.pid().unwrap();
-    // The generator below the signer (see the module docs): every thread of this process.
+    // Started before the renice below, which leaves its thread alone.
+    let probe = Probe::start(LeanTarget::of(&app));
+    // The generator below the signer (see the module docs): every thread of this process but
+    // the probe's.
     let mut reniced = 0;
     for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        if task.file_name().to_string_lossy() == probe.tid {
+            continue;
+        }
         let ok = Command::new("renice")
             .args(["-n", "19", "-p"])
             .arg(task.file_name())
@@ -670,8 +755,8 @@ async fn run(token: &SoftHsmToken) {
     );
     let nonce = Arc::new(AtomicU64::new(10_000_000));
     // The same lean generator for every phase whose latencies are compared (see `Lean`).
-    let lean = Lean::connect(&app, 512).await;
-    let path = "/v1/keys/hot/sign/transaction";
+    let lean = Lean::connect(&LeanTarget::of(&app), 512).await;
+    let path = PATH;
     let scrape0 = app.metrics().await;
     let mut unloaded = lean_open_loop(
         &lean,
@@ -681,6 +766,9 @@ async fn run(token: &SoftHsmToken) {
         &nonce,
     )
     .await;
+    // The probe alone at the same rate: its unloaded figure.
+    let probe_unloaded = probe.phase(rate / 10.0, Duration::from_secs(light_secs));
+    let mut probe_unloaded = tokio::task::block_in_place(|| probe_unloaded.recv().unwrap());
 
     // RSS sampler for the overload phase.
     let stop = Arc::new(AtomicBool::new(false));
@@ -698,9 +786,12 @@ async fn run(token: &SoftHsmToken) {
     let scrape1 = app.metrics().await;
     let cpu0 = cpu_of(pid);
     let t_over = Instant::now();
+    // The probe beside the flood, for as long.
+    let probe_overload = probe.phase(rate / 10.0, Duration::from_secs(secs));
     let mut overload =
         lean_open_loop(&lean, path, rate * 10.0, Duration::from_secs(secs), &nonce).await;
     let over_wall = t_over.elapsed();
+    let mut probe_overload = tokio::task::block_in_place(|| probe_overload.recv().unwrap());
     let over_cpu = cpu_of(pid).saturating_sub(cpu0);
     let scrape2 = app.metrics().await;
     stop.store(true, Ordering::Relaxed);
@@ -728,6 +819,20 @@ async fn run(token: &SoftHsmToken) {
         o99.as_micros(),
         u99.as_micros(),
         o99.as_secs_f64() / u99.as_secs_f64().max(1e-9)
+    );
+    println!("{}", probe_unloaded.line("probe, unloaded"));
+    println!("{}", probe_overload.line("probe, beside the 10x"));
+    let (pu99, po99) = (
+        pct(&probe_unloaded.admitted, 99.0),
+        pct(&probe_overload.admitted, 99.0),
+    );
+    println!(
+        "probe (a client at the benchmark's own niceness, not the flood's generator): admitted p99 at 10x / unloaded p99: {} µs / {} µs = {:.2} (target <= 2; {} admitted of {} sent beside the flood)",
+        po99.as_micros(),
+        pu99.as_micros(),
+        po99.as_secs_f64() / pu99.as_secs_f64().max(1e-9),
+        probe_overload.admitted.len(),
+        probe_overload.sent,
     );
     // The same requests as the signer itself timed them (its histograms: handler start to
     // answer; the pipeline's stages), without the generator's own waiting for CPU at nice 19.
