@@ -3,7 +3,9 @@
 //! same session count.
 //!
 //! `cargo bench -p castellan-signer --bench loadgen` (needs `source scripts/tools.sh`). Prints:
-//! - raw backend signs/s and signer signs/s at 1 and 2 HSM sessions, and their ratio;
+//! - raw backend signs/s and signer signs/s at 1 and 2 HSM sessions, and their ratio (the raw
+//!   rate measured in two halves, just before and just after the signer's phase, so that the
+//!   host's drift over a run moves both sides alike);
 //! - the signer's CPU time per request outside the HSM (signer process CPU per request minus the
 //!   backend's own CPU per signature measured in-process);
 //! - p50/p99 latency at half the sustainable load, beside the HSM's own p50/p99 (one signature
@@ -87,22 +89,31 @@ async fn open_raw(
     (backend, key)
 }
 
-async fn raw_backend(token: &SoftHsmToken, sessions: usize, dur: Duration) -> Raw {
-    let (backend, key) = open_raw(token, sessions, &format!("raw-{sessions}")).await;
-    // Latency of one signature at a time.
+/// The raw backend's latency one signature at a time, for `dur`: (p50, p99).
+async fn raw_latency(
+    backend: &Pkcs11Backend,
+    key: &castellan_signer::backend::KeyInfo,
+    dur: Duration,
+) -> (Duration, Duration) {
     let mut lat = Vec::new();
     let t0 = Instant::now();
-    while t0.elapsed() < dur / 4 {
-        let d = random_digest();
+    while t0.elapsed() < dur {
         let t = Instant::now();
-        backend
-            .sign(&key.key_ref, &key.public_key, SignRequest::digest(d))
-            .await
-            .unwrap();
+        sign_random(backend, key).await;
         lat.push(t.elapsed());
     }
     lat.sort();
-    // Throughput with enough concurrency to keep every session busy.
+    (pct(&lat, 50.0), pct(&lat, 99.0))
+}
+
+/// The raw backend's throughput with enough concurrency to keep every session busy, for `dur`:
+/// (signatures, wall time, this process's CPU time).
+async fn raw_throughput(
+    backend: &Arc<Pkcs11Backend>,
+    key: &castellan_signer::backend::KeyInfo,
+    sessions: usize,
+    dur: Duration,
+) -> (u64, Duration, Duration) {
     let count = Arc::new(AtomicU64::new(0));
     let cpu0 = self_cpu();
     let t0 = Instant::now();
@@ -121,15 +132,11 @@ async fn raw_backend(token: &SoftHsmToken, sessions: usize, dur: Duration) -> Ra
     for t in tasks {
         t.await.unwrap();
     }
-    let elapsed = t0.elapsed();
-    let cpu = self_cpu() - cpu0;
-    let n = count.load(Ordering::Relaxed);
-    Raw {
-        rate: n as f64 / elapsed.as_secs_f64(),
-        cpu_per_sign: cpu / u32::try_from(n.max(1)).unwrap(),
-        p50: pct(&lat, 50.0),
-        p99: pct(&lat, 99.0),
-    }
+    (
+        count.load(Ordering::Relaxed),
+        t0.elapsed(),
+        self_cpu() - cpu0,
+    )
 }
 
 /// One signature of a random digest (panics on an error: the bench's backend must not fail).
@@ -418,7 +425,13 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
     let mut sync = None;
     let mut stages = String::new();
     for sessions in [1usize, 2] {
-        let raw = raw_backend(token, sessions, dur).await;
+        // The raw rate is measured in two halves, just before and just after the signer's phase,
+        // and the ratio taken to both together: the host's own speed drifts over a run (by a
+        // quarter within a minute at times, on this shared machine), and a drift then moves both
+        // sides alike instead of the ratio.
+        let (backend, key) = open_raw(token, sessions, &format!("raw-{sessions}")).await;
+        let (p50, p99) = raw_latency(&backend, &key, dur / 4).await;
+        let before = raw_throughput(&backend, &key, sessions, dur / 2).await;
         let app = support::Appliance::start_full(
             token,
             &["hot"],
@@ -439,6 +452,20 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
             served
         });
         let scrape1 = app.metrics().await;
+        let after = raw_throughput(&backend, &key, sessions, dur / 2).await;
+        drop(backend);
+        let signs = before.0 + after.0;
+        let raw = Raw {
+            rate: signs as f64 / (before.1 + after.1).as_secs_f64(),
+            cpu_per_sign: (before.2 + after.2) / u32::try_from(signs.max(1)).unwrap(),
+            p50,
+            p99,
+        };
+        println!(
+            "  raw backend, {sessions} session(s): {:.0} signs/s before the signer's phase, {:.0} after",
+            before.0 as f64 / before.1.as_secs_f64(),
+            after.0 as f64 / after.1.as_secs_f64(),
+        );
         let per_request = |name: &str| {
             let d = counter(&scrape1, name) - counter(&scrape0, name);
             d / (served.rate * dur.as_secs_f64()).max(1.0)
