@@ -426,9 +426,9 @@ async fn run(token: &SoftHsmToken, dur: Duration) {
     let mut stages = String::new();
     for sessions in [1usize, 2] {
         // The raw rate is measured in two halves, just before and just after the signer's phase,
-        // and the ratio taken to both together: the host's own speed drifts over a run (by a
-        // quarter within a minute at times, on this shared machine), and a drift then moves both
-        // sides alike instead of the ratio.
+        // and the ratio is taken against both together: the host's own speed drifts over a run
+        // (by up to 15% within one, on this shared machine), and a drift then moves both sides
+        // alike instead of the ratio.
         let (backend, key) = open_raw(token, sessions, &format!("raw-{sessions}")).await;
         let (p50, p99) = raw_latency(&backend, &key, dur / 4).await;
         let before = raw_throughput(&backend, &key, sessions, dur / 2).await;
