@@ -767,8 +767,12 @@ async fn run(token: &SoftHsmToken) {
     )
     .await;
     // The probe alone at the same rate: its unloaded figure.
-    let probe_unloaded = probe.phase(rate / 10.0, Duration::from_secs(light_secs));
-    let mut probe_unloaded = tokio::task::block_in_place(|| probe_unloaded.recv().unwrap());
+    let mut probe_unloaded = tokio::task::block_in_place(|| {
+        probe
+            .phase(rate / 10.0, Duration::from_secs(light_secs))
+            .recv()
+            .unwrap()
+    });
 
     // RSS sampler for the overload phase.
     let stop = Arc::new(AtomicBool::new(false));
@@ -787,11 +791,11 @@ async fn run(token: &SoftHsmToken) {
     let cpu0 = cpu_of(pid);
     let t_over = Instant::now();
     // The probe beside the flood, for as long.
-    let probe_overload = probe.phase(rate / 10.0, Duration::from_secs(secs));
+    let probe_beside = probe.phase(rate / 10.0, Duration::from_secs(secs));
     let mut overload =
         lean_open_loop(&lean, path, rate * 10.0, Duration::from_secs(secs), &nonce).await;
     let over_wall = t_over.elapsed();
-    let mut probe_overload = tokio::task::block_in_place(|| probe_overload.recv().unwrap());
+    let mut probe_overload = tokio::task::block_in_place(|| probe_beside.recv().unwrap());
     let over_cpu = cpu_of(pid).saturating_sub(cpu0);
     let scrape2 = app.metrics().await;
     stop.store(true, Ordering::Relaxed);
