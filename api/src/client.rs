@@ -80,7 +80,7 @@ impl SignerClient {
             .tls_backend_preconfigured(config)
             .timeout(Duration::from_secs(30))
             .build()
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+            .map_err(transport)?;
         Ok(Self {
             base: base.into().trim_end_matches('/').to_owned(),
             http,
@@ -151,7 +151,7 @@ impl SignerClient {
             .json(body)
             .send()
             .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+            .map_err(transport)?;
         decode(resp).await
     }
 
@@ -162,17 +162,32 @@ impl SignerClient {
             .get(format!("{}{path}", self.base))
             .send()
             .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+            .map_err(transport)?;
         decode(resp).await
     }
 }
 
+/// An error and its causes, joined by `": "`. reqwest's own message ("error sending request for
+/// url …") does not tell a refused connection from a failed handshake or a connection closed
+/// mid-call; its causes do.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+fn transport(e: reqwest::Error) -> ClientError {
+    ClientError::Transport(error_chain(&e))
+}
+
 async fn decode<Resp: DeserializeOwned>(resp: reqwest::Response) -> Result<Resp, ClientError> {
     let status = resp.status();
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| ClientError::Transport(e.to_string()))?;
+    let bytes = resp.bytes().await.map_err(transport)?;
     if status == StatusCode::ACCEPTED {
         let pending: PendingResponse =
             serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))?;

@@ -112,15 +112,7 @@ impl Upstream {
 /// the node's URL (it may carry an API key, as hosted nodes' URLs do) and with its causes ("error
 /// sending request" alone does not tell a refused connection from one closed mid-call).
 fn why(e: reqwest::Error) -> String {
-    let e = e.without_url();
-    let mut out = e.to_string();
-    let mut cause = std::error::Error::source(&e);
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
+    castellan_api::client::error_chain(&e.without_url())
 }
 
 /// A JSON-RPC error object.
