@@ -155,20 +155,29 @@ async fn serve(config: SignerConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    // Tests and supervisors read the bound address from this line.
+    // Prometheus text on its own plain listener (bind it to a private address). Bound before
+    // the "listening" line: a supervisor (or a test) that reads that line must not see the
+    // signer exit right after it because the metrics address is taken.
+    let metrics_listener = match &config.metrics {
+        Some(m) => Some(
+            tokio::net::TcpListener::bind(m.listen)
+                .await
+                .with_context(|| format!("binding metrics {}", m.listen))?,
+        ),
+        None => None,
+    };
+    // Tests and supervisors read the bound addresses from these lines.
     println!("signer listening on {addr}");
+    if let Some(l) = &metrics_listener {
+        println!("signer metrics on {}", l.local_addr()?);
+    }
     tracing::info!(%addr, chain_id = config.chain_id, "signer ready");
 
     if let Ok(Some(_)) = signer.store().freeze_state().await {
         signer.metrics().frozen.set(1);
     }
-    // Prometheus text on its own plain listener (bind it to a private address).
-    let metrics_task = match &config.metrics {
-        Some(m) => {
-            let listener = tokio::net::TcpListener::bind(m.listen)
-                .await
-                .with_context(|| format!("binding metrics {}", m.listen))?;
-            println!("signer metrics on {}", listener.local_addr()?);
+    let metrics_task = match metrics_listener {
+        Some(listener) => {
             let scraped = signer.clone();
             let app = axum::Router::new().route(
                 "/metrics",

@@ -149,6 +149,55 @@ fn root_is_refused_memory_is_locked_and_core_dumps_are_off() {
     );
 }
 
+/// A supervisor (and every test harness here) takes "signer listening on" to mean the signer
+/// is up. So every listener is bound before that line: with its metrics address taken, the
+/// signer exits naming that address and never prints it. (Before, it printed the line, then
+/// failed to bind the metrics port and exited; a client that believed the line got "connection
+/// refused".)
+#[test]
+fn a_taken_metrics_address_stops_the_signer_before_it_says_it_listens() {
+    in_own_process(
+        "a_taken_metrics_address_stops_the_signer_before_it_says_it_listens",
+        "metrics-taken",
+        |token| {
+            runtime().block_on(async {
+                let approvers: Vec<Address> = (1..=3).map(Address::repeat_byte).collect();
+                let mut app = Appliance::start_with(
+                    token,
+                    &["hot"],
+                    &policy_toml(&approvers),
+                    "[hardening]\nallow_root = true\nno_mlock = true\n",
+                )
+                .await;
+                app.kill();
+                let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let addr = taken.local_addr().unwrap();
+                let config = app.path("signer-metrics-taken.toml");
+                let text = std::fs::read_to_string(app.path("signer.toml")).unwrap();
+                assert!(!text.contains("[metrics]"), "{text}");
+                std::fs::write(&config, format!("{text}\n[metrics]\nlisten = \"{addr}\"\n"))
+                    .unwrap();
+                let out = run_to_end(
+                    Command::new(env!("CARGO_BIN_EXE_signer"))
+                        .args(["--config".as_ref(), config.as_os_str()]),
+                );
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(!out.status.success(), "it started:\n{stderr}");
+                assert!(
+                    stderr.contains(&format!("binding metrics {addr}")),
+                    "the error names the metrics address:\n{stderr}"
+                );
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    !stdout.contains("listening"),
+                    "it said it listens, then exited:\n{stdout}"
+                );
+                drop(taken);
+            })
+        },
+    );
+}
+
 /// `/proc/PID/status` shows locked memory, `/proc/PID/limits` a core size of 0 (soft and hard),
 /// and the signer's own log says so.
 fn check_locked_and_no_core(pid: u32, log: &str) {

@@ -27,15 +27,37 @@ pub fn now_secs() -> u64 {
         .as_secs()
 }
 
-/// A port that was free a moment ago (the next two are used by the dev submitter config).
+/// A port P such that P, P+1, P+2 and P+3 were all free a moment ago: `keyctl dev init --port P`
+/// gives the signer P, the submitter P+1, the submitter's metrics P+2 and the signer's metrics
+/// P+3. Chosen below the kernel's ephemeral range: that is where the outgoing connections of
+/// the tests running beside this one take their source ports, and where `bind(0)` hands out
+/// the other harnesses' ports, so neither can take one of the four before the appliance binds
+/// them. (Once only P came from `bind(0)`; a signer whose metrics port P+3 had been taken
+/// meanwhile said it listened, then exited, and the test's first request was refused.)
 pub fn free_port() -> u16 {
-    loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = l.local_addr().unwrap().port();
-        if p < u16::MAX - 2 {
+    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+        .clamp(12_000, 60_000);
+    let span = low - 10_000 - 4;
+    // Where to start: differs between test processes and calls (no shared state needed).
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    for i in 0..span {
+        let p = 10_000 + (seed.wrapping_add(i) % span);
+        let p = u16::try_from(p).unwrap();
+        let held: Vec<_> = (0..4)
+            .map_while(|k| std::net::TcpListener::bind(("127.0.0.1", p + k)).ok())
+            .collect();
+        if held.len() == 4 {
             return p;
         }
     }
+    panic!("no four consecutive free ports on 127.0.0.1 between 10000 and {low}");
 }
 
 /// `keyctl` with a clean environment (no inherited config or SoftHSM configuration).
