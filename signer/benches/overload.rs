@@ -756,11 +756,10 @@ async fn run(token: &SoftHsmToken) {
     let nonce = Arc::new(AtomicU64::new(10_000_000));
     // The same lean generator for every phase whose latencies are compared (see `Lean`).
     let lean = Lean::connect(&LeanTarget::of(&app), 512).await;
-    let path = PATH;
     let scrape0 = app.metrics().await;
     let mut unloaded = lean_open_loop(
         &lean,
-        path,
+        PATH,
         rate / 10.0,
         Duration::from_secs(light_secs),
         &nonce,
@@ -793,7 +792,7 @@ async fn run(token: &SoftHsmToken) {
     // The probe beside the flood, for as long.
     let probe_beside = probe.phase(rate / 10.0, Duration::from_secs(secs));
     let mut overload =
-        lean_open_loop(&lean, path, rate * 10.0, Duration::from_secs(secs), &nonce).await;
+        lean_open_loop(&lean, PATH, rate * 10.0, Duration::from_secs(secs), &nonce).await;
     let over_wall = t_over.elapsed();
     let mut probe_overload = tokio::task::block_in_place(|| probe_beside.recv().unwrap());
     let over_cpu = cpu_of(pid).saturating_sub(cpu0);
@@ -804,7 +803,7 @@ async fn run(token: &SoftHsmToken) {
     let (rss_end, hwm) = rss_kib(pid);
     let mut after = lean_open_loop(
         &lean,
-        path,
+        PATH,
         rate / 10.0,
         Duration::from_secs(light_secs),
         &nonce,
