@@ -1048,3 +1048,72 @@ async fn bloxroute_simulation_stops_a_reverting_bundle() {
         h.relay("bloxroute").violations()
     );
 }
+
+/// A send that fails with a retryable answer is retried once, but never for a block that is
+/// already built: here the relay asks to retry after a second (429, `Retry-After: 1`), the
+/// target block is mined meanwhile, and no second request for that block comes; the bundle
+/// goes on to the blocks after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_never_crosses_its_target_block() {
+    let h = Harness::start(
+        vec![builder(
+            "r429",
+            Behavior::TooManyRequests(1),
+            "kind = \"builder\"\nsign = false",
+        )],
+        "failure_threshold = 100",
+    )
+    .await;
+    let head = h.engine.head();
+    let target = head + 1;
+    let request = h.request(
+        vec![signed_transfer(1, 0, recipient())],
+        target,
+        target + 5,
+        "k",
+    );
+    let uuid = request.bundle_id.to_string();
+    h.engine.submit(request).await.unwrap();
+    let first = h
+        .relay("r429")
+        .wait_for("the first send", Duration::from_secs(5), |r| {
+            r.bundle
+                .as_ref()
+                .is_some_and(|b| b.block == target && b.uuid.as_deref() == Some(uuid.as_str()))
+        })
+        .await;
+    // The target block is built while the send waits to be retried.
+    assert_eq!(h.mine().await, target);
+    let seen = first.at.elapsed();
+    assert!(
+        seen < Duration::from_millis(900),
+        "the engine saw block {target} only {seen:?} after the first send: the retry, due after \
+         1 s, could not be told from a legitimate one"
+    );
+    // Past the retry's time, with room to spare.
+    tokio::time::sleep(Duration::from_millis(1500).saturating_sub(first.at.elapsed())).await;
+    let blocks = h.relay("r429").blocks_for_uuid(&uuid);
+    assert_eq!(
+        blocks.iter().filter(|b| **b == target).count(),
+        1,
+        "block {target} was sent to again after it was mined: {blocks:?}"
+    );
+    // The bundle itself goes on: its send for the block after (skipped while the relay's
+    // `Retry-After` ran) is made at the next block.
+    assert_eq!(h.mine().await, target + 1);
+    h.relay("r429")
+        .wait_for("the send for the next block", Duration::from_secs(5), |r| {
+            r.bundle
+                .as_ref()
+                .is_some_and(|b| b.block == target + 2 && b.uuid.as_deref() == Some(uuid.as_str()))
+        })
+        .await;
+    assert_eq!(
+        h.relay("r429")
+            .blocks_for_uuid(&uuid)
+            .iter()
+            .filter(|b| **b == target)
+            .count(),
+        1
+    );
+}
