@@ -1074,13 +1074,21 @@ async fn a_retry_never_crosses_its_target_block() {
     );
     let uuid = request.bundle_id.to_string();
     h.engine.submit(request).await.unwrap();
-    let first = h
-        .relay("r429")
-        .wait_for("the first send", Duration::from_secs(5), |r| {
+    let relay = h.relay("r429");
+    let sent_for = |block: u64| {
+        let uuid = uuid.clone();
+        move |r: &castellan_tests::relays::Received| {
             r.bundle
                 .as_ref()
-                .is_some_and(|b| b.block == target && b.uuid.as_deref() == Some(uuid.as_str()))
-        })
+                .is_some_and(|b| b.block == block && b.uuid.as_deref() == Some(uuid.as_str()))
+        }
+    };
+    let sends_for_target = || {
+        let blocks = relay.blocks_for_uuid(&uuid);
+        (blocks.iter().filter(|b| **b == target).count(), blocks)
+    };
+    let first = relay
+        .wait_for("the first send", Duration::from_secs(5), sent_for(target))
         .await;
     // The target block is built while the send waits to be retried.
     assert_eq!(h.mine().await, target);
@@ -1092,28 +1100,21 @@ async fn a_retry_never_crosses_its_target_block() {
     );
     // Past the retry's time, with room to spare.
     tokio::time::sleep(Duration::from_millis(1500).saturating_sub(first.at.elapsed())).await;
-    let blocks = h.relay("r429").blocks_for_uuid(&uuid);
+    let (sends, blocks) = sends_for_target();
     assert_eq!(
-        blocks.iter().filter(|b| **b == target).count(),
-        1,
+        sends, 1,
         "block {target} was sent to again after it was mined: {blocks:?}"
     );
     // The bundle itself goes on: its send for the block after (skipped while the relay's
     // `Retry-After` ran) is made at the next block.
     assert_eq!(h.mine().await, target + 1);
-    h.relay("r429")
-        .wait_for("the send for the next block", Duration::from_secs(5), |r| {
-            r.bundle
-                .as_ref()
-                .is_some_and(|b| b.block == target + 2 && b.uuid.as_deref() == Some(uuid.as_str()))
-        })
+    relay
+        .wait_for(
+            "the send for the next block",
+            Duration::from_secs(5),
+            sent_for(target + 2),
+        )
         .await;
-    assert_eq!(
-        h.relay("r429")
-            .blocks_for_uuid(&uuid)
-            .iter()
-            .filter(|b| **b == target)
-            .count(),
-        1
-    );
+    let (sends, blocks) = sends_for_target();
+    assert_eq!(sends, 1, "{blocks:?}");
 }
